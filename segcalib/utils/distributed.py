@@ -1,0 +1,48 @@
+"""torch.distributed helpers that are no-ops in a single process."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when a process group is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes in place (and return it); identity in one process.
+
+    The gloo backend cannot reduce CUDA tensors and NCCL cannot reduce CPU tensors, so the
+    tensor travels to the backend's device and back when they differ.
+    """
+    if not is_distributed():
+        return tensor
+    backend = dist.get_backend()
+    wants_cuda = backend == "nccl"
+    if wants_cuda == tensor.is_cuda:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if wants_cuda else torch.device("cpu")
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    tensor.copy_(moved)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

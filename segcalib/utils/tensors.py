@@ -1,0 +1,26 @@
+"""Shape helpers for the ``(B, C, *spatial)`` / ``(B, *spatial)`` convention used everywhere."""
+
+from __future__ import annotations
+
+import torch
+
+
+def as_label_map(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Return ``target`` as an int64 ``(B, *spatial)`` label map matching ``reference`` ``(B, C, *spatial)``.
+
+    Accepts ``(B, *spatial)`` or ``(B, 1, *spatial)`` targets (any integer or integral float dtype).
+    """
+    spatial = reference.shape[2:]
+    if target.dim() == reference.dim() and target.shape[1] == 1:
+        target = target[:, 0]
+    if target.shape[0] != reference.shape[0] or target.shape[1:] != spatial:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match (B, *spatial) = "
+            f"{(reference.shape[0], *spatial)} of the prediction {tuple(reference.shape)}"
+        )
+    return target.long()
+
+
+def flatten_classes(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *spatial)`` -> ``(M, C)`` with one row per voxel (M = B * prod(spatial))."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
