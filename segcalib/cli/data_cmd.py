@@ -1,0 +1,25 @@
+"""``segcalib data check MANIFEST``: validate a dataset before any long job."""
+
+from __future__ import annotations
+
+import argparse
+
+from segcalib.data import check_manifest, load_manifest
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    check = data_sub.add_parser(
+        "check", help="validate a manifest: files load, shapes/affines agree, labels are declared, images finite"
+    )
+    check.add_argument("manifest", help="manifest JSON (or MSD / nnU-Net dataset.json, or its folder)")
+    check.set_defaults(func=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.manifest)
+    summary = check_manifest(manifest)
+    print(summary.format())
+    print("ok: all files load and agree")
+    return 0

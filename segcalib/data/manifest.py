@@ -1,0 +1,284 @@
+"""Data manifests: which cases exist, where their files are, which split they belong to.
+
+A manifest is JSON in the Medical Segmentation Decathlon layout, so an MSD / nnU-Net v1
+``dataset.json`` is a valid manifest as it is::
+
+    {"name": "...", "labels": {"0": "background", "1": "Anterior"}, "modality": {"0": "MRI"},
+     "training": [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}],
+     "validation": [...], "test": [...]}
+
+- Paths are relative to the manifest's folder (absolute paths allowed); ``image`` may be a list
+  of channel files; ``test`` entries may be bare image paths (MSD) and then have no label.
+- nnU-Net v2 ``dataset.json`` files (``channel_names``, ``labels`` as name -> value,
+  ``file_ending``, no case list) are read by listing ``imagesTr`` / ``labelsTr`` / ``imagesTs``.
+- ``validation`` / ``test``, when absent, are made from ``training`` by a seeded split
+  (:data:`SPLIT_SEED`, :data:`SPLIT_FRACTION` each); an empty list means "no cases".
+
+Parsing checks structure only; :mod:`segcalib.data.check` opens the files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segcalib.errors import DataError
+
+SPLITS = ("training", "validation", "test")
+SPLIT_SEED = 12345
+SPLIT_FRACTION = 0.2
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: its id (safe to use in file names), channel files and optional label file."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None
+    split: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed manifest. ``labels`` maps label value -> name (0 is the background)."""
+
+    path: Path
+    name: str
+    labels: dict[int, str]
+    channels: dict[int, str]
+    splits: dict[str, tuple[Case, ...]]
+    generated_splits: tuple[str, ...] = field(default=())
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.labels) + 1
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.labels.get(k, f"label_{k}") for k in range(self.num_classes)]
+
+    @property
+    def num_channels(self) -> int:
+        return max(len(self.channels), 1)
+
+    def cases(self, split: str) -> tuple[Case, ...]:
+        if split not in self.splits:
+            raise DataError(f"{self.path}: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+        return self.splits[split]
+
+    def labelled(self, split: str) -> tuple[Case, ...]:
+        """The cases of ``split`` that have a ground-truth label, or a DataError if none has."""
+        cases = self.cases(split)
+        labelled = tuple(c for c in cases if c.label is not None)
+        if not labelled:
+            what = "no cases" if not cases else "no labelled cases"
+            raise DataError(f"{self.path}: split {split!r} has {what}")
+        return labelled
+
+    def all_cases(self) -> list[Case]:
+        return [c for split in SPLITS for c in self.splits[split]]
+
+
+def load_manifest(path: str | Path, split_seed: int = SPLIT_SEED) -> Manifest:
+    """Parse and structurally validate a manifest; errors name the file and the entry."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: manifest does not exist")
+    if path.is_dir():
+        candidate = path / "dataset.json"
+        if not candidate.exists():
+            raise DataError(f"{path}: is a folder without a dataset.json")
+        path = candidate
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: manifest is not UTF-8 text ({exc.reason})") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: a manifest must be a JSON object, got {type(raw).__name__}")
+    return parse_manifest(raw, path, split_seed=split_seed)
+
+
+def parse_manifest(raw: dict[str, Any], path: Path, split_seed: int = SPLIT_SEED) -> Manifest:
+    """Build a :class:`Manifest` from already-decoded JSON (``path`` locates relative files)."""
+    root = path.parent
+    labels = _parse_labels(raw.get("labels"), path)
+    channels = _parse_channels(raw.get("modality", raw.get("channel_names")), path)
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str):
+        raise DataError(f"{path}: 'name' must be a string")
+
+    if "training" not in raw and "file_ending" in raw:
+        entries = _discover_nnunet_v2(raw, root, path, channels)
+    else:
+        entries = {split: raw[split] for split in SPLITS if split in raw}
+    if "training" not in entries:
+        raise DataError(f"{path}: no 'training' list")
+
+    splits: dict[str, list[Case]] = {}
+    for split, items in entries.items():
+        if not isinstance(items, list):
+            raise DataError(f"{path}: '{split}' must be a list of cases, got {type(items).__name__}")
+        splits[split] = [_parse_case(item, split, index, root, path) for index, item in enumerate(items)]
+    if not splits["training"]:
+        raise DataError(f"{path}: the 'training' list is empty")
+
+    generated: list[str] = []
+    rng = random.Random(split_seed)
+    pool = list(splits["training"])
+    rng.shuffle(pool)
+    for split in ("test", "validation"):
+        if split in splits:
+            continue
+        n = max(1, round(SPLIT_FRACTION * len(splits["training"]))) if len(pool) > 2 else 0
+        if n == 0 and split == "validation" and len(pool) > 1:
+            n = 1
+        taken, pool = pool[:n], pool[n:]
+        splits[split] = [Case(c.case_id, c.images, c.label, split) for c in taken]
+        generated.append(split)
+    if generated:
+        kept = {c.case_id for c in pool}
+        splits["training"] = [c for c in splits["training"] if c.case_id in kept]
+
+    _check_unique_ids(splits, path)
+    return Manifest(
+        path=path,
+        name=name,
+        labels=labels,
+        channels=channels,
+        splits={split: tuple(splits[split]) for split in SPLITS},
+        generated_splits=tuple(generated),
+    )
+
+
+def safe_case_id(text: str) -> str:
+    """A file-name-safe id: no folders, no '..', only letters, digits, '.', '_' and '-'."""
+    base = text.replace("\\", "/").rstrip("/").split("/")[-1]
+    for suffix in _SUFFIXES:
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    base = _SAFE_ID.sub("_", base).lstrip(".")
+    return base or "case"
+
+
+# -- internals ---------------------------------------------------------------------------------
+
+
+def _parse_labels(value: Any, path: Path) -> dict[int, str]:
+    if not isinstance(value, dict) or not value:
+        raise DataError(f"{path}: 'labels' must be a non-empty object such as {{\"0\": \"background\", \"1\": \"tumour\"}}")
+    labels: dict[int, str] = {}
+    keys_are_values = all(_is_int_like(k) for k in value)
+    for key, item in value.items():
+        if keys_are_values:  # MSD / nnU-Net v1: {"0": "background"}
+            number, name = int(key), item
+        elif _is_int_like(item) and not isinstance(item, bool):  # nnU-Net v2: {"background": 0}
+            number, name = int(item), key
+        else:
+            raise DataError(
+                f"{path}: label {key!r}: {item!r} is not a label value (region-based nnU-Net labels are not supported)"
+            )
+        if not isinstance(name, str):
+            raise DataError(f"{path}: label {number} must have a name string, got {name!r}")
+        if number < 0 or number > 255:
+            raise DataError(f"{path}: label value {number} is outside 0..255")
+        if number in labels:
+            raise DataError(f"{path}: label value {number} is declared twice")
+        labels[number] = name
+    if 0 not in labels:
+        raise DataError(f"{path}: 'labels' must declare the background value 0")
+    return dict(sorted(labels.items()))
+
+
+def _parse_channels(value: Any, path: Path) -> dict[int, str]:
+    if value is None:
+        return {0: "image"}
+    if not isinstance(value, dict) or not value or not all(_is_int_like(k) for k in value):
+        raise DataError(f"{path}: 'modality' / 'channel_names' must be an object such as {{\"0\": \"MRI\"}}")
+    return {int(k): str(v) for k, v in sorted(value.items(), key=lambda kv: int(kv[0]))}
+
+
+def _is_int_like(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def _resolve(entry: Any, root: Path, where: str, manifest: Path) -> Path:
+    if not isinstance(entry, str) or not entry.strip():
+        raise DataError(f"{manifest}: {where} must be a file path string, got {entry!r}")
+    p = Path(entry).expanduser()
+    return p if p.is_absolute() else (root / p)
+
+
+def _parse_case(item: Any, split: str, index: int, root: Path, manifest: Path) -> Case:
+    where = f"{split}[{index}]"
+    if isinstance(item, str):  # MSD test entries are bare image paths
+        images, label = (_resolve(item, root, where, manifest),), None
+    elif isinstance(item, dict):
+        unknown = set(item) - {"image", "label", "case_id", "id"}
+        if unknown:
+            raise DataError(f"{manifest}: {where} has unknown key(s) {sorted(unknown)} (expected image, label)")
+        if "image" not in item:
+            raise DataError(f"{manifest}: {where} has no 'image'")
+        raw_images = item["image"]
+        if isinstance(raw_images, list):
+            if not raw_images:
+                raise DataError(f"{manifest}: {where}: 'image' is an empty list")
+            images = tuple(_resolve(x, root, f"{where}.image[{i}]", manifest) for i, x in enumerate(raw_images))
+        else:
+            images = (_resolve(raw_images, root, f"{where}.image", manifest),)
+        label = _resolve(item["label"], root, f"{where}.label", manifest) if item.get("label") is not None else None
+    else:
+        raise DataError(f"{manifest}: {where} must be an object with 'image' (and 'label') or a path string")
+    explicit = item.get("case_id", item.get("id")) if isinstance(item, dict) else None
+    source = str(explicit) if explicit is not None else (label.name if label is not None else images[0].name)
+    case_id = safe_case_id(source)
+    if explicit is None and label is None and case_id.endswith("_0000"):
+        case_id = case_id[: -len("_0000")]  # nnU-Net names the first channel <case>_0000
+    return Case(case_id=case_id, images=images, label=label, split=split)
+
+
+def _check_unique_ids(splits: dict[str, list[Case]], manifest: Path) -> None:
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        for case in splits.get(split, []):
+            if case.case_id in seen:
+                raise DataError(
+                    f"{manifest}: case id {case.case_id!r} appears twice ({seen[case.case_id]} and {split}); "
+                    "give one of them a 'case_id'"
+                )
+            seen[case.case_id] = split
+
+
+def _discover_nnunet_v2(raw: dict[str, Any], root: Path, manifest: Path, channels: dict[int, str]) -> dict[str, list]:
+    ending = raw["file_ending"]
+    if not isinstance(ending, str):
+        raise DataError(f"{manifest}: 'file_ending' must be a string")
+    entries: dict[str, list] = {}
+    for split, image_dir, label_dir in (("training", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs")):
+        folder = root / image_dir
+        if not folder.is_dir():
+            continue
+        ids = sorted({re.sub(r"_\d{4}$", "", p.name[: -len(ending)]) for p in folder.glob(f"*{ending}")})
+        items = []
+        for case in ids:
+            images = [f"{image_dir}/{case}_{c:04d}{ending}" for c in sorted(channels)]
+            label = root / label_dir / f"{case}{ending}"
+            entry: dict[str, Any] = {"image": images, "case_id": case}
+            if label.exists():
+                entry["label"] = f"{label_dir}/{case}{ending}"
+            items.append(entry)
+        entries[split] = items
+    return entries
