@@ -8,7 +8,9 @@ that the new loss does not take are dropped (with a note), the rest come from SP
 data-given ones (``num_classes``) are filled from the manifest at run time.
 
 Relative paths in a YAML file are relative to that file's folder; in ``--set`` to the working
-directory.
+directory. A file may start from another with ``base: other.yaml`` and change only what differs
+(sections merge key by key; a ``model`` or ``loss`` section naming another model/loss replaces
+the base's section).
 """
 
 from __future__ import annotations
@@ -266,7 +268,7 @@ def load_config(
             raise ConfigError("no config given")
         raw = read_yaml(source)
     label = str(source) if source is not None else "config"
-    raw = _resolve_paths(raw, source.parent if source is not None else Path.cwd())
+    raw = _with_base(raw, source.parent if source is not None else Path.cwd(), seen=(source,))
     items = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     items = {k: (_absolute(v) if k == "data.manifest" and isinstance(v, str) else v) for k, v in items.items()}
     merged = apply_overrides(raw, items)
@@ -278,6 +280,35 @@ def load_config(
         raise ConfigError(f"{label}: " + _format_validation_error(exc)) from None
     except ConfigError as exc:
         raise ConfigError(f"{label}: {exc}") from None
+
+
+def _with_base(raw: dict[str, Any], folder: Path, seen: tuple[Path | None, ...]) -> dict[str, Any]:
+    """Resolve relative paths of ``raw`` (a file in ``folder``) and merge it onto its ``base``."""
+    raw = _resolve_paths(dict(raw), folder)
+    base_name = raw.pop("base", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str):
+        raise ConfigError(f"base: must be a path to another YAML config, got {base_name!r}")
+    base_path = (folder / base_name).resolve()
+    if base_path in seen:
+        raise ConfigError(f"base: {base_path} includes itself")
+    base = _with_base(read_yaml(base_path), base_path.parent, seen + (base_path,))
+    return _merge(base, raw)
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in child.items():
+        old = out.get(key)
+        replaces_named = key in ("model", "loss") and isinstance(old, dict) and isinstance(value, dict) and (
+            value.get("name", old.get("name")) != old.get("name")
+        )
+        if isinstance(old, dict) and isinstance(value, dict) and not replaces_named:
+            out[key] = _merge(old, value)
+        else:
+            out[key] = value
+    return out
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -54,7 +54,6 @@ class LoadVolumed(mt.MapTransform):
             affine = torch.as_tensor(header.affine, dtype=torch.float64)
             meta = {
                 "filename_or_obj": str(paths[0]),
-                "affine": affine.clone(),
                 "original_affine": affine.clone(),
                 "spatial_shape": np.asarray(stacked.shape[1:]),
                 "original_channel_dim": 0,
@@ -77,7 +76,7 @@ def preprocessing(cfg: DataConfig, with_label: bool = True) -> mt.Compose:
     keys = [IMAGE, LABEL] if with_label else [IMAGE]
     steps: list[mt.Transform] = [LoadVolumed(keys)]
     if cfg.orientation:
-        steps.append(mt.Orientationd(keys=keys, axcodes=cfg.orientation))
+        steps.append(mt.Orientationd(keys=keys, axcodes=cfg.orientation, labels=None))
     if cfg.spacing:
         modes = ["bilinear", "nearest"][: len(keys)]
         steps.append(mt.Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes, dtype=np.float32))

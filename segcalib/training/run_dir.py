@@ -1,0 +1,77 @@
+"""The run folder: ``config.yaml``, ``checkpoints/{last,best}.pt``, ``metrics.csv``, TensorBoard events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from segcalib.errors import RunError
+
+CONFIG_NAME = "config.yaml"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_NAME
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    def is_empty(self) -> bool:
+        return not self.root.exists() or not any(self.root.iterdir())
+
+    def check(self, resume: bool) -> None:
+        """Check (without writing) that a new run may start here, or that there is one to resume."""
+        if resume:
+            if not self.last.exists():
+                raise RunError(f"{self.root}: nothing to resume ({self.last} does not exist); start without --resume")
+            return
+        if self.root.exists() and not self.root.is_dir():
+            raise RunError(f"{self.root}: exists and is not a folder")
+        if not self.is_empty():
+            raise RunError(
+                f"{self.root}: run folder is not empty; add --resume to continue it, or choose another --run-dir"
+            )
+
+    def create(self) -> None:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(self, which: str) -> Path:
+        """``best``, ``last`` or a path to a checkpoint file."""
+        path = {"best": self.best, "last": self.last}.get(which, Path(which))
+        if not path.exists():
+            if which == "best" and self.last.exists():
+                return self.last
+            raise RunError(f"{self.root}: checkpoint {path} does not exist (has the run finished an epoch?)")
+        return path
+
+
+def open_run(path: str | Path) -> RunDir:
+    """An existing run folder (for export/report); errors say what is missing."""
+    run = RunDir(Path(path))
+    if not run.root.is_dir():
+        raise RunError(f"{run.root}: run folder does not exist")
+    if not run.config.exists():
+        raise RunError(f"{run.root}: not a segcalib run folder (no {CONFIG_NAME})")
+    return run

@@ -1,0 +1,109 @@
+"""Validation on whole volumes: sliding-window logits -> loss, Dice per class, pooled ECE.
+
+The same logits feed an adaptive loss's outer update (CALS ``accumulate``), so validation and
+the multiplier update cost one forward pass. Under DDP every process takes its share of the
+cases; sums are all-reduced and per-case Dice values gathered, so the result equals one process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from segcalib.inference.sliding_window import SlidingWindow, predict_logits
+from segcalib.metrics import CalibrationMetric, dice
+from segcalib.utils.distributed import all_reduce_sum, is_distributed
+
+
+@dataclass
+class ValidationResult:
+    loss: float
+    dice_per_class: list[float]  # mean over cases of each class's Dice (index = label value)
+    ece: float
+    nll: float
+    n_cases: int
+    per_case_dice: list[list[float]] = field(default_factory=list)
+
+    @property
+    def dice_fg_mean(self) -> float:
+        """Mean foreground Dice (classes 1..C-1; NaN classes excluded)."""
+        values = [v for v in self.dice_per_class[1:] if not math.isnan(v)]
+        return float(np.mean(values)) if values else float("nan")
+
+    def score(self, metric: str) -> float:
+        """A value where larger is better for ``train.best_metric``."""
+        return {"dice": self.dice_fg_mean, "ece": -self.ece, "nll": -self.nll, "loss": -self.loss}[metric]
+
+    def as_row(self, class_names: list[str]) -> dict[str, float]:
+        row = {"val_loss": self.loss, "val_dice_fg_mean": self.dice_fg_mean, "val_ece": self.ece, "val_nll": self.nll}
+        for index, name in enumerate(class_names):
+            if index > 0:
+                row[f"val_dice_{name}"] = self.dice_per_class[index]
+        return row
+
+
+@torch.no_grad()
+def validate(
+    net: nn.Module,
+    volumes: Iterable[dict],
+    window: SlidingWindow,
+    loss_fn: nn.Module,
+    num_classes: int,
+    device: torch.device,
+    update_adaptive_loss: bool = False,
+) -> ValidationResult:
+    """Evaluate ``net`` (a function of 3D windows) on preprocessed volumes with labels."""
+    was_training = net.training
+    net.eval()
+    metric = CalibrationMetric(num_classes, regions=("all",), per_case=False)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    voxels = torch.zeros((), dtype=torch.float64, device=device)
+    per_case: list[list[float]] = []
+    for item in volumes:
+        image = _batched(item["image"]).to(device)
+        label = _batched(item["label"]).to(device).long()
+        logits = predict_logits(net, image, window, device=device)
+        logits = logits.to(device)
+        n = float(label.numel())
+        loss_sum += loss_fn(logits, label).double() * n
+        voxels += n
+        if update_adaptive_loss:
+            loss_fn.accumulate(logits)
+        probs = torch.softmax(logits, dim=1)
+        metric.update(probs, label)
+        per_class = dice(probs.argmax(1), label[:, 0], num_classes)
+        per_case.append([float(v) for v in torch.as_tensor(per_class).reshape(-1, num_classes)[0].tolist()])
+    net.train(was_training)
+
+    all_reduce_sum(loss_sum)
+    all_reduce_sum(voxels)
+    metric.sync()
+    if is_distributed():
+        import torch.distributed as dist
+
+        gathered: list[list[list[float]]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, per_case)
+        per_case = [row for part in gathered for row in part]
+    stats = metric.compute()["all"]
+    table = np.array(per_case, dtype=np.float64).reshape(-1, num_classes)
+    with np.errstate(invalid="ignore"):
+        dice_per_class = [float(np.nanmean(col)) if np.isfinite(col).any() else float("nan") for col in table.T]
+    return ValidationResult(
+        loss=float(loss_sum / voxels.clamp(min=1)),
+        dice_per_class=dice_per_class,
+        ece=float(stats["ece"]),
+        nll=float(stats["nll"]),
+        n_cases=len(per_case),
+        per_case_dice=per_case,
+    )
+
+
+def _batched(x: torch.Tensor) -> torch.Tensor:
+    """A ``(C, *spatial)`` tensor from a dataset item as ``(1, C, *spatial)``."""
+    x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+    return x.unsqueeze(0)
