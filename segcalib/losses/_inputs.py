@@ -1,0 +1,77 @@
+"""One place that turns ``(logits, target)`` into what every loss needs: float logits, safe labels, a mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from segcalib.utils.tensors import as_label_map
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """A batch prepared for a loss (SPEC §0: every voxel is a sample).
+
+    Attributes:
+        logits: ``(B, C, *spatial)``, float32 (half precision is promoted) or float64.
+        target: ``(B, *spatial)`` int64 as given, ignored voxels still hold ``ignore_index``.
+        labels: ``target`` with ignored voxels set to 0, safe for ``gather`` and ``one_hot``.
+        valid: ``(B, *spatial)`` bool, False on ignored voxels.
+        weight: ``valid`` in the logits' dtype (1 = counted, 0 = ignored).
+        count: 0-d number of valid voxels, at least 1, so that every mean of an all-ignored batch
+            is 0 with zero gradient instead of 0/0.
+    """
+
+    logits: Tensor
+    target: Tensor
+    labels: Tensor
+    valid: Tensor
+    weight: Tensor
+    count: Tensor
+    ignore_index: int
+
+    @classmethod
+    def build(cls, logits: Tensor, target: Tensor, ignore_index: int) -> "LossInputs":
+        if logits.dim() < 3:
+            raise ValueError(f"logits must be (B, C, *spatial), got shape {tuple(logits.shape)}")
+        if not logits.is_floating_point():
+            raise TypeError(f"logits must be floating point, got {logits.dtype}")
+        if logits.dtype in _HALF:
+            logits = logits.float()
+        target = as_label_map(target, logits)
+        valid = target != ignore_index
+        weight = valid.to(logits.dtype)
+        labels = torch.where(valid, target, 0)
+        count = weight.sum().clamp_min(1.0)
+        return cls(logits, target, labels, valid, weight, count, ignore_index)
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.logits.dim() - 2
+
+    def one_hot(self) -> Tensor:
+        """``(B, C, *spatial)`` one-hot target in the logits' dtype, all zero on ignored voxels."""
+        return torch.zeros_like(self.logits).scatter_(1, self.labels.unsqueeze(1), self.weight.unsqueeze(1))
+
+    def mean(self, per_voxel: Tensor) -> Tensor:
+        """Mean of a finite ``(B, *spatial)`` tensor over the valid voxels."""
+        return torch.dot(per_voxel.reshape(-1), self.weight.reshape(-1)) / self.count
+
+    def class_mean(self, per_entry: Tensor) -> Tensor:
+        """Mean of a finite ``(B, C, *spatial)`` tensor over valid voxels x classes (SPEC's mean_{i,k})."""
+        return self.mean(per_entry.sum(1)) / self.num_classes
+
+    def cross_entropy(self) -> Tensor:
+        """Mean NLL over the valid voxels."""
+        nll = torch.nn.functional.cross_entropy(
+            self.logits, self.target, ignore_index=self.ignore_index, reduction="sum"
+        )
+        return nll / self.count

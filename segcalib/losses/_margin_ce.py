@@ -1,0 +1,117 @@
+"""Cross-entropy plus a penalty on the logit distances, fused into one autograd function.
+
+MbLS and CALS both add ``mean_{i,k} P(h_ik)`` with ``h_ik = (max_j z_ij - z_ik - m) * s`` to the
+cross-entropy. Written with autograd ops this costs several ``(M, C)`` temporaries and about
+twice the time of ``F.cross_entropy``; here forward keeps one ``(M, C)`` scratch buffer (the
+same memory that ``F.cross_entropy`` keeps for its log-softmax), and backward writes the gradient
+of both terms into one new tensor. The gradient of ``max_j z_ij`` is shared evenly among tied
+maxima, as ``torch.amax`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from segcalib.losses._inputs import LossInputs
+from segcalib.losses._penalties import Penalty
+
+
+def logit_constraints(logits: Tensor, zmax: Tensor, margin: float, scale: float, out: Tensor | None = None) -> Tensor:
+    """``h = (max_j z_j - z - margin) * scale`` for ``(B, C, *spatial)`` logits (``zmax`` is their amax over C)."""
+    h = torch.sub(zmax - margin, logits, out=out)
+    return h if scale == 1.0 else h.mul_(scale)
+
+
+class _CrossEntropyDistancePenalty(torch.autograd.Function):
+    """Returns ``(sum_i w_i CE_i, sum_i w_i sum_k P(h_ik))``; see the module docstring."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        logits: Tensor,
+        target: Tensor,
+        labels: Tensor,
+        weight: Tensor,
+        lam: Tensor | None,
+        rho: Tensor | None,
+        penalty: Penalty,
+        margin: float,
+        scale: float,
+        ignore_index: int,
+    ) -> tuple[Tensor, Tensor]:
+        zmax = logits.amax(1, keepdim=True)
+        scratch = torch.sub(logits, zmax).exp_()
+        lse = scratch.sum(1, keepdim=True).log_().add_(zmax)
+        flat_weight = weight.reshape(-1)
+        # sum_i w_i (lse_i - z_{i,y_i}); nll_loss(reduction="sum") gives -sum_valid z_{i,y_i} without a temporary
+        ce_sum = torch.dot(lse.reshape(-1), flat_weight) + F.nll_loss(
+            logits, target, ignore_index=ignore_index, reduction="sum"
+        )
+
+        values = penalty.value(logit_constraints(logits, zmax, margin, scale, out=scratch), lam, rho)
+        penalty_sum = torch.dot(values.sum(1).reshape(-1), flat_weight)
+
+        ctx.save_for_backward(logits, labels, weight, zmax, lse, lam, rho)
+        ctx.scratch = scratch  # reused by backward, which rewrites it from the logits each time
+        ctx.penalty, ctx.margin, ctx.scale = penalty, margin, scale
+        return ce_sum, penalty_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_ce: Tensor, grad_penalty: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        logits, labels, weight, zmax, lse, lam, rho = ctx.saved_tensors
+        scratch = ctx.scratch
+        w = weight.unsqueeze(1)
+
+        # cross-entropy: (softmax - onehot) * w
+        w_ce = w * grad_ce
+        grad = torch.sub(logits, lse).exp_().mul_(w_ce)
+        grad.scatter_add_(1, labels.unsqueeze(1), -w_ce)
+
+        # penalty: d(h_ik)/d(z_ik) = -scale, d(h_ik)/d(max_j z_ij) = +scale
+        h = logit_constraints(logits, zmax, ctx.margin, ctx.scale, out=scratch)
+        slope = ctx.penalty.derivative(h, lam, rho).mul_(w * (grad_penalty * ctx.scale))
+        grad.sub_(slope)
+        to_max = slope.sum(1, keepdim=True)
+        is_max = torch.eq(logits, zmax, out=scratch)
+        grad.addcmul_(is_max, to_max / is_max.sum(1, keepdim=True))
+        return (grad,) + (None,) * 9
+
+
+def per_class(values: Tensor, like: Tensor) -> Tensor:
+    """A ``(C,)`` tensor shaped ``(1, C, 1, ...)`` to broadcast against ``like`` ``(B, C, *spatial)``, in its dtype."""
+    return values.to(like.dtype).reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def cross_entropy_with_penalty(
+    inputs: LossInputs,
+    penalty: Penalty,
+    margin: float,
+    scale: float = 1.0,
+    lam: Tensor | None = None,
+    rho: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Mean CE and ``mean_{i,k} P(h_ik; lam_k, rho_k)`` over valid voxels x classes.
+
+    ``lam`` and ``rho`` are ``(C,)`` tensors (or None for penalties without them).
+    """
+    lam = None if lam is None else per_class(lam, inputs.logits)
+    rho = None if rho is None else per_class(rho, inputs.logits)
+    ce_sum, penalty_sum = _CrossEntropyDistancePenalty.apply(
+        inputs.logits,
+        inputs.target,
+        inputs.labels,
+        inputs.weight,
+        lam,
+        rho,
+        penalty,
+        float(margin),
+        float(scale),
+        inputs.ignore_index,
+    )
+    return ce_sum / inputs.count, penalty_sum / (inputs.count * inputs.num_classes)

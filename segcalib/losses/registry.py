@@ -1,0 +1,89 @@
+"""Losses by name: ``@register_loss("name")`` on the class, ``build_loss(name, **params)`` to make one.
+
+Adding a loss is one new module and one decorator line; the constructor's keyword parameters and
+their defaults are the single source of truth for :func:`loss_parameters` and for validation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, TypeVar
+
+from torch import nn
+
+from segcalib.errors import ConfigError
+
+
+class _Required:
+    """Marker for a parameter without default (e.g. ``num_classes``: the config fills it from the data)."""
+
+    _instance: "_Required | None" = None
+
+    def __new__(cls) -> "_Required":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""Value of a required parameter in :func:`loss_parameters`."""
+
+_REGISTRY: dict[str, type[nn.Module]] = {}
+_T = TypeVar("_T", bound=type[nn.Module])
+
+
+def register_loss(name: str) -> Callable[[_T], _T]:
+    """Class decorator: make the loss available as ``build_loss(name, ...)``."""
+
+    def decorate(cls: _T) -> _T:
+        if name in _REGISTRY:
+            raise ValueError(f"loss name '{name}' is already registered by {_REGISTRY[name].__qualname__}")
+        cls.loss_name = name  # type: ignore[attr-defined]
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_losses() -> list[str]:
+    """Registered loss names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _loss_class(name: str) -> type[nn.Module]:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown loss '{name}'; valid losses: {', '.join(list_losses())}") from None
+
+
+def loss_parameters(name: str) -> dict[str, Any]:
+    """The keyword parameters of loss ``name`` and their defaults (:data:`REQUIRED` when there is none)."""
+    signature = inspect.signature(_loss_class(name).__init__)
+    return {
+        p.name: REQUIRED if p.default is inspect.Parameter.empty else p.default
+        for p in signature.parameters.values()
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and p.name != "self"
+    }
+
+
+def build_loss(name: str, **params: Any) -> nn.Module:
+    """Make loss ``name`` with ``params`` (SPEC defaults for the rest).
+
+    Raises:
+        ConfigError: unknown loss, unknown parameter, missing required parameter or invalid value;
+            the message names the loss and the parameter and lists the valid ones.
+    """
+    cls = _loss_class(name)
+    valid = loss_parameters(name)
+    listed = ", ".join(valid) or "none"
+    for key in params:
+        if key not in valid:
+            raise ConfigError(f"loss '{name}': unknown parameter '{key}'; valid parameters: {listed}")
+    for key, default in valid.items():
+        if default is REQUIRED and key not in params:
+            raise ConfigError(f"loss '{name}': missing required parameter '{key}'; valid parameters: {listed}")
+    return cls(**params)
