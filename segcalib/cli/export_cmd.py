@@ -1,4 +1,4 @@
-"""``segcalib export``."""
+"""``segcalib export --run RUN_DIR --manifest M [--split test] --output DIR [--temperature none|fit|VALUE]``."""
 
 from __future__ import annotations
 
@@ -6,4 +6,43 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("export", help="(arrives with its issue)")
+    p = sub.add_parser(
+        "export",
+        help="write calibrated probability maps (NIfTI, the input's own geometry)",
+        description="Sliding-window inference of a split, logits / T, softmax, back to each input's "
+        "geometry: <case>_probs.nii.gz (class last), <case>_seg.nii.gz, optional <case>_uncertainty.nii.gz.",
+    )
+    p.add_argument("--run", required=True, help="run folder written by segcalib train")
+    p.add_argument("--manifest", required=True, help="manifest with the cases to export")
+    p.add_argument("--split", default="test", choices=("training", "validation", "test"))
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--temperature", default="none", help="none, fit (on the run's validation voxels) or a value T > 0")
+    p.add_argument("--temperature-region", default="all", choices=("all", "foreground", "boundary"),
+                   help="ground-truth voxels the temperature is fitted on (default: all)")
+    p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint path (default: best)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="probability map type")
+    p.add_argument("--uncertainty", action="store_true", help="also write <case>_uncertainty.nii.gz (entropy)")
+    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from segcalib.export import ExportOptions, export
+
+    result = export(
+        args.run,
+        args.manifest,
+        args.output,
+        ExportOptions(
+            split=args.split,
+            temperature=args.temperature,
+            temperature_region=args.temperature_region,
+            checkpoint=args.checkpoint,
+            dtype=args.dtype,
+            uncertainty=args.uncertainty,
+            device=args.device,
+        ),
+    )
+    skipped = f", {len(result.skipped)} already complete" if result.skipped else ""
+    print(f"exported {len(result.cases)} case(s){skipped} to {result.output} (T = {result.temperature:.4g})")
+    return 0

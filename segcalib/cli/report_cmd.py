@@ -1,4 +1,4 @@
-"""``segcalib report``."""
+"""``segcalib report RUN_OR_REPORT ... --output DIR``: compare several runs/reports."""
 
 from __future__ import annotations
 
@@ -6,4 +6,19 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("report", help="(arrives with its issue)")
+    p = sub.add_parser(
+        "report",
+        help="compare several runs or reports (table + overlaid reliability diagrams)",
+        description="Each input is a report.json, or a folder searched for report.json files.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_REPORT")
+    p.add_argument("--output", required=True, help="folder for comparison.html/.json/.md")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from segcalib.reports import compare
+
+    result = compare(args.inputs, args.output)
+    print(f"compared {len(result['reports'])} report(s): {args.output}/comparison.html")
+    return 0

@@ -44,9 +44,9 @@ class RunDir:
     def check(self, resume: bool) -> None:
         """Check (without writing) that a new run may start here, or that there is one to resume."""
         if resume:
-            if not self.last.exists():
+            if not self.last.exists() and not self.config.exists():
                 raise RunError(f"{self.root}: nothing to resume ({self.last} does not exist); start without --resume")
-            return
+            return  # without last.pt (killed in the first epoch) the run starts again in its folder
         if self.root.exists() and not self.root.is_dir():
             raise RunError(f"{self.root}: exists and is not a folder")
         if not self.is_empty():

@@ -293,6 +293,9 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         self.run_dir.check(resume=self.resume)  # every rank, before anyone writes
+        if self.resume and not self.run_dir.last.exists():
+            log.info("%s: no finished epoch to resume; starting at epoch 1", self.run_dir.root)
+            self.resume = False
         barrier()
         if is_main_process():
             self.run_dir.create()

@@ -1,0 +1,251 @@
+"""``segcalib export``: calibrated probability maps of a split, in each input's own geometry.
+
+Per case (in ``output``): ``<case>_probs.nii.gz`` (4D, class last, float32 or float16),
+``<case>_seg.nii.gz`` (uint8 argmax) and optionally ``<case>_uncertainty.nii.gz`` (entropy,
+nats). Every file is written under a temporary name and renamed; ``export.json`` records the
+model, checkpoint, temperature (and the voxels it was fitted on), config hash and versions.
+A rerun with the same settings skips cases whose outputs are all there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from segcalib import __version__
+from segcalib.data import Case, check_manifest, load_manifest, save_like
+from segcalib.data.transforms import case_to_item, preprocessing
+from segcalib.errors import DataError, RunError
+from segcalib.export.geometry import channels_last, renormalise, to_file_geometry
+from segcalib.inference.sliding_window import predict_logits
+from segcalib.inference.temperature import DEFAULT_MAX_VOXELS, VoxelSample, apply_temperature, fit_temperature
+from segcalib.inference.trained_model import TrainedModel, load_trained_model
+from segcalib.metrics.regions import RegionContext, region_mask
+from segcalib.utils.files import write_text_atomic, write_with
+
+log = logging.getLogger("segcalib")
+EXPORT_JSON = "export.json"
+TEMPERATURE_REGIONS = ("all", "foreground", "boundary")
+
+
+@dataclass
+class ExportOptions:
+    split: str = "test"
+    temperature: str | float = "none"  # "none", "fit" or a value
+    temperature_region: str = "all"
+    checkpoint: str = "best"
+    dtype: str = "float32"
+    uncertainty: bool = False
+    max_fit_voxels: int = DEFAULT_MAX_VOXELS
+    boundary_mm: float = 2.0
+    device: str | None = None
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    cases: list[str]
+    skipped: list[str]
+    temperature: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def output_paths(output: Path, case_id: str, uncertainty: bool) -> dict[str, Path]:
+    paths = {"probs": output / f"{case_id}_probs.nii.gz", "seg": output / f"{case_id}_seg.nii.gz"}
+    if uncertainty:
+        paths["uncertainty"] = output / f"{case_id}_uncertainty.nii.gz"
+    return paths
+
+
+def export(run_dir: str | Path, manifest_path: str | Path, output: str | Path, options: ExportOptions) -> ExportResult:
+    """Export probability maps for ``options.split`` of ``manifest_path`` into ``output``."""
+    output = Path(output)
+    if options.dtype not in ("float32", "float16"):
+        raise DataError(f"--dtype: {options.dtype!r} is not float32 or float16")
+    if options.temperature_region not in TEMPERATURE_REGIONS:
+        raise DataError(f"--temperature-region: {options.temperature_region!r} is not one of {', '.join(TEMPERATURE_REGIONS)}")
+    model = load_trained_model(run_dir, options.checkpoint, options.device)
+    manifest = load_manifest(manifest_path)
+    if manifest.num_classes != model.num_classes:
+        raise DataError(
+            f"{manifest.path}: declares {manifest.num_classes} classes but the model predicts {model.num_classes}"
+        )
+    cases = manifest.cases(options.split)
+    if not cases:
+        raise DataError(f"{manifest.path}: split {options.split!r} has no cases")
+    check_manifest(manifest, splits=(options.split,))
+
+    temperature, fit_info = _temperature(model, options)
+    settings = _settings(model, manifest.path, options, temperature, fit_info)
+    _claim_output(output, settings)
+
+    chain = preprocessing(model.cfg.data, with_label=False)
+    done, skipped = [], []
+    bar = _progress(len(cases))
+    for case in cases:
+        paths = output_paths(output, case.case_id, options.uncertainty)
+        if all(p.exists() for p in paths.values()):
+            skipped.append(case.case_id)
+        else:
+            export_case(model, case, chain, paths, temperature, options.dtype)
+            done.append(case.case_id)
+        bar.update(1)
+    bar.close()
+    settings["status"] = "complete"
+    settings["cases"] = [c.case_id for c in cases]
+    settings["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_text_atomic(output / EXPORT_JSON, json.dumps(settings, indent=1))
+    return ExportResult(output, done, skipped, temperature, settings)
+
+
+def export_case(
+    model: TrainedModel, case: Case, chain, paths: dict[str, Path], temperature: float, dtype: str = "float32"
+) -> None:
+    """Predict one case and write its maps (each file atomically)."""
+    item = chain(case_to_item(case))
+    image = item["image"]
+    logits = predict_logits(model.net, image.unsqueeze(0), model.window, device=model.device)
+    probs = apply_temperature(logits, temperature)[0].cpu()
+    del logits
+    probs = renormalise(to_file_geometry(probs, image, chain).float())
+    reference = case.images[0]
+    array = channels_last(probs)
+    write_with(paths["probs"], lambda tmp: save_like(array, reference, tmp, np.dtype(dtype)), suffix=".nii.gz")
+    seg = probs.argmax(0).to(torch.uint8).numpy()
+    write_with(paths["seg"], lambda tmp: save_like(seg, reference, tmp, np.uint8), suffix=".nii.gz")
+    if "uncertainty" in paths:
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(0).numpy()
+        write_with(paths["uncertainty"], lambda tmp: save_like(entropy, reference, tmp, np.float32), suffix=".nii.gz")
+
+
+# -- temperature -------------------------------------------------------------------------------
+
+
+def _temperature(model: TrainedModel, options: ExportOptions) -> tuple[float, dict[str, Any]]:
+    value = options.temperature
+    if value in (None, "none"):
+        return 1.0, {"mode": "none"}
+    if value != "fit":
+        try:
+            t = float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"--temperature: {value!r} is not none, fit or a positive number") from None
+        if not (t > 0 and np.isfinite(t)):
+            raise DataError(f"--temperature: {value!r} must be a positive number")
+        return t, {"mode": "value"}
+    sample, n_cases = collect_validation_voxels(
+        model, options.temperature_region, options.max_fit_voxels, options.boundary_mm
+    )
+    t = fit_temperature(sample.logits, sample.targets)
+    log.info("temperature fitted on %d %s validation voxels: T = %.4f", len(sample), options.temperature_region, t)
+    return t, {
+        "mode": "fit",
+        "region": options.temperature_region,
+        "voxels_used": len(sample),
+        "voxels_offered": sample.offered,
+        "validation_cases": n_cases,
+    }
+
+
+def collect_validation_voxels(
+    model: TrainedModel, region: str, max_voxels: int, boundary_mm: float
+) -> tuple[VoxelSample, int]:
+    """A seeded voxel sample (logits, labels) of the run's own validation cases in ``region``,
+    and the number of cases it was drawn from."""
+    cfg = model.cfg
+    manifest = load_manifest(cfg.data.manifest, split_seed=cfg.data.split_seed)
+    cases = [c for c in manifest.cases("validation") if c.label is not None]
+    if not cases:
+        raise DataError(f"{manifest.path}: --temperature fit needs labelled validation cases; the run's manifest has none")
+    chain = preprocessing(cfg.data, with_label=True)
+    sample = VoxelSample(max_voxels=max_voxels, seed=cfg.train.seed)
+    for case in cases:
+        item = chain(case_to_item(case))
+        image, label = item["image"], item["label"]
+        logits = predict_logits(model.net, image.unsqueeze(0), model.window, device=model.device)
+        target = label.as_tensor().long()  # (1, *spatial) = (B, *spatial)
+        spacing = [float(s) for s in np.linalg.norm(image.affine.numpy()[:3, :3], axis=0)]
+        target = target.to(logits.device)
+        context = RegionContext(target=target, spacing=[tuple(spacing)], num_classes=model.num_classes, boundary_mm=boundary_mm)
+        sample.add(logits, target, region_mask(region, context))
+    if len(sample) == 0:
+        raise DataError(f"{manifest.path}: no validation voxels in region {region!r} to fit a temperature on")
+    return sample, len(cases)
+
+
+# -- bookkeeping -------------------------------------------------------------------------------
+
+
+def _settings(model: TrainedModel, manifest: Path, options: ExportOptions, t: float, fit: dict) -> dict[str, Any]:
+    import monai
+    import nibabel
+
+    return {
+        "status": "running",
+        "run": str(Path(model.checkpoint).parent.parent.resolve()),
+        "model": model.cfg.model.name,
+        "loss": model.cfg.loss.name,
+        "checkpoint": str(Path(model.checkpoint).resolve()),
+        "checkpoint_epoch": model.epoch,
+        "config_hash": model.config_hash,
+        "manifest": str(Path(manifest).resolve()),
+        "split": options.split,
+        "temperature": t,
+        "temperature_fit": fit,
+        "dtype": options.dtype,
+        "uncertainty": options.uncertainty,
+        "class_names": model.class_names,
+        "device": str(model.device),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": {
+            "segcalib": __version__,
+            "torch": str(torch.__version__),
+            "monai": monai.__version__,
+            "nibabel": nibabel.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+_SAME_EXPORT_KEYS = ("checkpoint", "config_hash", "manifest", "split", "dtype", "uncertainty")
+
+
+def _claim_output(output: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix two different exports in one folder; record this one as running."""
+    previous_path = output / EXPORT_JSON
+    if previous_path.exists():
+        try:
+            previous = json.loads(previous_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RunError(f"{previous_path}: unreadable; remove it or choose another --output") from None
+        changed = [k for k in _SAME_EXPORT_KEYS if previous.get(k) != settings.get(k)]
+        if abs(float(previous.get("temperature", 1.0)) - settings["temperature"]) > 1e-6 * settings["temperature"]:
+            changed.append("temperature")
+        if changed:
+            raise RunError(
+                f"{output}: holds an export with other settings ({', '.join(changed)}); "
+                "choose another --output or remove it"
+            )
+    elif output.exists() and any(output.glob("*_probs.nii.gz")):
+        raise RunError(f"{output}: holds probability maps but no {EXPORT_JSON}; choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(previous_path, json.dumps(settings, indent=1))
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="export", leave=False, dynamic_ncols=True, mininterval=1.0)
+
+
+def exported_cases(output: Path) -> Sequence[str]:
+    info = json.loads((output / EXPORT_JSON).read_text())
+    return info.get("cases", [])

@@ -1,0 +1,257 @@
+"""``segcalib evaluate``: every metric of :mod:`segcalib.metrics` for a folder of exported maps.
+
+For each labelled case of the split: ``<case>_probs.nii.gz`` is read (it must have the label's
+shape and affine and hold probabilities), then calibration statistics per region (pooled over
+the dataset and per case), Dice and surface distances per class are computed, on the GPU when
+there is one. Under ``torchrun`` the cases are shared out and the states all-reduced; rank 0
+writes ``report.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segcalib import __version__
+from segcalib.data import Case, VolumeHeader, load_manifest, read_volume
+from segcalib.errors import DataError
+from segcalib.export.exporter import EXPORT_JSON
+from segcalib.metrics import CalibrationMetric, dice, surface_distances
+from segcalib.utils.distributed import is_distributed, is_main_process, rank, world_size
+from segcalib.utils.files import write_text_atomic
+
+log = logging.getLogger("segcalib")
+REGIONS = ("all", "foreground", "boundary")
+PROB_SUM_TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 5e-3}
+AFFINE_TOL = 1e-4
+
+
+def evaluate(
+    predictions: str | Path,
+    manifest_path: str | Path,
+    output: str | Path,
+    split: str = "test",
+    n_bins: int = 15,
+    boundary_mm: float = 2.0,
+    device: str | torch.device | None = None,
+    write_html: bool = True,
+) -> dict[str, Any]:
+    """Compute the report of ``predictions`` against the manifest's ground truth; write it to ``output``."""
+    predictions, output = Path(predictions), Path(output)
+    if not predictions.is_dir():
+        raise DataError(f"{predictions}: predictions folder does not exist")
+    device = _device(device)
+    export_info = _export_info(predictions)
+    manifest = load_manifest(manifest_path)
+    cases = manifest.labelled(split)
+    num_classes = manifest.num_classes
+    started = time.time()
+
+    metric = CalibrationMetric(num_classes, n_bins=n_bins, regions=REGIONS, boundary_mm=boundary_mm)
+    rows = []
+    for case in cases[rank() :: world_size()]:
+        rows.append(_evaluate_case(case, predictions, num_classes, metric, device))
+    metric.sync()
+    if is_distributed():
+        import torch.distributed as dist
+
+        gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    order = {c.case_id: i for i, c in enumerate(cases)}
+    rows.sort(key=lambda r: order[r["case"]])
+
+    pooled = metric.compute()
+    per_case_ece = {r["case_id"]: r for r in pooled.get("per_case", [])}
+    for row in rows:
+        record = per_case_ece.get(row["case"], {})
+        row["calibration"] = {k: record[k] for k in ("ece", "cece", "n_voxels") if k in record}
+    report = {
+        "metadata": {
+            "predictions": str(predictions.resolve()),
+            "manifest": str(manifest.path.resolve()),
+            "split": split,
+            "run": export_info.get("run"),
+            "model": export_info.get("model"),
+            "loss": export_info.get("loss"),
+            "checkpoint": export_info.get("checkpoint"),
+            "checkpoint_epoch": export_info.get("checkpoint_epoch"),
+            "temperature": export_info.get("temperature"),
+            "temperature_fit": export_info.get("temperature_fit"),
+            "config_hash": export_info.get("config_hash"),
+            "class_names": manifest.class_names,
+            "n_bins": n_bins,
+            "boundary_mm": boundary_mm,
+            "regions": {
+                "all": "every voxel",
+                "foreground": "ground truth != background",
+                "boundary": f"voxels within {boundary_mm:g} mm (with spacing) of an edge voxel of any "
+                "ground-truth foreground class, both sides",
+            },
+            "device": str(device),
+            "processes": world_size(),
+            "seconds": round(time.time() - started, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "versions": {"segcalib": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
+        },
+        "calibration": {region: pooled[region] for region in REGIONS},
+        "media_foreground_ece": pooled.get("media_foreground_ece"),
+        "segmentation": _segmentation_summary(rows, manifest.class_names),
+        "cases": rows,
+        "counts": _counts(rows, num_classes),
+    }
+    report["summary"] = summarise(report)
+    if is_main_process():
+        output.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output / "report.json", json.dumps(_finite_json(report), indent=1))
+        if write_html:
+            from segcalib.reports.html import render_report
+
+            write_text_atomic(output / "report.html", render_report(report))
+    return report
+
+
+def _evaluate_case(case: Case, predictions: Path, num_classes: int, metric: CalibrationMetric, device: torch.device) -> dict:
+    label_np, label_header = read_volume(case.label, dtype=np.int64)
+    probs = load_prediction(case, predictions, num_classes, label_header)
+    spacing = list(label_header.spacing)
+    probs = probs.to(device)
+    label = torch.from_numpy(label_np).to(device).unsqueeze(0)
+    metric.update(probs, label, spacing=spacing, case_ids=[case.case_id])
+    pred = probs.argmax(1)
+    per_class_dice = torch.as_tensor(dice(pred, label, num_classes)).reshape(-1, num_classes)[0].tolist()
+    classes = []
+    for k in range(1, num_classes):
+        distances = surface_distances(pred[0] == k, label[0] == k, spacing)
+        classes.append({"class": k, "dice": float(per_class_dice[k]), **{m: float(v) for m, v in distances.items()}})
+    return {"case": case.case_id, "spacing": spacing, "classes": classes}
+
+
+def load_prediction(case: Case, predictions: Path, num_classes: int, label_header: VolumeHeader) -> torch.Tensor:
+    """Read ``<case>_probs.nii.gz`` as ``(1, K, *spatial)`` float32 and check it against the label."""
+    path = predictions / f"{case.case_id}_probs.nii.gz"
+    if not path.exists():
+        raise DataError(f"case {case.case_id}: no prediction {path} (export the split first)")
+    array, header = read_volume(path, dtype=None)
+    if array.ndim != 4 or array.shape[-1] != num_classes:
+        raise DataError(f"case {case.case_id}: {path} has shape {array.shape}, expected (*spatial, {num_classes})")
+    if array.shape[:3] != label_header.shape[:3]:
+        raise DataError(
+            f"case {case.case_id}: {path} has spatial shape {array.shape[:3]}, the label {case.label} has {label_header.shape[:3]}"
+        )
+    if not np.allclose(header.affine, label_header.affine, atol=AFFINE_TOL, rtol=0):
+        raise DataError(f"case {case.case_id}: {path} and the label {case.label} have different affines")
+    tolerance = PROB_SUM_TOL.get(array.dtype, 1e-4)
+    probs = torch.from_numpy(np.asarray(array, dtype=np.float32)).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+    if not torch.isfinite(probs).all() or probs.min() < -tolerance or probs.max() > 1 + tolerance:
+        raise DataError(f"case {case.case_id}: {path} holds values that are not probabilities (outside [0, 1] or NaN)")
+    worst = float((probs.sum(1) - 1).abs().max())
+    if worst > tolerance:
+        raise DataError(f"case {case.case_id}: {path}: probabilities do not sum to 1 over classes (off by {worst:.2g})")
+    return probs.clamp_(0, 1)
+
+
+# -- summaries ---------------------------------------------------------------------------------
+
+
+def _segmentation_summary(rows: list[dict], class_names: list[str]) -> dict[str, Any]:
+    per_class = {}
+    for k in range(1, len(class_names)):
+        entries = [c for r in rows for c in r["classes"] if c["class"] == k]
+        summary: dict[str, Any] = {}
+        for metric in ("dice", "hd", "hd95", "assd"):
+            values = np.array([e[metric] for e in entries], dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            summary[metric] = float(finite.mean()) if finite.size else float("nan")
+            summary[f"{metric}_std"] = float(finite.std()) if finite.size else float("nan")
+            summary[f"{metric}_n_nan"] = int(np.isnan(values).sum())
+            summary[f"{metric}_n_inf"] = int(np.isinf(values).sum())
+        per_class[class_names[k]] = summary
+    means = {}
+    for metric in ("dice", "hd", "hd95", "assd"):
+        values = [s[metric] for s in per_class.values() if math.isfinite(s[metric])]
+        means[metric] = float(np.mean(values)) if values else float("nan")
+    return {"per_class": per_class, "mean_foreground": means}
+
+
+def _counts(rows: list[dict], num_classes: int) -> dict[str, int]:
+    nan_cases = sum(any(math.isnan(c[m]) for c in r["classes"] for m in ("dice", "hd", "hd95", "assd")) for r in rows)
+    inf_cases = sum(any(math.isinf(c[m]) for c in r["classes"] for m in ("hd", "hd95", "assd")) for r in rows)
+    return {"cases": len(rows), "cases_with_nan": int(nan_cases), "cases_with_inf": int(inf_cases)}
+
+
+def summarise(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of a report (one row of a comparison)."""
+    cal = report["calibration"]
+    seg = report["segmentation"]["mean_foreground"]
+    return {
+        "dice_fg": seg["dice"],
+        "hd95": seg["hd95"],
+        "assd": seg["assd"],
+        "ece_all": cal["all"]["ece"],
+        "ece_foreground": cal["foreground"]["ece"],
+        "ece_boundary": cal["boundary"]["ece"],
+        "mce_all": cal["all"]["mce"],
+        "cece": cal["all"]["cece"],
+        "nll": cal["all"]["nll"],
+        "brier": cal["all"]["brier"],
+        "nll_foreground": cal["foreground"]["nll"],
+        "media_foreground_ece": report.get("media_foreground_ece"),
+        "temperature": report["metadata"].get("temperature"),
+    }
+
+
+def _finite_json(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings "nan", "inf", "-inf" (read back with float())."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """Load a report.json, turning the "nan"/"inf" strings back into floats."""
+    path = Path(path)
+    try:
+        return _floats(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable report ({exc})") from None
+
+
+def _floats(value: Any) -> Any:
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    return value
+
+
+def _export_info(predictions: Path) -> dict[str, Any]:
+    path = predictions / EXPORT_JSON
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path}: unreadable export record") from None
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    from segcalib.inference.trained_model import pick_device
+
+    if device is None and is_distributed() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return pick_device(device)
