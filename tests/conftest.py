@@ -23,3 +23,19 @@ def _seed() -> None:
 @pytest.fixture
 def repo_root() -> str:
     return REPO_ROOT
+
+
+SMOKE_CONFIG = os.path.join(REPO_ROOT, "configs", "smoke.yaml")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory):
+    """A finished one-epoch smoke run (trained once per test session), shared read-only."""
+    from pathlib import Path
+
+    from segcalib.config import load_config
+    from segcalib.training import RunDir, train
+
+    run = RunDir(Path(tmp_path_factory.mktemp("smoke_run")) / "run")
+    train(load_config(SMOKE_CONFIG, ["train.epochs=1"]), run, progress=False)
+    return run.root

@@ -90,15 +90,18 @@ def predict_logits(
 
     if device.type != "cuda":
         return run(device)
+    return with_cpu_stitching_fallback(run, device, tuple(image.shape))
+
+
+def with_cpu_stitching_fallback(run, device: torch.device, shape: tuple[int, ...]) -> torch.Tensor:
+    """``run(device)``; on a GPU out-of-memory error, warn and ``run(cpu)`` (stitching on the CPU)."""
     try:
         return run(device)
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        message = (
-            f"GPU out of memory predicting a volume of shape {tuple(image.shape)}; "
-            "retrying with the stitching on the CPU (slower)"
-        )
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        message = f"GPU out of memory predicting a volume of shape {shape}; retrying with the stitching on the CPU (slower)"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
         log.warning(message)
         return run(torch.device("cpu"))
 

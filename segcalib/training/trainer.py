@@ -390,7 +390,7 @@ class Trainer:
             )
             raise TrainingDiverged(
                 f"{self.run_dir.root}: training stopped at epoch {epoch + 1}, step {step + 1}: the loss is "
-                f"{float(loss):.4g} ({parts}){kept}. Lower train.lr, enable train.grad_clip or check the data."
+                f"{float(loss.detach()):.4g} ({parts}){kept}. Lower train.lr, enable train.grad_clip or check the data."
             )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ class ValidationResult:
 @torch.no_grad()
 def validate(
     net: nn.Module,
-    volumes: Iterable[dict],
+    volumes: Sequence[dict],
     window: SlidingWindow,
     loss_fn: nn.Module,
     num_classes: int,
@@ -64,7 +64,8 @@ def validate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     voxels = torch.zeros((), dtype=torch.float64, device=device)
     per_case: list[list[float]] = []
-    for item in volumes:
+    for index in range(len(volumes)):  # a process's share may be empty under DDP
+        item = volumes[index]
         image = _batched(item["image"]).to(device)
         label = _batched(item["label"]).to(device).long()
         logits = predict_logits(net, image, window, device=device)

@@ -1,0 +1,155 @@
+"""Training: smoke run, exact resume after kill -9, CALS multipliers, DDP with gloo, NaN stop."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from segcalib.config import load_config
+from segcalib.errors import RunError
+from segcalib.losses import register_loss
+from segcalib.losses.base import CalibrationLoss
+from segcalib.training import RunDir, TrainingDiverged, train
+from segcalib.training.checkpoint import load_checkpoint
+from tests.conftest import REPO_ROOT, SMOKE_CONFIG
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "segcalib", *args], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_smoke_training_lowers_the_loss(smoke_run: Path, tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    summary = train(load_config(SMOKE_CONFIG), run, progress=False)
+    rows = _rows(run.root)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    for column in ("train_ce", "val_dice_fg_mean", "val_dice_Anterior", "val_ece", "lr", "seconds"):
+        assert column in rows[0]
+    state = load_checkpoint(run.last)
+    assert state["epoch"] == 2 and state["num_classes"] == 3 and state["config"]["name"] == "smoke"
+    assert run.best.exists() and (run.root / "config.yaml").exists()
+    assert any(run.tensorboard.glob("events.out.tfevents.*"))
+    assert summary.best_epoch in (1, 2)
+
+
+def test_non_empty_run_folder_is_refused(smoke_run: Path) -> None:
+    with pytest.raises(RunError, match="not empty; add --resume"):
+        train(load_config(SMOKE_CONFIG), RunDir(smoke_run), progress=False)
+
+
+def test_resume_refuses_a_changed_config(smoke_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_run, copy)
+    with pytest.raises(RunError, match="changed: train.lr"):
+        train(load_config(SMOKE_CONFIG, ["train.epochs=2", "train.lr=0.1"]), RunDir(copy), resume=True, progress=False)
+
+
+def test_kill_then_resume_runs_every_epoch_once_and_matches(tmp_path: Path) -> None:
+    args = ["--config", SMOKE_CONFIG, "--set", "train.epochs=3", "--set", "train.iterations_per_epoch=6", "--no-progress"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segcalib", "train", "--run-dir", str(killed), *args],
+        cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "checkpoints" / "last.pt").exists():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # a temporary file may remain after kill -9, but every final file is complete
+    for path in (killed / "checkpoints").glob("*.pt"):
+        assert load_checkpoint(path)["epoch"] >= 1
+    done = int(load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"])
+    assert 1 <= done <= 3
+    resumed = _cli("train", "--run-dir", str(killed), "--resume", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    finished = _cli("train", "--run-dir", str(straight), *args)
+    assert finished.returncode == 0, finished.stderr
+    assert [int(r["epoch"]) for r in _rows(killed)] == [1, 2, 3]
+    a, b = load_checkpoint(killed / "checkpoints" / "last.pt"), load_checkpoint(straight / "checkpoints" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["model"].items():
+        assert torch.allclose(value, b["model"][key], atol=1e-5, rtol=1e-4), key
+    losses_a = [float(r["train_loss"]) for r in _rows(killed)]
+    losses_b = [float(r["train_loss"]) for r in _rows(straight)]
+    assert losses_a == pytest.approx(losses_b, rel=1e-4)
+    # resuming a finished run does nothing
+    again = _cli("train", "--run-dir", str(killed), "--resume", *args)
+    assert again.returncode == 0 and len(_rows(killed)) == 3
+
+
+def test_cals_multipliers_move(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "cals")
+    cfg = load_config(SMOKE_CONFIG, ["loss.name=cals", "loss.margin=2"])
+    train(cfg, run, progress=False)
+    state = load_checkpoint(run.last)["loss"]
+    assert state["lambdas"].shape == (3,)
+    assert not torch.allclose(state["lambdas"], torch.full((3,), 1e-6))
+    row = _rows(run.root)[-1]
+    assert "lambda_0" in row and "rho_0" in row and "train_penalty" in row
+
+
+class _NanAfterFirstEpoch(CalibrationLoss):
+    """CE that turns NaN from the 9th call on (the smoke config has 8 steps per epoch)."""
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        loss = torch.nn.functional.cross_entropy(logits, target.reshape(logits.shape[0], *logits.shape[2:]).long())
+        self.last_components = {"ce": loss.detach()}
+        return loss * float("nan") if self.calls > 8 and self.training else loss
+
+
+register_loss("_test_nan_after_first_epoch")(_NanAfterFirstEpoch)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "nan")
+    cfg = load_config(SMOKE_CONFIG, ["loss.name=_test_nan_after_first_epoch", "train.epochs=3"])
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 1: the loss is nan.*last good checkpoint .*epoch 1"):
+        train(cfg, run, progress=False)
+    state = load_checkpoint(run.last)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert [int(r["epoch"]) for r in _rows(run.root)] == [1]
+
+
+def test_two_process_ddp_with_gloo(tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "segcalib", "train", "--config", SMOKE_CONFIG, "--run-dir", str(run), "--no-progress",
+         "--set", "train.iterations_per_epoch=3"],
+        cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert rows[-1]["val_dice_fg_mean"] != ""
+    assert result.stdout.count("run folder:") == 1  # only rank 0 reports
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
