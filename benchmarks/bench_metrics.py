@@ -1,0 +1,235 @@
+"""Side-by-side timings of segcalib's metrics against torchmetrics, MONAI and scipy references.
+
+Run: ``python -m benchmarks.bench_metrics --sizes 128 256`` (CPU with 2 threads by default; a GPU
+section is added when CUDA is available). Inputs per size S: 4 classes, probabilities from
+smooth random logits (a few blobs per class), a ground truth that disagrees with the prediction
+near boundaries, anisotropic spacing 1.0 x 0.8 x 2.5 mm. Every comparison also checks that the
+values agree.
+
+Rows (ratio = reference time / our time, > 1 means we are faster):
+- ``ece``: ``expected_calibration_error`` vs torchmetrics ``MulticlassCalibrationError(num_classes=4,
+  n_bins=15, norm="l1")``;
+- ``cece``: ``classwise_calibration_error`` vs MONAI ``CalibrationErrorMetric(num_bins=15)``
+  (its one-hot target is built outside the timed call);
+- ``calibration_update``: a full ``CalibrationMetric.update`` (all, foreground, boundary regions:
+  ECE/MCE/CECE/NLL/Brier/reliability statistics, boundary band included);
+- ``hd95``: ``surface_distances`` for classes 1..3 vs MONAI ``compute_hausdorff_distance(
+  percentile=95)`` and a scipy ``distance_transform_edt`` reference on the full volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segcalib.metrics import (
+    CalibrationMetric,
+    classwise_calibration_error,
+    expected_calibration_error,
+    surface_distances_per_class,
+)
+
+NUM_CLASSES = 4
+N_BINS = 15
+SPACING = (1.0, 0.8, 2.5)
+
+
+def make_inputs(size: int, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``probs (1, 4, S, S, S)`` float32, ground truth and prediction label maps ``(1, S, S, S)``."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = max(size // 32, 2)
+
+    def field(scale: float) -> torch.Tensor:
+        x = torch.randn(1, NUM_CLASSES, coarse, coarse, coarse, generator=gen) * scale
+        return F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)
+
+    logits = field(6.0)
+    probs = logits.softmax(1).contiguous()
+    gt = (logits + field(2.0)).argmax(1)
+    pred = probs.argmax(1)
+    return probs.to(device), gt.to(device), pred.to(device)
+
+
+def timed(
+    fn: Callable[[], Any], repeats: int, sync: Callable[[], None] = lambda: None, warmup: bool = True
+) -> tuple[float, Any]:
+    """Median wall time (s) over ``repeats`` runs (after one untimed warm-up run), and the last value."""
+    if warmup:
+        fn()
+        sync()
+    times, value = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        value = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), value
+
+
+def _onehot(labels: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(labels, NUM_CLASSES).movedim(-1, 1).float()
+
+
+def _scipy_hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
+    """HD95 (max of the directed 95th percentiles) with full-volume scipy EDTs."""
+    from scipy import ndimage
+
+    def edges(m: np.ndarray) -> np.ndarray:
+        return m & ~ndimage.binary_erosion(m)
+
+    ep, eg = edges(pred), edges(gt)
+    d_pg = ndimage.distance_transform_edt(~eg, sampling=spacing)[ep]
+    d_gp = ndimage.distance_transform_edt(~ep, sampling=spacing)[eg]
+    return float(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
+
+
+def _row(rows: list[dict], size: int, name: str, ours: float, ref_name: str, ref: float | None, agree: str) -> None:
+    rows.append(
+        {
+            "size": size,
+            "metric": name,
+            "ours_ms": ours * 1e3,
+            "reference": ref_name,
+            "ref_ms": None if ref is None else ref * 1e3,
+            "ratio": None if ref is None else ref / ours,
+            "agreement": agree,
+        }
+    )
+
+
+def bench_cpu(size: int, repeats: int, scipy_reference: bool) -> list[dict]:
+    from monai.metrics import CalibrationErrorMetric, compute_hausdorff_distance
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    rows: list[dict] = []
+    probs, gt, pred = make_inputs(size)
+
+    # top-label ECE vs torchmetrics
+    tm = MulticlassCalibrationError(num_classes=NUM_CLASSES, n_bins=N_BINS, norm="l1")
+    t_ours, ece = timed(lambda: expected_calibration_error(probs, gt, n_bins=N_BINS), repeats)
+    t_ref, ece_ref = timed(lambda: float(tm(probs, gt)), repeats)
+    _row(rows, size, "ece", t_ours, "torchmetrics", t_ref, f"{ece:.6f} vs {ece_ref:.6f}")
+
+    # class-wise ECE vs MONAI
+    onehot = _onehot(gt)
+
+    def monai_cece() -> float:
+        metric = CalibrationErrorMetric(num_bins=N_BINS, include_background=True)
+        metric(probs, onehot)
+        return float(metric.aggregate())
+
+    t_ours, cece = timed(lambda: classwise_calibration_error(probs, gt, n_bins=N_BINS), repeats)
+    t_ref, cece_ref = timed(monai_cece, repeats)
+    _row(rows, size, "cece", t_ours, "MONAI", t_ref, f"{cece:.6f} vs {cece_ref:.6f}")
+
+    # full metric update, three regions
+    def full() -> dict:
+        metric = CalibrationMetric(NUM_CLASSES, n_bins=N_BINS)
+        metric.update(probs, gt, spacing=SPACING)
+        return metric.compute()
+
+    t_ours, report = timed(full, repeats)
+    agree = "ece all/fg/boundary " + "/".join(f"{report[r]['ece']:.4f}" for r in ("all", "foreground", "boundary"))
+    _row(rows, size, "calibration_update", t_ours, "-", None, agree)
+
+    # HD95 per foreground class vs MONAI (and scipy EDT)
+    t_ours, ours = timed(
+        lambda: surface_distances_per_class(pred[0], gt[0], NUM_CLASSES, spacing=SPACING), max(1, repeats - 1)
+    )
+    hd95 = [d["hd95"] for d in ours]
+    p1, g1 = _onehot(pred), _onehot(gt)
+    t_ref, ref = timed(
+        lambda: compute_hausdorff_distance(p1, g1, include_background=False, percentile=95, spacing=list(SPACING)),
+        1,
+        warmup=False,
+    )
+    ref = ref[0].tolist()
+    diff = max(abs(a - b) for a, b in zip(hd95, ref))
+    _row(rows, size, "hd95 (3 classes)", t_ours, "MONAI", t_ref, f"max |diff| {diff:.1e} mm")
+    if scipy_reference:
+        p_np, g_np = pred[0].numpy(), gt[0].numpy()
+        t_ref, ref = timed(
+            lambda: [_scipy_hd95(p_np == k, g_np == k, SPACING) for k in range(1, NUM_CLASSES)], 1, warmup=False
+        )
+        diff = max(abs(a - b) for a, b in zip(hd95, ref))
+        _row(rows, size, "hd95 (3 classes)", t_ours, "scipy EDT", t_ref, f"max |diff| {diff:.1e} mm")
+    return rows
+
+
+def bench_cuda(size: int, repeats: int) -> list[dict]:
+    rows: list[dict] = []
+    device = "cuda"
+    sync = torch.cuda.synchronize
+    probs, gt, pred = make_inputs(size, device=device)
+    nbytes = probs.numel() * probs.element_size()
+    scratch = torch.empty_like(probs)
+    t_copy, _ = timed(lambda: scratch.copy_(probs), max(repeats, 10), sync)
+    bandwidth = 2 * nbytes / t_copy  # read + write
+    floor = nbytes / bandwidth
+    _row(rows, size, "read probs once (floor)", floor, "-", None, f"{bandwidth / 1e9:.0f} GB/s d2d")
+    metric = CalibrationMetric(NUM_CLASSES, n_bins=N_BINS, per_case=False, validate_args=False)
+
+    def update() -> None:
+        metric.reset()
+        metric.update(probs, gt, spacing=SPACING)
+
+    t_ours, _ = timed(update, repeats, sync)
+    _row(rows, size, "calibration_update", t_ours, "floor", floor, "3 regions, all statistics")
+    t_ours, _ = timed(lambda: expected_calibration_error(probs, gt, validate_args=False), repeats, sync)
+    _row(rows, size, "ece", t_ours, "floor", floor, "")
+    t_ours, ours = timed(
+        lambda: surface_distances_per_class(pred[0], gt[0], NUM_CLASSES, spacing=SPACING), repeats, sync
+    )
+    _row(rows, size, "hd95 (3 classes)", t_ours / 3, "-", None, "per class")
+    return rows
+
+
+def format_table(rows: list[dict], title: str) -> str:
+    header = f"| size | metric | ours (ms) | reference | ref (ms) | speed-up | values |\n|---|---|---:|---|---:|---:|---|"
+    lines = [f"### {title}", "", header]
+    for r in rows:
+        ref_ms = "-" if r["ref_ms"] is None else f"{r['ref_ms']:.1f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.1f}x"
+        lines.append(
+            f"| {r['size']}³ | {r['metric']} | {r['ours_ms']:.1f} | {r['reference']} | {ref_ms} | {ratio} | {r['agreement']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per call (default: 3 below 256³, else 1)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--no-scipy", action="store_true", help="skip the (slow) scipy EDT HD95 reference")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows: list[dict] = []
+    run_cpu = args.device in ("auto", "cpu")
+    run_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if run_cpu:
+        cpu_rows = []
+        for size in args.sizes:
+            repeats = args.repeats or (3 if size < 256 else 1)
+            cpu_rows += bench_cpu(size, repeats, scipy_reference=not args.no_scipy)
+        print(format_table(cpu_rows, f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"), flush=True)
+        rows += cpu_rows
+    if run_cuda:
+        cuda_rows = []
+        for size in args.sizes:
+            cuda_rows += bench_cuda(size, args.repeats or 10)
+        print(format_table(cuda_rows, f"CUDA, {torch.cuda.get_device_name()}"), flush=True)
+        rows += cuda_rows
+    return rows
+
+
+if __name__ == "__main__":
+    main()

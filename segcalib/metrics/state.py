@@ -1,0 +1,76 @@
+"""Declared, summable metric state (the torchmetrics ``add_state(..., dist_reduce_fx="sum")`` idea).
+
+A metric declares its state tensors once with :meth:`SummableState.add_state`; ``update`` only adds
+to them and ``compute`` only reads them. Merging two metrics, reducing across processes and
+resetting then follow for every declared tensor alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from segcalib.utils.distributed import all_reduce_sum, is_distributed
+
+
+class SummableState:
+    """Float64 state tensors that combine by summation (batches, volumes, processes)."""
+
+    def __init__(self) -> None:
+        self._state_shapes: dict[str, tuple[int, ...]] = {}
+        self._device = torch.device("cpu")
+
+    def add_state(self, name: str, shape: tuple[int, ...]) -> None:
+        """Declare a zero-initialised float64 state tensor ``name`` of ``shape``."""
+        if name in self._state_shapes:
+            raise ValueError(f"state {name!r} is already declared")
+        self._state_shapes[name] = tuple(shape)
+        setattr(self, name, torch.zeros(shape, dtype=torch.float64, device=self._device))
+
+    @property
+    def state_names(self) -> list[str]:
+        return list(self._state_shapes)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The declared state tensors by name (the live tensors, not copies)."""
+        return {name: getattr(self, name) for name in self._state_shapes}
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device: torch.device | str) -> SummableState:
+        """Move the state to ``device`` (in place; returns ``self``)."""
+        self._device = torch.device(device)
+        for name in self._state_shapes:
+            setattr(self, name, getattr(self, name).to(self._device))
+        return self
+
+    def reset_state(self) -> None:
+        for name in self._state_shapes:
+            getattr(self, name).zero_()
+
+    def add_to_state(self, values: dict[str, torch.Tensor]) -> None:
+        """Add tensors shaped like the declared state (missing names add nothing)."""
+        for name, value in values.items():
+            getattr(self, name).add_(value.to(self._device, torch.float64))
+
+    def merge_state(self, other: SummableState) -> None:
+        if other._state_shapes != self._state_shapes:
+            raise ValueError("cannot merge metrics with different state shapes")
+        self.add_to_state(other.state_tensors())
+
+    def all_reduce_state(self) -> None:
+        """Sum every state tensor over all processes in one collective (no-op in one process)."""
+        if not is_distributed():
+            return
+        names = self.state_names
+        flat = torch.cat([getattr(self, n).reshape(-1) for n in names])
+        all_reduce_sum(flat)
+        offset = 0
+        for name in names:
+            tensor = getattr(self, name)
+            size = math.prod(tensor.shape)
+            tensor.copy_(flat[offset : offset + size].view_as(tensor))
+            offset += size
