@@ -112,10 +112,12 @@ def save_like(
     reference: str | Path,
     path: str | Path,
     dtype: np.dtype | type,
+    slope: float | None = None,
 ) -> None:
     """Write ``array`` (reference's spatial shape, optional trailing class axis) with the
     reference file's own header (sform, qform, pixdim), so readers see the same geometry.
 
+    ``slope`` stores integer ``array`` values scaled by it (``scl_slope``): readers see floats.
     The caller makes ``path`` atomic (see :mod:`segcalib.utils.files`).
     """
     reference = Path(reference)
@@ -132,6 +134,8 @@ def save_like(
         hdr["scl_slope"] = np.nan
         hdr["scl_inter"] = np.nan
         img = nib.Nifti1Image(array, None, header=hdr)
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0.0)
     nib.save(img, str(path))
 
 

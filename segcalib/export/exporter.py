@@ -1,6 +1,8 @@
 """``segcalib export``: calibrated probability maps of a split, in each input's own geometry.
 
-Per case (in ``output``): ``<case>_probs.nii.gz`` (4D, class last, float32 or float16),
+Per case (in ``output``): ``<case>_probs.nii.gz`` (4D, class last, float32; or 16-bit on request:
+NIfTI has no half-float type, so ``float16`` is stored as uint16 with ``scl_slope = 1/65535``,
+which every reader turns back into floats in [0, 1] with a step of 1.5e-5),
 ``<case>_seg.nii.gz`` (uint8 argmax) and optionally ``<case>_uncertainty.nii.gz`` (entropy,
 nats). Every file is written under a temporary name and renamed; ``export.json`` records the
 model, checkpoint, temperature (and the voxels it was fitted on), config hash and versions.
@@ -34,6 +36,7 @@ from segcalib.utils.files import write_text_atomic, write_with
 log = logging.getLogger("segcalib")
 EXPORT_JSON = "export.json"
 TEMPERATURE_REGIONS = ("all", "foreground", "boundary")
+UINT16_MAX = 65535
 
 
 @dataclass
@@ -118,7 +121,11 @@ def export_case(
     probs = renormalise(to_file_geometry(probs, image, chain).float())
     reference = case.images[0]
     array = channels_last(probs)
-    write_with(paths["probs"], lambda tmp: save_like(array, reference, tmp, np.dtype(dtype)), suffix=".nii.gz")
+    if dtype == "float16":
+        quantised = np.rint(array * UINT16_MAX).astype(np.uint16)
+        write_with(paths["probs"], lambda tmp: save_like(quantised, reference, tmp, np.uint16, slope=1 / UINT16_MAX), suffix=".nii.gz")
+    else:
+        write_with(paths["probs"], lambda tmp: save_like(array, reference, tmp, np.float32), suffix=".nii.gz")
     seg = probs.argmax(0).to(torch.uint8).numpy()
     write_with(paths["seg"], lambda tmp: save_like(seg, reference, tmp, np.uint8), suffix=".nii.gz")
     if "uncertainty" in paths:

@@ -30,7 +30,7 @@ from segcalib.utils.files import write_text_atomic
 
 log = logging.getLogger("segcalib")
 REGIONS = ("all", "foreground", "boundary")
-PROB_SUM_TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 5e-3}
+PROB_SUM_TOL = 1e-4  # float32 maps sum to 1 within 1e-5; 16-bit ones within K * 7.6e-6
 AFFINE_TOL = 1e-4
 
 
@@ -140,7 +140,7 @@ def load_prediction(case: Case, predictions: Path, num_classes: int, label_heade
     path = predictions / f"{case.case_id}_probs.nii.gz"
     if not path.exists():
         raise DataError(f"case {case.case_id}: no prediction {path} (export the split first)")
-    array, header = read_volume(path, dtype=None)
+    array, header = read_volume(path, dtype=np.float32)
     if array.ndim != 4 or array.shape[-1] != num_classes:
         raise DataError(f"case {case.case_id}: {path} has shape {array.shape}, expected (*spatial, {num_classes})")
     if array.shape[:3] != label_header.shape[:3]:
@@ -149,7 +149,7 @@ def load_prediction(case: Case, predictions: Path, num_classes: int, label_heade
         )
     if not np.allclose(header.affine, label_header.affine, atol=AFFINE_TOL, rtol=0):
         raise DataError(f"case {case.case_id}: {path} and the label {case.label} have different affines")
-    tolerance = PROB_SUM_TOL.get(array.dtype, 1e-4)
+    tolerance = PROB_SUM_TOL
     probs = torch.from_numpy(np.asarray(array, dtype=np.float32)).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
     if not torch.isfinite(probs).all() or probs.min() < -tolerance or probs.max() > 1 + tolerance:
         raise DataError(f"case {case.case_id}: {path} holds values that are not probabilities (outside [0, 1] or NaN)")
