@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -34,53 +33,49 @@ class _CrossEntropyDistancePenalty(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         logits: Tensor,
-        target: Tensor,
         labels: Tensor,
+        valid: Tensor,
         weight: Tensor,
         lam: Tensor | None,
         rho: Tensor | None,
         penalty: Penalty,
         margin: float,
         scale: float,
-        ignore_index: int,
     ) -> tuple[Tensor, Tensor]:
         zmax = logits.amax(1, keepdim=True)
         scratch = torch.sub(logits, zmax).exp_()
         lse = scratch.sum(1, keepdim=True).log_().add_(zmax)
         flat_weight = weight.reshape(-1)
-        # sum_i w_i (lse_i - z_{i,y_i}); nll_loss(reduction="sum") gives -sum_valid z_{i,y_i} without a temporary
-        ce_sum = torch.dot(lse.reshape(-1), flat_weight) + F.nll_loss(
-            logits, target, ignore_index=ignore_index, reduction="sum"
-        )
+        nll = lse - logits.gather(1, labels.unsqueeze(1))
+        ce_sum = torch.dot(nll.reshape(-1), flat_weight)
 
-        values = penalty.value(logit_constraints(logits, zmax, margin, scale, out=scratch), lam, rho)
-        penalty_sum = torch.dot(values.sum(1).reshape(-1), flat_weight)
+        # u = d - m, and -inf on ignored voxels (their penalty value is finite and weighted 0, their slope 0)
+        valid = valid.unsqueeze(1)
+        threshold = torch.where(valid, zmax - margin, -torch.inf)
+        u = torch.sub(threshold, logits, out=scratch)
+        penalty_sum = torch.dot(penalty.class_sum(u, lam, rho, scale).reshape(-1), flat_weight)
 
-        ctx.save_for_backward(logits, labels, weight, zmax, lse, lam, rho)
+        ctx.save_for_backward(logits, labels, valid, weight, zmax, lse, threshold, lam, rho)
         ctx.scratch = scratch  # reused by backward, which rewrites it from the logits each time
-        ctx.penalty, ctx.margin, ctx.scale = penalty, margin, scale
+        ctx.penalty, ctx.scale = penalty, scale
         return ce_sum, penalty_sum
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_ce: Tensor, grad_penalty: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        logits, labels, weight, zmax, lse, lam, rho = ctx.saved_tensors
+        logits, labels, valid, weight, zmax, lse, threshold, lam, rho = ctx.saved_tensors
         scratch = ctx.scratch
-        w = weight.unsqueeze(1)
+        # cross-entropy: (softmax - onehot) * w; ignored voxels get lse = +inf, hence softmax 0
+        grad = torch.sub(logits, torch.where(valid, lse, torch.inf)).exp_().mul_(grad_ce)
+        grad.scatter_add_(1, labels.unsqueeze(1), weight.unsqueeze(1) * -grad_ce)
 
-        # cross-entropy: (softmax - onehot) * w
-        w_ce = w * grad_ce
-        grad = torch.sub(logits, lse).exp_().mul_(w_ce)
-        grad.scatter_add_(1, labels.unsqueeze(1), -w_ce)
-
-        # penalty: d(h_ik)/d(z_ik) = -scale, d(h_ik)/d(max_j z_ij) = +scale
-        h = logit_constraints(logits, zmax, ctx.margin, ctx.scale, out=scratch)
-        slope = ctx.penalty.derivative(h, lam, rho).mul_(w * (grad_penalty * ctx.scale))
-        grad.sub_(slope)
-        to_max = slope.sum(1, keepdim=True)
+        # penalty: du_ik/dz_ik = -1 and du_ik/d(max_j z_ij) = +1, shared evenly among tied maxima
+        slope = ctx.penalty.slope(torch.sub(threshold, logits, out=scratch), lam, rho, ctx.scale)
+        grad.addcmul_(slope, -grad_penalty)
+        to_max = slope.sum(1, keepdim=True).mul_(grad_penalty)
         is_max = torch.eq(logits, zmax, out=scratch)
-        grad.addcmul_(is_max, to_max / is_max.sum(1, keepdim=True))
-        return (grad,) + (None,) * 9
+        grad.addcmul_(is_max, to_max.div_(is_max.sum(1, keepdim=True)))
+        return (grad,) + (None,) * 8
 
 
 def per_class(values: Tensor, like: Tensor) -> Tensor:
@@ -104,14 +99,13 @@ def cross_entropy_with_penalty(
     rho = None if rho is None else per_class(rho, inputs.logits)
     ce_sum, penalty_sum = _CrossEntropyDistancePenalty.apply(
         inputs.logits,
-        inputs.target,
         inputs.labels,
+        inputs.valid,
         inputs.weight,
         lam,
         rho,
         penalty,
         float(margin),
         float(scale),
-        inputs.ignore_index,
     )
     return ce_sum / inputs.count, penalty_sum / (inputs.count * inputs.num_classes)

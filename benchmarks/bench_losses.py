@@ -1,0 +1,197 @@
+"""Cost of the segcalib losses: each loss alone against cross-entropy, and a full 3D U-Net step.
+
+    python -m benchmarks.bench_losses            # CPU (2 threads, 64^3), and GPU too when CUDA is available
+    python -m benchmarks.bench_losses --device cuda --size 96
+
+Part 1 times forward + backward of ``F.cross_entropy`` and of every registered loss on the same
+``(2, C, S, S, S)`` float32 logits. Part 2 times a training step (forward, loss, backward, Adam) of
+MONAI's ``UNet(spatial_dims=3, channels=(32, 64, 128, 256), strides=(2, 2, 2))`` on a
+``2 x 1 x S^3`` batch with CE, MbLS and CALS; on the GPU under bf16 autocast. Timings are medians
+over repetitions interleaved across losses (so that a slow moment of a shared machine hits all of
+them alike); GPU timings are CUDA-synchronised. Prints Markdown tables with the ratios to CE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcalib.losses import REQUIRED, build_loss, list_losses, loss_parameters
+
+TRAIN_LOSSES = ("ce", "mbls", "cals")
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    size: int
+    classes: int
+    reps: int
+    train_reps: int
+    autocast: bool
+
+
+def make_loss(name: str, classes: int) -> nn.Module:
+    params = {"num_classes": classes} if loss_parameters(name).get("num_classes") is REQUIRED else {}
+    return build_loss(name, **params)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _interleaved_medians(fns: dict[str, Callable[[], None]], reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each function; one warm-up call each, then ``reps`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name, fn in fns.items():
+        fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+@contextlib.contextmanager
+def _peak_memory(device: torch.device) -> Iterator[list[float]]:
+    """Yields a list that receives the peak extra GPU memory (MiB) of the block; empty on CPU."""
+    out: list[float] = []
+    if device.type != "cuda":
+        yield out
+        return
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    yield out
+    torch.cuda.synchronize(device)
+    out.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
+
+
+def bench_losses_alone(s: Settings, names: Sequence[str]) -> list[tuple[str, float, float, float | None]]:
+    """(name, ms, ratio to CE, peak extra MiB or None) for forward + backward of each loss alone."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, s.classes) + (s.size,) * 3
+    logits = (torch.randn(shape, generator=gen) * 3).to(s.device).requires_grad_(True)
+    target = torch.randint(0, s.classes, (2,) + (s.size,) * 3, generator=gen).to(s.device)
+    losses: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"F.cross_entropy": F.cross_entropy}
+    losses.update({name: make_loss(name, s.classes).to(s.device) for name in names})
+
+    def step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            loss_fn(logits, target).backward()
+            logits.grad = None
+
+        return run
+
+    medians = _interleaved_medians({name: step(fn) for name, fn in losses.items()}, s.reps, s.device)
+    rows = []
+    for name, fn in losses.items():
+        with _peak_memory(s.device) as peak:
+            step(fn)()
+        rows.append((name, medians[name] * 1e3, medians[name] / medians["F.cross_entropy"], peak[0] if peak else None))
+    return rows
+
+
+def bench_training_step(s: Settings, names: Sequence[str]) -> list[tuple[str, float, float]]:
+    """(name, ms, overhead vs CE in %) for one U-Net training step with each loss."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=s.classes, channels=(32, 64, 128, 256), strides=(2, 2, 2))
+    net = net.to(s.device)
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    image = torch.randn((2, 1) + (s.size,) * 3, generator=gen).to(s.device)
+    target = torch.randint(0, s.classes, (2, 1) + (s.size,) * 3, generator=gen).to(s.device)
+    autocast = torch.autocast(s.device.type, dtype=torch.bfloat16) if s.autocast else contextlib.nullcontext()
+
+    def step(loss_fn: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            optimiser.zero_grad(set_to_none=True)
+            with autocast:
+                loss = loss_fn(net(image), target)
+            loss.backward()
+            optimiser.step()
+
+        return run
+
+    fns = {name: step(make_loss(name, s.classes).to(s.device)) for name in names}
+    medians = _interleaved_medians(fns, s.train_reps, s.device)
+    ce = medians[names[0]]
+    return [(name, medians[name] * 1e3, 100 * (medians[name] / ce - 1)) for name in names]
+
+
+def _print_tables(s: Settings, alone, train) -> None:
+    where = f"{s.device.type}" + (f" ({torch.get_num_threads()} threads)" if s.device.type == "cpu" else f" ({torch.cuda.get_device_name(s.device)})")
+    print(f"\n### Loss alone, forward + backward, logits (2, {s.classes}, {s.size}, {s.size}, {s.size}) float32, {where}, median of {s.reps}\n")
+    mem = s.device.type == "cuda"
+    print("| loss | ms | x CE |" + (" peak extra MiB |" if mem else ""))
+    print("|---|---:|---:|" + ("---:|" if mem else ""))
+    for name, ms, ratio, peak in alone:
+        print(f"| {name} | {ms:.2f} | {ratio:.2f} |" + (f" {peak:.0f} |" if mem else ""))
+    if train:
+        precision = "bf16 autocast" if s.autocast else "float32"
+        print(f"\n### Training step, MONAI 3D UNet (32-256), batch 2x1x{s.size}^3, Adam, {precision}, {where}, median of {s.train_reps}\n")
+        print("| loss | ms / step | overhead vs CE |")
+        print("|---|---:|---:|")
+        for name, ms, overhead in train:
+            print(f"| {name} | {ms:.1f} | {overhead:+.1f} % |")
+
+
+def run(s: Settings, losses: Sequence[str], train: bool) -> None:
+    alone = bench_losses_alone(s, losses)
+    steps = bench_training_step(s, TRAIN_LOSSES) if train else []
+    _print_tables(s, alone, steps)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_losses", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CPU, then the GPU when CUDA is available")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--size", type=int, default=None, help="spatial size S (default 64 on CPU, 96 on GPU)")
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=None, help="repetitions for the losses alone (default 9 CPU, 30 GPU)")
+    parser.add_argument("--train-reps", type=int, default=None, help="training steps per loss (default 3 CPU, 20 GPU)")
+    parser.add_argument("--no-train", action="store_true", help="skip the U-Net training step")
+    parser.add_argument("--losses", nargs="*", default=None, help="losses to time alone (default: all registered)")
+    args = parser.parse_args(argv)
+
+    losses = args.losses if args.losses is not None else list_losses()
+    devices = []
+    if args.device in ("auto", "cpu"):
+        devices.append(torch.device("cpu"))
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available")
+        devices.append(torch.device("cuda"))
+
+    torch.set_num_threads(args.threads)
+    for device in devices:
+        gpu = device.type == "cuda"
+        settings = Settings(
+            device=device,
+            size=args.size or (96 if gpu else 64),
+            classes=args.classes,
+            reps=args.reps or (30 if gpu else 9),
+            train_reps=args.train_reps or (20 if gpu else 3),
+            autocast=gpu,
+        )
+        run(settings, losses, train=not args.no_train)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
