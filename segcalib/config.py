@@ -37,6 +37,13 @@ class AugmentConfig(_Strict):
 
     flip_prob: float = Field(0.5, ge=0, le=1)
     flip_axes: list[int] = Field(default_factory=lambda: [0, 1, 2])
+
+    @field_validator("flip_axes")
+    @classmethod
+    def _axes(cls, v: list[int]) -> list[int]:
+        if any(a not in (0, 1, 2) for a in v):
+            raise ValueError(f"flip axes are 0, 1 or 2 (volume axes), got {v}")
+        return v
     rotate90_prob: float = Field(0.0, ge=0, le=1)
     rotate_prob: float = Field(0.0, ge=0, le=1)
     rotate_degrees: float = Field(15.0, ge=0, le=180)
@@ -75,6 +82,13 @@ class DataConfig(_Strict):
         v = v.upper()
         if len(v) != 3 or sorted(v.replace("L", "R").replace("P", "A").replace("I", "S")) != ["A", "R", "S"]:
             raise ValueError(f"{v!r} is not an orientation code such as 'RAS' or 'LPS'")
+        return v
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch(cls, v: list[int]) -> list[int]:
+        if any(s < 1 for s in v):
+            raise ValueError(f"patch sizes must be positive, got {v}")
         return v
 
     @field_validator("spacing")
@@ -137,6 +151,14 @@ class TrainConfig(_Strict):
 
 class InferenceConfig(_Strict):
     roi_size: list[int] | None = Field(None, description="sliding-window ROI; None: the training patch size")
+
+    @field_validator("roi_size")
+    @classmethod
+    def _roi(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(s < 1 for s in v):
+            raise ValueError(f"ROI sizes must be positive, got {v}")
+        return v
+
     overlap: float = Field(0.5, ge=0, lt=1)
     mode: Literal["gaussian", "constant"] = "gaussian"
     sw_batch_size: int = Field(4, ge=1)
