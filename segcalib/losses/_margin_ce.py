@@ -79,8 +79,8 @@ class _CrossEntropyDistancePenalty(torch.autograd.Function):
 
 
 def per_class(values: Tensor, like: Tensor) -> Tensor:
-    """A ``(C,)`` tensor shaped ``(1, C, 1, ...)`` to broadcast against ``like`` ``(B, C, *spatial)``, in its dtype."""
-    return values.to(like.dtype).reshape((1, -1) + (1,) * (like.dim() - 2))
+    """A ``(C,)`` tensor shaped ``(1, C, 1, ...)`` to broadcast against ``like`` ``(B, C, *spatial)``, on its device and dtype."""
+    return values.to(device=like.device, dtype=like.dtype).reshape((1, -1) + (1,) * (like.dim() - 2))
 
 
 def cross_entropy_with_penalty(
