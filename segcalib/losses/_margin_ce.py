@@ -1,12 +1,13 @@
 """Cross-entropy plus a penalty on the logit distances, fused into one autograd function.
 
 MbLS and CALS both add ``mean_{i,k} P(h_ik)`` with ``h_ik = (max_j z_ij - z_ik - m) * s`` to the
-cross-entropy. Written with autograd ops this costs several ``(M, C)`` temporaries and about
-twice the time of ``F.cross_entropy``; here forward keeps one ``(M, C)`` scratch buffer (the
-same memory that ``F.cross_entropy`` keeps for its log-softmax), and backward writes the gradient
-of both terms into one new tensor. The gradient of ``max_j z_ij`` is shared evenly among tied
-maxima, as ``torch.amax`` does.
-"""
+cross-entropy. Written with autograd ops, every step keeps its own ``(M, C)`` tensor for backward
+and the gradients of CE and penalty are summed at the end. Here forward keeps one ``(M, C)``
+scratch buffer (as much memory as ``F.cross_entropy`` keeps for its log-softmax) and backward
+writes the gradient of both terms into one new tensor, recomputing what it needs from the logits.
+Ignored voxels get ``u = d - m = -inf`` (penalty slope 0) and ``lse = +inf`` (softmax 0) instead of
+a multiplication by the mask. The gradient of ``max_j z_ij`` is shared evenly among tied maxima,
+as ``torch.amax`` does (ties are common with bf16 logits)."""
 
 from __future__ import annotations
 
