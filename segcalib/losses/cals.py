@@ -148,7 +148,7 @@ class HeuristicClassAdaptiveLoss(ClassAdaptiveLoss):
     ``lambda_init`` (default 1.0, the slope of the normalised PHR penalty at the margin that
     matches MbLS with alpha = 0.1 at m = 10) replaces the Lagrangian start at ``lambda_min``.
 
-    The CALS paper's class-wise heuristic baseline, as a segcalib variant (not in SPEC).
+    A segcalib variant, not in SPEC: a cheap class-wise baseline to compare the Lagrangian update with.
     Components: ``ce``, ``penalty``.
     """
 
