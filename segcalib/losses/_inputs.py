@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -12,42 +12,37 @@ from segcalib.utils.tensors import as_label_map
 _HALF = (torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
 class LossInputs:
     """A batch prepared for a loss (SPEC §0: every voxel is a sample).
 
     Attributes:
         logits: ``(B, C, *spatial)``, float32 (half precision is promoted) or float64.
         target: ``(B, *spatial)`` int64 as given, ignored voxels still hold ``ignore_index``.
-        labels: ``target`` with ignored voxels set to 0, safe for ``gather`` and ``one_hot``.
         valid: ``(B, *spatial)`` bool, False on ignored voxels.
-        weight: ``valid`` in the logits' dtype (1 = counted, 0 = ignored).
         count: 0-d number of valid voxels, at least 1, so that every mean of an all-ignored batch
             is 0 with zero gradient instead of 0/0.
+        labels: ``target`` with ignored voxels set to 0, safe for ``gather`` and ``one_hot`` (lazy).
+        weight: ``valid`` in the logits' dtype, 1 = counted, 0 = ignored (lazy).
     """
 
-    logits: Tensor
-    target: Tensor
-    labels: Tensor
-    valid: Tensor
-    weight: Tensor
-    count: Tensor
-    ignore_index: int
-
-    @classmethod
-    def build(cls, logits: Tensor, target: Tensor, ignore_index: int) -> "LossInputs":
+    def __init__(self, logits: Tensor, target: Tensor, ignore_index: int) -> None:
         if logits.dim() < 3:
             raise ValueError(f"logits must be (B, C, *spatial), got shape {tuple(logits.shape)}")
         if not logits.is_floating_point():
             raise TypeError(f"logits must be floating point, got {logits.dtype}")
-        if logits.dtype in _HALF:
-            logits = logits.float()
-        target = as_label_map(target, logits)
-        valid = target != ignore_index
-        weight = valid.to(logits.dtype)
-        labels = torch.where(valid, target, 0)
-        count = weight.sum().clamp_min(1.0)
-        return cls(logits, target, labels, valid, weight, count, ignore_index)
+        self.logits = logits.float() if logits.dtype in _HALF else logits
+        self.target = as_label_map(target, self.logits)
+        self.ignore_index = ignore_index
+        self.valid = self.target != ignore_index
+        self.count = self.valid.sum().to(self.logits.dtype).clamp_min(1.0)
+
+    @cached_property
+    def labels(self) -> Tensor:
+        return torch.where(self.valid, self.target, 0)
+
+    @cached_property
+    def weight(self) -> Tensor:
+        return self.valid.to(self.logits.dtype)
 
     @property
     def num_classes(self) -> int:

@@ -38,7 +38,7 @@ class CalibrationLoss(nn.Module):
         return self.loss_name or type(self).__name__
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        inputs = LossInputs.build(logits, target, self.ignore_index)
+        inputs = LossInputs(logits, target, self.ignore_index)
         with torch.autocast(device_type=inputs.logits.device.type, enabled=False):
             total, components = self.compute(inputs)
         self.last_components = {key: value.detach() for key, value in components.items()}

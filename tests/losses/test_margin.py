@@ -93,7 +93,7 @@ def test_fused_function_gradcheck(name, penalty, scale) -> None:
     args = (lam, rho) if name != "margin" else (None, None)
 
     def f(z):
-        ce, pen = cross_entropy_with_penalty(LossInputs.build(z, target, -100), penalty, 1.0, scale, *args)
+        ce, pen = cross_entropy_with_penalty(LossInputs(z, target, -100), penalty, 1.0, scale, *args)
         return ce + 0.7 * pen, pen
 
     assert torch.autograd.gradcheck(f, (logits.requires_grad_(),))
@@ -111,7 +111,7 @@ def test_fused_function_matches_autograd_with_ties(name, penalty, scale) -> None
     args = (lam, rho) if name != "margin" else (None, None)
     grads = []
     for fn in (
-        lambda z: cross_entropy_with_penalty(LossInputs.build(z, target, -100), penalty, 1.0, scale, *args),
+        lambda z: cross_entropy_with_penalty(LossInputs(z, target, -100), penalty, 1.0, scale, *args),
         lambda z: _naive(z, target, penalty, 1.0, scale, *args),
     ):
         z = logits.clone().requires_grad_(True)

@@ -42,7 +42,7 @@ def test_svls_soft_targets_and_replicate_border_by_hand() -> None:
     target[0, 0, 1] = 1
     loss = build_loss("svls")
     logits = torch.zeros(1, 2, 3, 3, dtype=torch.float64)
-    soft = loss.soft_targets(LossInputs.build(logits, target, -100))[0, 1]
+    soft = loss.soft_targets(LossInputs(logits, target, -100))[0, 1]
     # (0, 1) itself: centre 0.5, plus the replicated copy of itself above it (an edge weight)
     assert soft[0, 1].item() == pytest.approx(0.5 + EDGE_2D, rel=1e-12)
     # (0, 0): the foreground is its right neighbour (edge) and, replicated above, the upper-right (corner)
