@@ -28,7 +28,7 @@ def logit_constraints(logits: Tensor, zmax: Tensor, margin: float, scale: float,
 
 
 class _CrossEntropyDistancePenalty(torch.autograd.Function):
-    """Returns ``(sum_i w_i CE_i, sum_i w_i sum_k P(h_ik))``; see the module docstring."""
+    """Returns ``(sum_valid CE_i, sum_valid sum_k P(h_ik))``; see the module docstring."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -36,7 +36,6 @@ class _CrossEntropyDistancePenalty(torch.autograd.Function):
         logits: Tensor,
         labels: Tensor,
         valid: Tensor,
-        weight: Tensor,
         lam: Tensor | None,
         rho: Tensor | None,
         penalty: Penalty,
@@ -46,37 +45,36 @@ class _CrossEntropyDistancePenalty(torch.autograd.Function):
         zmax = logits.amax(1, keepdim=True)
         scratch = torch.sub(logits, zmax).exp_()
         lse = scratch.sum(1, keepdim=True).log_().add_(zmax)
-        flat_weight = weight.reshape(-1)
-        nll = lse - logits.gather(1, labels.unsqueeze(1))
-        ce_sum = torch.dot(nll.reshape(-1), flat_weight)
-
-        # u = d - m, and -inf on ignored voxels (their penalty value is finite and weighted 0, their slope 0)
         valid = valid.unsqueeze(1)
-        threshold = torch.where(valid, zmax - margin, -torch.inf)
-        u = torch.sub(threshold, logits, out=scratch)
-        penalty_sum = torch.dot(penalty.class_sum(u, lam, rho, scale).reshape(-1), flat_weight)
+        nll = lse - logits.gather(1, labels.unsqueeze(1))
+        ce_sum = torch.where(valid, nll, 0).sum()
 
-        ctx.save_for_backward(logits, labels, valid, weight, zmax, lse, threshold, lam, rho)
+        # u = d - m, and -inf on ignored voxels (their penalty value is finite and left out, their slope 0)
+        u = torch.sub(torch.where(valid, zmax - margin, -torch.inf), logits, out=scratch)
+        penalty_sum = torch.where(valid[:, 0], penalty.class_sum(u, lam, rho, scale), 0).sum()
+
+        ctx.save_for_backward(logits, labels, valid, zmax, lse, lam, rho)
         ctx.scratch = scratch  # reused by backward, which rewrites it from the logits each time
-        ctx.penalty, ctx.scale = penalty, scale
+        ctx.penalty, ctx.margin, ctx.scale = penalty, margin, scale
         return ce_sum, penalty_sum
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_ce: Tensor, grad_penalty: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        logits, labels, valid, weight, zmax, lse, threshold, lam, rho = ctx.saved_tensors
+        logits, labels, valid, zmax, lse, lam, rho = ctx.saved_tensors
         scratch = ctx.scratch
-        # cross-entropy: (softmax - onehot) * w; ignored voxels get lse = +inf, hence softmax 0
+        # cross-entropy: softmax - onehot on valid voxels; ignored voxels get lse = +inf, hence softmax 0
         grad = torch.sub(logits, torch.where(valid, lse, torch.inf)).exp_().mul_(grad_ce)
-        grad.scatter_add_(1, labels.unsqueeze(1), weight.unsqueeze(1) * -grad_ce)
+        grad.scatter_add_(1, labels.unsqueeze(1), torch.where(valid, -grad_ce, 0))
 
         # penalty: du_ik/dz_ik = -1 and du_ik/d(max_j z_ij) = +1, shared evenly among tied maxima
-        slope = ctx.penalty.slope(torch.sub(threshold, logits, out=scratch), lam, rho, ctx.scale)
+        u = torch.sub(torch.where(valid, zmax - ctx.margin, -torch.inf), logits, out=scratch)
+        slope = ctx.penalty.slope(u, lam, rho, ctx.scale)
         grad.addcmul_(slope, -grad_penalty)
         to_max = slope.sum(1, keepdim=True).mul_(grad_penalty)
         is_max = torch.eq(logits, zmax, out=scratch)
         grad.addcmul_(is_max, to_max.div_(is_max.sum(1, keepdim=True)))
-        return (grad,) + (None,) * 8
+        return (grad,) + (None,) * 7
 
 
 def per_class(values: Tensor, like: Tensor) -> Tensor:
@@ -102,7 +100,6 @@ def cross_entropy_with_penalty(
         inputs.logits,
         inputs.labels,
         inputs.valid,
-        inputs.weight,
         lam,
         rho,
         penalty,
