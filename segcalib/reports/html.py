@@ -98,7 +98,7 @@ def render_report(report: dict[str, Any]) -> str:
     parts.append(table(["class", "Dice", "HD", "HD95", "ASSD", "cases with inf"], rows))
     counts = report["counts"]
     parts.append(
-        f'<p class="note">Cases with NaN (class absent in both) : {counts["cases_with_nan"]}; with inf distances '
+        f'<p class="note">Cases with NaN (class absent in both): {counts["cases_with_nan"]}; with inf distances '
         f'(class absent in one): {counts["cases_with_inf"]}. NaN values are left out of the means, and counted.</p>'
     )
 
