@@ -15,20 +15,22 @@ combination of region memberships) and bin:
 Every sum is accumulated in float64 with ``scatter_add_`` over a combined (cell, class, bin)
 index -- no Python loop over bins, and per-voxel work only in elementwise ops (the top-label
 argmax is a product of signs, so that ties go to the first class without a slow argmax). The
-voxels are processed in chunks with preallocated buffers (cache-sized on CPU, where fresh large
+voxels are processed in chunks with preallocated buffers (a few MiB on CPU, where fresh large
 temporaries page-fault on every call); on CUDA the chunks are large and the scatters are
 ``torch.bincount`` histograms (shared-memory atomics rather than contended global ones).
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
-_SERIAL_ENTRIES = 32767  # below ATen's GRAIN_SIZE an op runs serially, without an OpenMP team
-_GPU_CHUNK_ENTRIES = 2**23
+_LANES = 8  # interleaved copies of each CPU histogram
+_CPU_CHUNK_ENTRIES = 2**19  # (class, voxel) entries per chunk: float64 buffers of 4 MiB
+_GPU_CHUNK_ENTRIES = 2**26
 
 
 def bin_index(p: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -52,9 +54,16 @@ class Histograms:
 
 
 def _accumulate(acc: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, use_bincount: bool) -> None:
-    """``acc[index[i]] += weights[i]`` in float64."""
+    """``acc[index[i]] += weights[i]`` in float64 (or complex128); an empty ``weights`` means ones."""
     if use_bincount:
-        acc += torch.bincount(index, weights=weights, minlength=acc.numel())
+        if weights.is_complex():
+            real = torch.bincount(index, weights=weights.real.contiguous(), minlength=acc.numel())
+            imag = torch.bincount(index, weights=weights.imag.contiguous(), minlength=acc.numel())
+            acc += torch.complex(real, imag)
+        elif weights.numel() == 0:
+            acc += torch.bincount(index, minlength=acc.numel())
+        else:
+            acc += torch.bincount(index, weights=weights, minlength=acc.numel())
     else:
         acc.scatter_add_(0, index, weights)
 
@@ -74,19 +83,10 @@ class _Plan:
 
 
 def default_chunk_size(device: torch.device, num_classes: int) -> int:
-    """Voxels per chunk: on CPU small enough that every op runs serially in cache (the voxel
-    ranges are spread over threads instead); on CUDA large."""
-    entries = _GPU_CHUNK_ENTRIES if device.type == "cuda" else _SERIAL_ENTRIES
+    """Voxels per chunk: a few MiB of buffers on CPU (few ops per voxel, cache-resident), up to
+    the whole volume on CUDA (few kernel launches)."""
+    entries = _GPU_CHUNK_ENTRIES if device.type == "cuda" else _CPU_CHUNK_ENTRIES
     return max(1, entries // max(num_classes, 1))
-
-
-_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    if workers not in _EXECUTORS:
-        _EXECUTORS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segcalib-hist")
-    return _EXECUTORS[workers]
 
 
 def case_histograms(
@@ -101,7 +101,6 @@ def case_histograms(
     scores: bool = True,
     nll_eps: float = 1e-12,
     chunk_size: int | None = None,
-    workers: int | None = None,
     use_bincount: bool | None = None,
 ) -> Histograms:
     """Sufficient statistics of one case, per cell and bin, in one pass over its voxels.
@@ -116,7 +115,6 @@ def case_histograms(
         top, classwise, scores: which statistics to gather (``scores`` needs ``top``).
         nll_eps: floor on ``p_y`` inside the log of the NLL.
         chunk_size: voxels per chunk (default :func:`default_chunk_size`).
-        workers: threads sharing the voxels on CPU (default ``torch.get_num_threads()``).
         use_bincount: histogram with ``torch.bincount`` (default on CUDA) instead of
             ``scatter_add_`` (default on CPU).
     """
@@ -126,7 +124,9 @@ def case_histograms(
         raise ValueError("n_cells must be 1 when cells is None")
     if scores and not top:
         raise ValueError("scores need top=True (the voxel counts come from the top-label histogram)")
-    chunk = max(1, min(chunk_size or default_chunk_size(device, num_classes), max(n_vox, 1)))
+    chunk = max(1, chunk_size or default_chunk_size(device, num_classes))
+    if device.type != "cpu":
+        chunk = min(chunk, max(n_vox, 1))  # CPU keeps one buffer size so that its buffers are reused
     plan = _Plan(
         num_classes=num_classes,
         n_bins=n_bins,
@@ -139,17 +139,7 @@ def case_histograms(
         chunk=chunk,
         use_bincount=device.type == "cuda" if use_bincount is None else use_bincount,
     )
-    if workers is None:
-        workers = torch.get_num_threads() if device.type == "cpu" else 1
-    n_chunks = -(-n_vox // chunk)
-    workers = max(1, min(workers, n_chunks))
-    bounds = [n_vox * w // workers // chunk * chunk for w in range(workers)] + [n_vox]
-    ranges = [(bounds[w], bounds[w + 1]) for w in range(workers) if bounds[w] < bounds[w + 1]]
-    if len(ranges) <= 1:
-        parts = [_histogram_range(plan, probs, target, cells, 0, n_vox)]
-    else:
-        parts = list(_executor(len(ranges)).map(lambda r: _histogram_range(plan, probs, target, cells, *r), ranges))
-    acc = {k: torch.stack([part[k] for part in parts]).sum(0) for k in parts[0]}
+    acc = _histogram_range(plan, probs, target, cells, 0, n_vox)
 
     m, slots = n_bins, plan.slots
     result = Histograms()
@@ -157,15 +147,65 @@ def case_histograms(
         result.classwise = torch.stack([acc["cls_count"], acc["cls_sum"], acc["cls_pos"]], -1)
         result.classwise = result.classwise.view(slots, num_classes, m, 3)[:n_cells]
     if top:
-        pairs = torch.stack([acc["top_count"], acc["top_sum"]], -1).view(slots, m, 2, 2)  # [.., correct, stat]
-        count = pairs[..., 0].sum(-1)
-        result.top = torch.stack([count, pairs[..., 1].sum(-1), pairs[:, :, 1, 0]], -1)[:n_cells]
+        # complex: real = count, imaginary = sum of confidence, per (cell, bin, label - prediction)
+        top_acc = acc["top"].view(slots, m, 2 * num_classes - 1)
+        count = top_acc.real.sum(-1)
+        correct = top_acc.real[..., num_classes - 1]
+        result.top = torch.stack([count, top_acc.imag.sum(-1), correct], -1)[:n_cells]
     if scores:
         voxels = result.top[..., 0].sum(-1) if result.top is not None else None
         nll = -acc["log_p_true"][:n_cells]
         brier = acc["brier_part"][:n_cells] + voxels  # sum_k p_k^2 - 2 p_y + 1
         result.scores = torch.stack([nll, brier], -1)
     return result
+
+
+def _constants(device: torch.device, c_n: int, m: int, chunk: int, slots: int, lanes: int) -> dict[str, torch.Tensor]:
+    """Read-only index offsets (and ones on CPU); cached on CPU, rebuilt on GPU (no memory kept)."""
+    if device.type == "cpu":
+        return _cpu_constants(c_n, m, chunk, slots, lanes)
+    return _build_constants(device, c_n, m, chunk, slots, lanes)
+
+
+@lru_cache(maxsize=16)
+def _cpu_constants(c_n: int, m: int, chunk: int, slots: int, lanes: int) -> dict[str, torch.Tensor]:
+    return _build_constants(torch.device("cpu"), c_n, m, chunk, slots, lanes)
+
+
+def _build_constants(
+    device: torch.device, c_n: int, m: int, chunk: int, slots: int, lanes: int
+) -> dict[str, torch.Tensor]:
+    positions = torch.arange(chunk, dtype=torch.int64, device=device)
+    lane = (positions % lanes).to(torch.float64) if lanes > 1 else torch.zeros(1, dtype=torch.float64, device=device)
+    k_cls, k_top = slots * c_n * m, slots * m * (2 * c_n - 1)
+    rows = torch.arange(c_n, dtype=torch.float64, device=device).view(c_n, 1)
+    return {
+        "ones": torch.ones(c_n * chunk if device.type == "cpu" else 0, dtype=torch.float64, device=device),
+        "positions": positions,
+        # class-wise index = bin + class * M + lane * K, where bin + 1 = ceil(p M) clamped to [1, M]
+        "cls_offset": rows * m - 1 + lane * k_cls,
+        # top-label index = (2C - 1) * (cell * M + bin) + (label - prediction + C - 1) + lane * K,
+        # computed from bin + 1
+        "top_offset": lane * k_top - (2 * c_n - 1) + (c_n - 1),
+        "score_lane": (positions % lanes) * slots if lanes > 1 else torch.zeros(1, dtype=torch.int64, device=device),
+    }
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread reusable CPU buffer (fresh large CPU allocations page-fault on first touch);
+    on other devices a new tensor from the caching allocator."""
+    if device.type != "cpu":
+        return torch.empty(size, dtype=dtype, device=device)
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buf = buffers.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < size:
+        buf = buffers[name] = torch.empty(size, dtype=dtype)
+    return buf[:size]
 
 
 def _histogram_range(
@@ -176,45 +216,58 @@ def _histogram_range(
     begin: int,
     end: int,
 ) -> dict[str, torch.Tensor]:
-    """Flat float64 accumulators for the voxels ``begin:end`` (runs in a worker thread on CPU)."""
+    """Flat float64 accumulators for the voxels ``begin:end``.
+
+    On CPU each histogram has ``_LANES`` copies and consecutive voxels go to different copies:
+    real images put long runs of voxels in the same bin, and a single histogram would make every
+    add wait for the previous one to the same address.
+    """
     device = probs.device
     c_n, m, chunk, slots = plan.num_classes, plan.n_bins, plan.chunk, plan.slots
     f64, i64 = torch.float64, torch.int64
     use_bc = plan.use_bincount
+    lanes = 1 if use_bc else _LANES
+    k_cls, k_top = slots * c_n * m, slots * m * (2 * c_n - 1)
 
     def zeros(size: int) -> torch.Tensor:
         return torch.zeros(size, dtype=f64, device=device)
 
-    def empty(size: int, dtype: torch.dtype = f64) -> torch.Tensor:
-        return torch.empty(size, dtype=dtype, device=device)
+    def empty(name: str, size: int, dtype: torch.dtype = f64) -> torch.Tensor:
+        return _scratch(name, size, dtype, device)
 
+    const = _constants(device, c_n, m, chunk, slots, lanes)
     acc: dict[str, torch.Tensor] = {}
-    # preallocated workspace: fresh large temporaries would page-fault on every chunk on CPU
-    ones = torch.ones(c_n * chunk, dtype=f64, device=device)
-    positions = torch.arange(chunk, dtype=i64, device=device)
-    need_p64 = plan.classwise or plan.scores
+    ones, positions = const["ones"], const["positions"]
+    # float16/bfloat16 inputs go through float64 (their sums of labels could round in half precision)
+    need_p64 = plan.classwise or plan.scores or probs.dtype not in (torch.float32, torch.float64)
     if need_p64:
-        p64_buf = empty(c_n * chunk)
-        true_flat = empty(chunk, i64)
+        p64_buf = empty("p64", c_n * chunk)
+        work = empty("work", c_n * chunk)
+        true_flat = empty("true_flat", chunk, i64)
     if plan.classwise:
         for k in ("cls_count", "cls_sum", "cls_pos"):
-            acc[k] = zeros(slots * c_n * m)
-        fidx = empty(c_n * chunk)
-        idx = empty(c_n * chunk, i64)
-        row_offset = (torch.arange(c_n, dtype=f64, device=device) * m).view(c_n, 1)
+            acc[k] = zeros(lanes * k_cls)
+        idx = empty("idx", c_n * chunk, i64)
+        cls_offset = const["cls_offset"]
     if plan.top:
-        acc["top_count"], acc["top_sum"] = zeros(slots * m * 2), zeros(slots * m * 2)
-        conf = empty(chunk, f64 if need_p64 else probs.dtype)
-        signs = empty(max(c_n - 1, 1) * chunk, conf.dtype)
-        tidx = empty(chunk)
-        tidx_long = empty(chunk, i64)
+        acc["top"] = torch.zeros(lanes * k_top, dtype=torch.complex128, device=device)
+        conf = empty("conf", chunk, f64 if need_p64 else probs.dtype)
+        # (1, confidence) pairs viewed as complex: one scatter adds the count and the confidence
+        pairs = empty("top_pairs", 2 * chunk).view(chunk, 2)
+        pairs[:, 0] = 1.0
+        pair_src = torch.view_as_complex(pairs)
+        signs = empty("signs", max(c_n - 1, 1) * chunk, conf.dtype)
+        label_f = empty("label_f", chunk, conf.dtype)
+        tidx = empty("tidx", chunk)
+        tidx_long = empty("tidx_long", chunk, i64)
+        top_offset = const["top_offset"]
     if plan.scores:
-        acc["log_p_true"], acc["brier_part"] = zeros(slots), zeros(slots)
-        squares = empty(c_n * chunk)
-        sums = empty(chunk)
+        acc["log_p_true"], acc["brier_part"] = zeros(lanes * slots), zeros(lanes * slots)
+        sums = empty("sums", chunk)
     if plan.with_cells:
-        cell_f = empty(chunk)
-        cell_long = empty(chunk, i64)
+        cell_f = empty("cell_f", chunk)
+        cell_long = empty("cell_long", chunk, i64)
+        score_lane = const["score_lane"]
 
     for start in range(begin, end, chunk):
         n = min(chunk, end - start)
@@ -235,22 +288,26 @@ def _histogram_range(
             c = conf[:n]
             src = p64 if need_p64 else p
             torch.amax(src, dim=0, out=c)
-            pred = torch.sub(c, src[: max(c_n - 1, 1)], out=signs[: max(c_n - 1, 1) * n].view(-1, n))
-            pred = pred.sign_().cumprod_(0).sum(0) if c_n > 1 else torch.zeros_like(c)
-            correct = torch.eq(pred, y)
+            if c_n > 1:
+                sg = torch.sub(c, src[: c_n - 1], out=signs[: (c_n - 1) * n].view(c_n - 1, n)).sign_()
+                for k in range(1, c_n - 1):
+                    sg[k].mul_(sg[k - 1])
+                gap = torch.sub(y, sg.sum(0), out=label_f[:n])  # label - prediction, 0 when correct
+            else:
+                gap = label_f[:n].zero_()
 
         if plan.classwise:
-            f = fidx[: c_n * n].view(c_n, n)
+            f = work[: c_n * n].view(c_n, n)
             torch.mul(p64, m, out=f)
             f.ceil_().clamp_(1, m)  # bin + 1
             if plan.top:
                 ti = torch.amax(f, dim=0, out=tidx[:n])  # bin + 1 of the confidence (bins are monotone)
-            f.add_(row_offset)  # bin + 1 + class * M
+            f.add_(cls_offset[:, :n])
             if plan.with_cells:
                 f.add_(zf, alpha=c_n * m)
             ix = idx[: c_n * n]
-            ix.copy_(fidx[: c_n * n]).sub_(1)
-            _accumulate(acc["cls_count"], ix, ones[: c_n * n], use_bc)
+            ix.copy_(work[: c_n * n])
+            _accumulate(acc["cls_count"], ix, ones[: c_n * n], use_bc)  # ones is empty on GPU: counts
             _accumulate(acc["cls_sum"], ix, p64_buf[: c_n * n], use_bc)
             _accumulate(acc["cls_pos"], ix.index_select(0, tf), ones[:n], use_bc)
         elif plan.top:
@@ -261,22 +318,23 @@ def _histogram_range(
         if plan.top:
             if plan.with_cells:
                 ti.add_(zf, alpha=m)
-            ti.mul_(2).add_(correct).sub_(2)  # 2 * (cell * M + bin) + correct
+            torch.add(top_offset[:n], ti, alpha=2 * c_n - 1, out=ti).add_(gap)
             til = tidx_long[:n]
             til.copy_(ti)
-            _accumulate(acc["top_count"], til, ones[:n], use_bc)
-            _accumulate(acc["top_sum"], til, c if c.dtype == f64 else c.double(), use_bc)
+            pairs[:n, 1].copy_(c)
+            _accumulate(acc["top"], til, pair_src[:n], use_bc)
 
         if plan.scores:
             p_true = p64_buf[: c_n * n].index_select(0, tf)
-            sq = squares[: c_n * n].view(c_n, n)
+            sq = work[: c_n * n].view(c_n, n)
             torch.mul(p64, p64, out=sq)
             brier_part = torch.sum(sq, dim=0, out=sums[:n]).sub_(p_true, alpha=2.0)
             log_p = p_true.clamp_(min=plan.nll_eps).log_()
             if plan.with_cells:
+                zl.add_(score_lane[:n])
                 _accumulate(acc["log_p_true"], zl, log_p, use_bc)
                 _accumulate(acc["brier_part"], zl, brier_part, use_bc)
             else:
-                acc["log_p_true"] += log_p.sum()
-                acc["brier_part"] += brier_part.sum()
-    return acc
+                acc["log_p_true"][0] += log_p.sum()
+                acc["brier_part"][0] += brier_part.sum()
+    return {k: v.view(lanes, -1).sum(0) for k, v in acc.items()}

@@ -135,29 +135,42 @@ def nearest_distances(points: torch.Tensor, targets: torch.Tensor, spacing: Spac
     Returns:
         float64 ``(n_points,)`` on the masks' device, in C order of the True voxels of ``points``.
     """
-    points, targets = points.bool(), targets.bool()
-    if points.shape != targets.shape:
-        raise ValueError(f"points {tuple(points.shape)} and targets {tuple(targets.shape)} differ in shape")
-    sp = normalize_spacing(spacing, points.dim())
-    if points.device.type != "cpu":
-        return distance_transform(~targets, sp)[points]
-    return _nearest_kdtree(points, targets, sp)
+    return symmetric_nearest_distances(points, targets, spacing, both=False)[0]
 
 
-def _nearest_kdtree(points: torch.Tensor, targets: torch.Tensor, spacing: tuple[float, ...]) -> torch.Tensor:
+def symmetric_nearest_distances(
+    a: torch.Tensor, b: torch.Tensor, spacing: SpacingLike = None, both: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`nearest_distances` from ``a`` to ``b`` and (with ``both``) from ``b`` to ``a``,
+    sharing the voxel coordinates of the two masks."""
+    a, b = a.bool(), b.bool()
+    if a.shape != b.shape:
+        raise ValueError(f"masks of shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    sp = normalize_spacing(spacing, a.dim())
+    if a.device.type != "cpu":
+        d_ab = distance_transform(~b, sp)[a]
+        return d_ab, (distance_transform(~a, sp)[b] if both else None)
+    a_np, b_np = a.numpy(), b.numpy()
+    a_idx, b_idx = np.flatnonzero(a_np), np.flatnonzero(b_np)
+    scale = np.asarray(sp, dtype=np.float64)
+
+    def coords(flat: np.ndarray) -> np.ndarray:
+        return np.stack(np.unravel_index(flat, a_np.shape), axis=-1) * scale
+
+    a_xyz, b_xyz = coords(a_idx), coords(b_idx)
+    d_ab = _nearest_kdtree(a_xyz, b_np.reshape(-1)[a_idx], b_xyz)
+    d_ba = _nearest_kdtree(b_xyz, a_np.reshape(-1)[b_idx], a_xyz) if both else None
+    return torch.from_numpy(d_ab), (None if d_ba is None else torch.from_numpy(d_ba))
+
+
+def _nearest_kdtree(query: np.ndarray, on_target: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Distances from ``query`` points (mm) to the nearest ``targets`` point; points flagged
+    ``on_target`` are target voxels themselves (distance 0) and skip the tree."""
     from scipy.spatial import cKDTree
 
-    p = points.numpy()
-    t = targets.numpy()
-    n_points = int(np.count_nonzero(p))
-    out = np.zeros(n_points, dtype=np.float64)
-    if n_points == 0:
-        return torch.from_numpy(out)
-    on_target = t[p]  # points that are target voxels themselves are at distance 0
+    out = np.zeros(len(query), dtype=np.float64)
     away = ~on_target
     if away.any():
-        scale = np.asarray(spacing, dtype=np.float64)
-        tree = cKDTree(np.argwhere(t) * scale, leafsize=32, balanced_tree=False, compact_nodes=False)
-        query = np.argwhere(p)[away] * scale
-        out[away] = tree.query(query, k=1, workers=max(1, torch.get_num_threads()))[0]
-    return torch.from_numpy(out)
+        tree = cKDTree(targets, leafsize=32, balanced_tree=False, compact_nodes=False)
+        out[away] = tree.query(query[away], k=1, workers=max(1, torch.get_num_threads()))[0]
+    return out

@@ -153,10 +153,13 @@ def bounding_box(mask: torch.Tensor, margin: Sequence[int] | int = 0) -> tuple[s
     and clipped to the image; ``None`` when the mask is empty (one host sync)."""
     ndim = mask.dim()
     margins = [margin] * ndim if isinstance(margin, int) else list(margin)
+    # two passes over the volume: reduce the last axis, then the rest on the small remainder
+    last = mask.any(dim=-1) if ndim > 1 else mask
     flags = []
-    for axis in range(ndim):
-        other = [a for a in range(ndim) if a != axis]
-        flags.append(mask.any(dim=other) if other else mask)
+    for axis in range(ndim - 1):
+        other = [a for a in range(ndim - 1) if a != axis]
+        flags.append(last.any(dim=other) if other else last)
+    flags.append(mask.any(dim=list(range(ndim - 1))) if ndim > 1 else mask)
     lengths = [f.numel() for f in flags]
     cat = torch.cat([f.to(torch.uint8) for f in flags]).cpu()
     slices, start = [], 0

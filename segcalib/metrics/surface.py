@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from segcalib.metrics.distance import nearest_distances
+from segcalib.metrics.distance import symmetric_nearest_distances
 from segcalib.metrics.morphology import bounding_box, mask_edges
 from segcalib.metrics.spacing import SpacingLike, normalize_spacing
 
@@ -89,8 +89,7 @@ def surface_distances(
     if not all(has):
         return dict.fromkeys(SURFACE_KEYS, float("inf"))
     edges_pred, edges_gt = mask_edges(pred), mask_edges(gt)
-    d_pred_gt = nearest_distances(edges_pred, edges_gt, sp)
-    d_gt_pred = nearest_distances(edges_gt, edges_pred, sp)
+    d_pred_gt, d_gt_pred = symmetric_nearest_distances(edges_pred, edges_gt, sp)
     both = torch.cat([d_pred_gt, d_gt_pred])
     hd = both.max()
     if pooled:

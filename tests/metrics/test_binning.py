@@ -87,14 +87,14 @@ def test_kernel_matches_reference(kernel_inputs) -> None:
 
 
 @pytest.mark.parametrize(
-    "chunk, workers, use_bincount, dtype",
-    [(7, 1, False, torch.float32), (256, 3, False, torch.float64), (1000, 2, True, torch.float16), (None, 4, True, torch.float32)],
+    "chunk, use_bincount, dtype",
+    [(7, False, torch.float32), (256, False, torch.float64), (1000, True, torch.float16), (None, True, torch.float32)],
 )
-def test_kernel_independent_of_chunks_threads_and_backend(kernel_inputs, chunk, workers, use_bincount, dtype) -> None:
+def test_kernel_independent_of_chunks_and_backend(kernel_inputs, chunk, use_bincount, dtype) -> None:
     p, y, cells = kernel_inputs
     p = p.to(dtype)
-    ref = case_histograms(p, y, M, cells, 3, chunk_size=10**6, workers=1)
-    got = case_histograms(p, y, M, cells, 3, chunk_size=chunk, workers=workers, use_bincount=use_bincount)
+    ref = case_histograms(p, y, M, cells, 3, chunk_size=10**6)
+    got = case_histograms(p, y, M, cells, 3, chunk_size=chunk, use_bincount=use_bincount)
     for name in ("top", "classwise", "scores"):
         torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-12, atol=1e-9)
 
@@ -119,3 +119,17 @@ def test_kernel_rejects_inconsistent_arguments(kernel_inputs) -> None:
         case_histograms(p, y, M, None, 3)
     with pytest.raises(ValueError):
         case_histograms(p, y, M, top=False, scores=True)
+
+
+def test_accumulate_counts_and_sums_on_both_backends() -> None:
+    from segcalib.metrics.binning import _accumulate
+
+    index = torch.tensor([0, 2, 2, 5])
+    weights = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    for use_bincount in (False, True):
+        acc = torch.zeros(6, dtype=torch.float64)
+        _accumulate(acc, index, weights, use_bincount)
+        assert acc.tolist() == [0.5, 0.0, 3.0, 0.0, 0.0, 4.0]
+    counts = torch.zeros(6, dtype=torch.float64)
+    _accumulate(counts, index, torch.empty(0, dtype=torch.float64), True)  # empty weights: counts (GPU path)
+    assert counts.tolist() == [1.0, 0.0, 2.0, 0.0, 0.0, 1.0]
