@@ -12,12 +12,17 @@ combination of region memberships) and bin:
 - class-wise, for every class k: count, sum of ``p_k``, sum of ``[target == k]``;
 - per cell: sum of NLL ``-log max(p_y, eps)`` and of Brier ``sum_k (p_k - [y == k])^2``.
 
-Every sum is accumulated in float64 with ``scatter_add_`` over a combined (cell, class, bin)
-index -- no Python loop over bins, and per-voxel work only in elementwise ops (the top-label
-argmax is a product of signs, so that ties go to the first class without a slow argmax). The
-voxels are processed in chunks with preallocated buffers (a few MiB on CPU, where fresh large
-temporaries page-fault on every call); on CUDA the chunks are large and the scatters are
-``torch.bincount`` histograms (shared-memory atomics rather than contended global ones).
+Every sum is accumulated in float64 by ``scatter_add_`` over a combined (cell, class, bin) index --
+no Python loop over bins or classes, and per-voxel work only in elementwise ops:
+
+- the top-label argmax is a product of signs (``sign(max - p_k)`` is 0 or 1), so ties go to the
+  first class without the slow ``argmax`` over a strided dimension; the index carries
+  ``label - prediction`` and the count and the confidence share one complex128 scatter;
+- on CPU each histogram has ``_LANES`` interleaved copies: images put long runs of voxels in one
+  bin, and a single histogram would make every add wait for the previous add to that address;
+- the voxels go in chunks through reused buffers (a few MiB; fresh large CPU temporaries
+  page-fault on every call); on CUDA the chunks are large and the scatters are ``torch.bincount``
+  histograms (shared-memory atomics rather than contended global ones).
 """
 
 from __future__ import annotations
