@@ -141,7 +141,10 @@ def bench_training_step(s: Settings, names: Sequence[str]) -> list[tuple[str, fl
 
 
 def _print_tables(s: Settings, alone, train) -> None:
-    where = f"{s.device.type}" + (f" ({torch.get_num_threads()} threads)" if s.device.type == "cpu" else f" ({torch.cuda.get_device_name(s.device)})")
+    if s.device.type == "cpu":
+        where = f"cpu ({torch.get_num_threads()} threads)"
+    else:
+        where = f"cuda ({torch.cuda.get_device_name(s.device)})"
     print(f"\n### Loss alone, forward + backward, logits (2, {s.classes}, {s.size}, {s.size}, {s.size}) float32, {where}, {s.reps} rounds\n")
     mem = s.device.type == "cuda"
     print("| loss | median ms | x CE (median of paired ratios) |" + (" peak extra MiB |" if mem else ""))
