@@ -27,7 +27,9 @@ no Python loop over bins or classes, and per-voxel work only in elementwise ops:
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -85,6 +87,7 @@ class _Plan:
     nll_eps: float
     chunk: int
     use_bincount: bool
+    validate: bool
 
 
 def default_chunk_size(device: torch.device, num_classes: int) -> int:
@@ -107,6 +110,8 @@ def case_histograms(
     nll_eps: float = 1e-12,
     chunk_size: int | None = None,
     use_bincount: bool | None = None,
+    workers: int | None = None,
+    validate: bool = False,
 ) -> Histograms:
     """Sufficient statistics of one case, per cell and bin, in one pass over its voxels.
 
@@ -122,6 +127,11 @@ def case_histograms(
         chunk_size: voxels per chunk (default :func:`default_chunk_size`).
         use_bincount: histogram with ``torch.bincount`` (default on CUDA) instead of
             ``scatter_add_`` (default on CPU).
+        workers: CPU threads sharing the chunks (default: ``torch.get_num_threads()`` when there
+            are at least two chunks per thread).
+        validate: check, chunk by chunk before using them, that the labels lie in ``0..C-1`` and
+            the probabilities in ``[0, 1]`` (ValueError otherwise). Done here rather than by the
+            caller so that no multi-threaded op runs just before the worker threads start.
     """
     num_classes, n_vox = probs.shape
     device = probs.device
@@ -143,8 +153,22 @@ def case_histograms(
         nll_eps=nll_eps,
         chunk=chunk,
         use_bincount=device.type == "cuda" if use_bincount is None else use_bincount,
+        validate=validate,
     )
-    acc = _histogram_range(plan, probs, target, cells, 0, n_vox)
+    workers = _cpu_workers(n_vox, chunk) if device.type == "cpu" and workers is None else (workers or 1)
+    if workers <= 1:
+        acc = _histogram_range(plan, probs, target, cells, 0, n_vox)
+    else:
+        # contiguous voxel ranges, whole chunks each, one per worker thread
+        n_chunks = -(-n_vox // chunk)
+        bounds = [min(n_chunks * w // workers * chunk, n_vox) for w in range(workers + 1)]
+        jobs = [
+            _pool(workers).submit(_histogram_range, plan, probs, target, cells, lo, hi)
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+            if lo < hi
+        ]
+        parts = [job.result() for job in jobs]
+        acc = {k: torch.stack([part[k] for part in parts]).sum(0) for k in parts[0]}
 
     m, slots = n_bins, plan.slots
     result = Histograms()
@@ -163,6 +187,62 @@ def case_histograms(
         brier = acc["brier_part"][:n_cells] + voxels  # sum_k p_k^2 - 2 p_y + 1
         result.scores = torch.stack([nll, brier], -1)
     return result
+
+
+def _check_ranges(p: torch.Tensor, y_float: torch.Tensor, num_classes: int, p_max: torch.Tensor | None) -> None:
+    """Raise ValueError unless ``0 <= y < C`` and ``0 <= p <= 1`` (NaN fails); one host sync.
+
+    ``y_float`` holds the labels as floats (int64 reductions are not vectorised on CPU; labels
+    too large for float32 still compare as out of range); ``p_max`` is the per-voxel maximum
+    when already known.
+    """
+    hi = (p_max if p_max is not None else p).amax()
+    values = torch.stack([y_float.amin().double(), y_float.amax().double(), p.amin().double(), hi.double()]).tolist()
+    if not (values[0] >= 0 and values[1] < num_classes):
+        raise ValueError(
+            f"target labels must lie in 0..{num_classes - 1} (or equal ignore_index), "
+            f"got values in [{int(values[0])}, {int(values[1])}]"
+        )
+    if not (values[2] >= 0.0 and values[3] <= 1.0):
+        raise ValueError(f"probs must lie in [0, 1], got values in [{values[2]}, {values[3]}]")
+
+
+def _cpu_workers(n_vox: int, chunk: int) -> int:
+    return max(1, min(torch.get_num_threads(), n_vox // (2 * chunk)))
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _serial_thread() -> None:
+    """Pool thread initializer: torch ops in this thread run on one core.
+
+    Workers split the chunks among themselves, so an op must not also fork an intra-op team: on
+    a busy machine every op would then wait at a barrier for a descheduled team thread. The
+    thread's own setting is fixed first (``get_num_threads`` runs torch's per-thread lazy
+    initialisation), then lowered to 1; the caller restores the process-wide default afterwards.
+    """
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-local pool of single-threaded torch workers (recreated after a fork)."""
+    key = (os.getpid(), workers)
+    with _POOL_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            saved = torch.get_num_threads()
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="segcalib-metrics", initializer=_serial_thread)
+            started = threading.Barrier(workers + 1)
+            waits = [pool.submit(started.wait) for _ in range(workers)]  # start (and initialise) every thread
+            started.wait()
+            for w in waits:
+                w.result()
+            torch.set_num_threads(saved)
+            _POOLS[key] = pool
+    return pool
 
 
 def _constants(device: torch.device, c_n: int, m: int, chunk: int, slots: int, lanes: int) -> dict[str, torch.Tensor]:
@@ -262,13 +342,14 @@ def _histogram_range(
         pairs[:, 0] = 1.0
         pair_src = torch.view_as_complex(pairs)
         signs = empty("signs", max(c_n - 1, 1) * chunk, conf.dtype)
-        label_f = empty("label_f", chunk, conf.dtype)
         tidx = empty("tidx", chunk)
         tidx_long = empty("tidx_long", chunk, i64)
         top_offset = const["top_offset"]
     if plan.scores:
         acc["log_p_true"], acc["brier_part"] = zeros(lanes * slots), zeros(lanes * slots)
         sums = empty("sums", chunk)
+    if plan.top or plan.validate:
+        label_f = empty("label_f", chunk, conf.dtype if plan.top else torch.float32)
     if plan.with_cells:
         cell_f = empty("cell_f", chunk)
         cell_long = empty("cell_long", chunk, i64)
@@ -278,6 +359,9 @@ def _histogram_range(
         n = min(chunk, end - start)
         p = probs[:, start : start + n]
         y = target[start : start + n]
+        if plan.top or plan.validate:
+            yf = label_f[:n]
+            yf.copy_(y)
         if plan.with_cells:
             zf, zl = cell_f[:n], cell_long[:n]
             zf.copy_(cells[start : start + n])
@@ -293,13 +377,17 @@ def _histogram_range(
             c = conf[:n]
             src = p64 if need_p64 else p
             torch.amax(src, dim=0, out=c)
+            if plan.validate:
+                _check_ranges(p, yf, c_n, c)
             if c_n > 1:
                 sg = torch.sub(c, src[: c_n - 1], out=signs[: (c_n - 1) * n].view(c_n - 1, n)).sign_()
                 for k in range(1, c_n - 1):
                     sg[k].mul_(sg[k - 1])
-                gap = torch.sub(y, sg.sum(0), out=label_f[:n])  # label - prediction, 0 when correct
+                gap = yf.sub_(sg.sum(0))  # label - prediction, 0 when correct
             else:
-                gap = label_f[:n].zero_()
+                gap = yf.zero_()
+        elif plan.validate:
+            _check_ranges(p, yf, c_n, None)
 
         if plan.classwise:
             f = work[: c_n * n].view(c_n, n)

@@ -70,35 +70,19 @@ def _calibration_arg_validation(
 
 
 def _calibration_tensor_validation(
-    probs: torch.Tensor,
-    target: torch.Tensor,
-    num_classes: int | None,
-    ignore_index: int | None,
-    validate_args: bool,
+    probs: torch.Tensor, target: torch.Tensor, num_classes: int | None
 ) -> torch.Tensor:
-    """Check shapes (and, with ``validate_args``, value ranges); return the int64 ``(B, *S)`` target."""
+    """Check types and shapes; return the int64 ``(B, *S)`` target. (With ``validate_args``, the
+    value ranges are checked by the histogram kernel, chunk by chunk.)"""
     if not torch.is_tensor(probs) or not probs.is_floating_point():
         raise ValueError("probs must be a floating point tensor (B, C, *spatial)")
     if probs.dim() not in (4, 5):
         raise ValueError(f"probs must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(probs.shape)}")
     if num_classes is not None and probs.shape[1] != num_classes:
         raise ValueError(f"probs has {probs.shape[1]} channels, expected num_classes={num_classes}")
-    target = as_label_map(target.to(probs.device), probs)
-    if validate_args:
-        c = probs.shape[1]
-        valid = target if ignore_index is None else target.masked_fill(target == ignore_index, 0)
-        lo_p, hi_p = torch.aminmax(probs)
-        lo_t, hi_t = torch.aminmax(valid)
-        checks = torch.stack([lo_p.double(), hi_p.double(), lo_t.double(), hi_t.double()]).tolist()
-        if not (checks[0] >= 0.0 and checks[1] <= 1.0):
-            raise ValueError(f"probs must lie in [0, 1], got values in [{checks[0]}, {checks[1]}]")
-        if checks[2] < 0 or checks[3] >= c:
-            raise ValueError(
-                f"target labels must lie in 0..{c - 1}"
-                + ("" if ignore_index is None else f" or equal ignore_index={ignore_index}")
-                + f", got values in [{int(checks[2])}, {int(checks[3])}]"
-            )
-    return target
+    if target.is_floating_point() or target.is_complex():
+        raise ValueError(f"target must hold integer labels, got dtype {target.dtype}")
+    return as_label_map(target.to(probs.device), probs)
 
 
 # --------------------------------------------------------------------------- update
@@ -156,6 +140,7 @@ def _calibration_update(
     classwise: bool = True,
     scores: bool = True,
     nll_eps: float = 1e-12,
+    validate_args: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
     """Per-case sufficient statistics per region, in one pass over each case's voxels.
 
@@ -169,6 +154,8 @@ def _calibration_update(
         ignore_index: label of voxels to leave out everywhere.
         top, classwise, scores: which statistics to gather.
         nll_eps: floor on ``p_y`` in the NLL.
+        validate_args: check that labels (ignored ones aside) lie in ``0..C-1`` and probabilities
+            in ``[0, 1]`` (ValueError).
 
     Returns:
         One dict per case with ``top`` ``(R, M, 3)`` (count, sum confidence, sum correct),
@@ -197,6 +184,7 @@ def _calibration_update(
             classwise=classwise,
             scores=scores,
             nll_eps=nll_eps,
+            validate=validate_args,
         )
         case: dict[str, torch.Tensor] = {}
         if top:
@@ -305,7 +293,7 @@ class CalibrationMetric(SummableState):
         per_case: keep per-case ECE / CECE / voxel counts and the MedIA foreground ECE.
         ignore_index: label of voxels to leave out everywhere (``None``: none).
         nll_eps: floor on ``p_y`` inside the NLL's log (a probability of exactly 0 would give inf).
-        validate_args: check value ranges of the inputs (one host sync per update).
+        validate_args: check value ranges of the inputs (one host sync per chunk of voxels).
     """
 
     def __init__(
@@ -378,7 +366,7 @@ class CalibrationMetric(SummableState):
                 (default: a running index in this process).
         """
         self._check_local("update")
-        target = _calibration_tensor_validation(probs, target, self.num_classes, self.ignore_index, self.validate_args)
+        target = _calibration_tensor_validation(probs, target, self.num_classes)
         if case_ids is not None and len(case_ids) != probs.shape[0]:
             raise ValueError(f"{len(case_ids)} case_ids for a batch of {probs.shape[0]}")
         if probs.device != self.device:
@@ -392,6 +380,7 @@ class CalibrationMetric(SummableState):
             boundary_mm=self.boundary_mm,
             ignore_index=self.ignore_index,
             nll_eps=self.nll_eps,
+            validate_args=self.validate_args,
         )
         evaluated = _evaluated_classes(self.num_classes, self.include_background)
         for i, case in enumerate(cases):
@@ -545,9 +534,16 @@ def expected_calibration_error(
         validate_args: check value ranges.
     """
     _calibration_arg_validation(max(probs.shape[1], 1), n_bins, ("all",), 0.0, True)
-    target = _calibration_tensor_validation(probs, target, None, ignore_index, validate_args)
+    target = _calibration_tensor_validation(probs, target, None)
     cases = _calibration_update(
-        probs, target, n_bins=n_bins, ignore_index=ignore_index, top=True, classwise=False, scores=False
+        probs,
+        target,
+        n_bins=n_bins,
+        ignore_index=ignore_index,
+        top=True,
+        classwise=False,
+        scores=False,
+        validate_args=validate_args,
     )
     return float(_ece(_pooled(cases, "top")[0]))
 
@@ -572,9 +568,16 @@ def classwise_calibration_error(
     """
     num_classes = probs.shape[1]
     _calibration_arg_validation(num_classes, n_bins, ("all",), 0.0, include_background)
-    target = _calibration_tensor_validation(probs, target, None, ignore_index, validate_args)
+    target = _calibration_tensor_validation(probs, target, None)
     cases = _calibration_update(
-        probs, target, n_bins=n_bins, ignore_index=ignore_index, top=False, classwise=True, scores=False
+        probs,
+        target,
+        n_bins=n_bins,
+        ignore_index=ignore_index,
+        top=False,
+        classwise=True,
+        scores=False,
+        validate_args=validate_args,
     )
     per_class = _classwise_ece(_pooled(cases, "classwise")[0])
     return float(per_class[_evaluated_classes(num_classes, include_background)].mean())

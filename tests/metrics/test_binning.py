@@ -87,14 +87,22 @@ def test_kernel_matches_reference(kernel_inputs) -> None:
 
 
 @pytest.mark.parametrize(
-    "chunk, use_bincount, dtype",
-    [(7, False, torch.float32), (256, False, torch.float64), (1000, True, torch.float16), (None, True, torch.float32)],
+    "chunk, use_bincount, workers, dtype",
+    [
+        (7, False, 3, torch.float32),
+        (256, False, 2, torch.float64),
+        (1000, True, 1, torch.float16),
+        (None, True, 1, torch.float32),
+        (100, False, 4, torch.bfloat16),
+    ],
 )
-def test_kernel_independent_of_chunks_and_backend(kernel_inputs, chunk, use_bincount, dtype) -> None:
+def test_kernel_independent_of_chunks_threads_and_backend(kernel_inputs, chunk, use_bincount, workers, dtype) -> None:
     p, y, cells = kernel_inputs
     p = p.to(dtype)
-    ref = case_histograms(p, y, M, cells, 3, chunk_size=10**6)
-    got = case_histograms(p, y, M, cells, 3, chunk_size=chunk, use_bincount=use_bincount)
+    ref = case_histograms(p, y, M, cells, 3, chunk_size=10**6, workers=1)
+    threads = torch.get_num_threads()
+    got = case_histograms(p, y, M, cells, 3, chunk_size=chunk, use_bincount=use_bincount, workers=workers)
+    assert torch.get_num_threads() == threads  # the worker pool leaves the caller's setting alone
     for name in ("top", "classwise", "scores"):
         torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-12, atol=1e-9)
 

@@ -312,3 +312,19 @@ def test_cuda_equals_cpu() -> None:
     assert gpu.top_stats.is_cuda
     for name, value in cpu.state_tensors().items():
         torch.testing.assert_close(gpu.state_tensors()[name].cpu(), value, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("fn", [expected_calibration_error, classwise_calibration_error])
+def test_functional_validation(fn) -> None:
+    probs, target = make_batch((6, 7, 5), batch=1)
+    bad = probs.clone()
+    bad[0, 1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="probs must lie"):
+        fn(bad, target)
+    with pytest.raises(ValueError, match="probs must lie"):
+        fn(probs - 0.5, target)
+    with pytest.raises(ValueError, match="target labels"):
+        fn(probs, target - 1)
+    with pytest.raises(ValueError, match="integer labels"):
+        fn(probs, target.float())
+    assert math.isfinite(fn(probs, target, validate_args=False))
