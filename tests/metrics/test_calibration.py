@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segcalib.metrics import CalibrationMetric, classwise_calibration_error, expected_calibration_error
@@ -231,7 +231,7 @@ def _state(metric: CalibrationMetric) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in metric.state_tensors().items()}
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None)
 @given(
     cuts=st.lists(st.integers(min_value=1, max_value=4), min_size=0, max_size=3, unique=True),
     order=st.permutations(range(5)),
