@@ -26,9 +26,9 @@ from segcalib import __version__
 from segcalib.data import Case, check_manifest, load_manifest, save_like
 from segcalib.data.transforms import case_to_item, preprocessing
 from segcalib.errors import DataError, RunError
-from segcalib.export.geometry import channels_last, renormalise, to_file_geometry
+from segcalib.export.geometry import channels_last, to_file_geometry
 from segcalib.inference.sliding_window import predict_logits
-from segcalib.inference.temperature import DEFAULT_MAX_VOXELS, VoxelSample, apply_temperature, fit_temperature
+from segcalib.inference.temperature import DEFAULT_MAX_VOXELS, VoxelSample, apply_temperature_, fit_temperature
 from segcalib.inference.trained_model import TrainedModel, load_trained_model
 from segcalib.metrics.regions import RegionContext, region_mask
 from segcalib.utils.files import write_text_atomic, write_with
@@ -112,25 +112,38 @@ def export(run_dir: str | Path, manifest_path: str | Path, output: str | Path, o
 def export_case(
     model: TrainedModel, case: Case, chain, paths: dict[str, Path], temperature: float, dtype: str = "float32"
 ) -> None:
-    """Predict one case and write its maps (each file atomically)."""
+    """Predict one case and write its maps (each file atomically).
+
+    Memory: the probabilities exist once (softmax in place, file order as a view where the
+    geometry allows); the argmax and entropy maps are computed slab by slab.
+    """
     item = chain(case_to_item(case))
     image = item["image"]
-    logits = predict_logits(model.net, image.unsqueeze(0), model.window, device=model.device)
-    probs = apply_temperature(logits, temperature)[0].cpu()
+    logits = predict_logits(model.net, image.unsqueeze(0), model.window, device=model.device)[0]
+    probs = apply_temperature_(logits.cpu(), temperature, dim=0)
     del logits
-    probs = renormalise(to_file_geometry(probs, image, chain).float())
+    maps = to_file_geometry(probs, image, chain)  # (K, *file_shape), often a view of probs
+    del probs, item, image
     reference = case.images[0]
-    array = channels_last(probs)
+    array = channels_last(maps)
     if dtype == "float16":
-        quantised = np.rint(array * UINT16_MAX).astype(np.uint16)
+        quantised = _slabwise(maps, lambda p: np.rint(np.moveaxis(p, 0, -1) * UINT16_MAX).astype(np.uint16), -2)
         write_with(paths["probs"], lambda tmp: save_like(quantised, reference, tmp, np.uint16, slope=1 / UINT16_MAX), suffix=".nii.gz")
+        del quantised
     else:
         write_with(paths["probs"], lambda tmp: save_like(array, reference, tmp, np.float32), suffix=".nii.gz")
-    seg = probs.argmax(0).to(torch.uint8).numpy()
+    seg = _slabwise(maps, lambda p: p.argmax(0).astype(np.uint8))
     write_with(paths["seg"], lambda tmp: save_like(seg, reference, tmp, np.uint8), suffix=".nii.gz")
     if "uncertainty" in paths:
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(0).numpy()
+        entropy = _slabwise(maps, lambda p: -(p * np.log(np.clip(p, 1e-12, None))).sum(0, dtype=np.float32))
         write_with(paths["uncertainty"], lambda tmp: save_like(entropy, reference, tmp, np.float32), suffix=".nii.gz")
+
+
+def _slabwise(maps: np.ndarray, fn, axis: int = -1, slab: int = 16) -> np.ndarray:
+    """Apply ``fn`` to slabs of ``maps (K, *spatial)`` along the last spatial axis; concatenate."""
+    n = maps.shape[-1]
+    parts = [fn(maps[..., i : i + slab]) for i in range(0, n, slab)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=axis))
 
 
 # -- temperature -------------------------------------------------------------------------------

@@ -87,3 +87,12 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Calibrated probabilities ``softmax(logits / T)`` over the class axis 1."""
     return torch.softmax(logits.float() / float(temperature), dim=1)
+
+
+def apply_temperature_(logits: torch.Tensor, temperature: float, dim: int = 1) -> torch.Tensor:
+    """In-place ``softmax(logits / T)`` over ``dim`` (float32 logits): no second volume in memory."""
+    logits.div_(float(temperature))
+    logits.sub_(logits.amax(dim=dim, keepdim=True))
+    logits.exp_()
+    logits.div_(logits.sum(dim=dim, keepdim=True))
+    return logits

@@ -1,0 +1,102 @@
+"""Host memory and time of exporting one large volume (issue: export <= 2x the size of its output).
+
+A K-class "network" that echoes the image (so the cost is segcalib's, not a model's) is run by
+sliding-window inference over an N^3 volume, then temperature, softmax, inversion to the file
+geometry and the NIfTI writes (probs, seg, uncertainty) follow as in ``segcalib export``. Peak
+resident memory (VmHWM) above the pre-export baseline is compared with the output's size
+(N^3 x K float32). Each size runs in a fresh process so the peaks do not mix.
+
+    python -m benchmarks.bench_export --sizes 256 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _status(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024  # MiB
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:  # Linux >= 4.0: writing 5 to clear_refs resets VmHWM
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def measure(size: int, classes: int, uncertainty: bool) -> dict:
+    import nibabel as nib
+    import torch
+    from torch import nn
+
+    from segcalib.config import load_config
+    from segcalib.data.manifest import Case
+    from segcalib.data.transforms import preprocessing
+    from segcalib.export import output_paths
+    from segcalib.export.exporter import export_case
+    from segcalib.inference.sliding_window import SlidingWindow
+    from segcalib.inference.trained_model import TrainedModel
+
+    class Echo(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x * (k - classes / 2) for k in range(classes)], dim=1)
+
+    folder = Path(tempfile.mkdtemp(prefix="segcalib-bench-export-"))
+    image = folder / "case.nii.gz"
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.normal(size=(size, size, size)).astype(np.float32), np.diag([-1.0, -1.0, 1.0, 1.0])), image)
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / "smoke.yaml", {"data.patch_size": [128, 128, 128], "model.strides": [2, 2, 2]})
+    model = TrainedModel(cfg=cfg, net=Echo(), window=SlidingWindow(roi_size=[128, 128, 128], overlap=0.25, sw_batch_size=2),
+                         checkpoint=folder, epoch=0, num_classes=classes, class_names=[str(k) for k in range(classes)],
+                         config_hash="bench", device=torch.device("cpu"))
+    case = Case("case", (image,), None, "test")
+    paths = output_paths(folder / "out", "case", uncertainty)
+    chain = preprocessing(cfg.data, with_label=False)
+    baseline = _status("VmRSS")
+    _reset_peak()
+    started = time.perf_counter()
+    export_case(model, case, chain, paths, temperature=1.5)
+    seconds = time.perf_counter() - started
+    peak = _status("VmHWM") - baseline
+    output = size**3 * classes * 4 / 2**20
+    return {"size": size, "classes": classes, "output_mib": output, "peak_above_baseline_mib": peak,
+            "ratio": peak / output, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--uncertainty", action="store_true", default=True)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child, args.classes, args.uncertainty)))
+        return 0
+    print(f"{'size':>6} {'output MiB':>11} {'peak MiB':>9} {'peak/output':>12} {'seconds':>8}")
+    for size in args.sizes:
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_export", "--child", str(size), "--classes", str(args.classes)],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{r['size']:>5}³ {r['output_mib']:>11.0f} {r['peak_above_baseline_mib']:>9.0f} {r['ratio']:>11.2f}× {r['seconds']:>8.1f}")
+    print("target: peak host memory <= 2x the output (probability map) size")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
