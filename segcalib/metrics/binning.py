@@ -36,7 +36,7 @@ from functools import lru_cache
 import torch
 
 _LANES = 8  # interleaved copies of each CPU histogram
-_CPU_CHUNK_ENTRIES = 2**19  # (class, voxel) entries per chunk: float64 buffers of 4 MiB
+_CPU_CHUNK_ENTRIES = 2**17  # (class, voxel) entries per chunk: float64 buffers of 1 MiB (L2-sized)
 _GPU_CHUNK_ENTRIES = 2**26
 
 
