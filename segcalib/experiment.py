@@ -80,7 +80,8 @@ def run_experiment(
     for name, temperature, region in variants:
         predictions = run_dir / "exports" / f"{split}_{name}"
         report_dir = run_dir / "reports" / f"{split}_{name}"
-        export(run_dir, manifest, predictions, ExportOptions(split=split, temperature=temperature, temperature_region=region))
+        options = ExportOptions(split=split, temperature=temperature, temperature_region=region, progress=progress)
+        export(run_dir, manifest, predictions, options)
         report_json = report_dir / "report.json"
         if not (report_json.exists() and report_json.stat().st_mtime >= (predictions / "export.json").stat().st_mtime):
             evaluate(predictions, manifest, report_dir, split=split)

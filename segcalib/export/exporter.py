@@ -17,7 +17,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ class ExportOptions:
     max_fit_voxels: int = DEFAULT_MAX_VOXELS
     boundary_mm: float = 2.0
     device: str | None = None
+    progress: bool = True
 
 
 @dataclass
@@ -92,7 +93,7 @@ def export(run_dir: str | Path, manifest_path: str | Path, output: str | Path, o
 
     chain = preprocessing(model.cfg.data, with_label=False)
     done, skipped = [], []
-    bar = _progress(len(cases))
+    bar = _progress(len(cases), options.progress)
     for case in cases:
         paths = output_paths(output, case.case_id, options.uncertainty)
         if all(p.exists() for p in paths.values()):
@@ -260,12 +261,8 @@ def _claim_output(output: Path, settings: dict[str, Any]) -> None:
     write_text_atomic(previous_path, json.dumps(settings, indent=1))
 
 
-def _progress(total: int):
+def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="export", leave=False, dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=total, desc="export", leave=False, dynamic_ncols=True, mininterval=1.0, disable=not enabled)
 
-
-def exported_cases(output: Path) -> Sequence[str]:
-    info = json.loads((output / EXPORT_JSON).read_text())
-    return info.get("cases", [])
