@@ -38,7 +38,7 @@ class ExperimentResult:
         for variant, s in self.summaries.items():
             lines.append(
                 f"  {variant:<18} Dice fg {s['dice_fg']:.4f}  HD95 {s['hd95']:.2f} mm  ECE all {s['ece_all']:.4f}  "
-                f"fg {s['ece_foreground']:.4f}  boundary {s['ece_boundary']:.4f}  NLL {s['nll']:.4f}  T {s['temperature']:.3g}"
+                f"fg {s['ece_foreground']:.4f}  boundary {s['ece_boundary']:.4f}  NLL {s['nll']:.4f}  T {s['temperature']:.3f}"
             )
         return "\n".join(lines)
 

@@ -17,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"), help="demo experiment")
     p.add_argument("--run-dir", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--temperature-region", default="all", choices=("all", "foreground", "boundary"))
+    p.add_argument("--temperature-regions", nargs="+", default=["all", "foreground"],
+                   choices=("all", "foreground", "boundary"),
+                   help="validation voxels the temperatures are fitted on (one export each)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=run)
 
@@ -29,8 +31,10 @@ def run(args: argparse.Namespace) -> int:
         config=args.config,
         run_dir=Path(args.run_dir),
         overrides=args.overrides,
-        temperature_region=args.temperature_region,
+        temperature_regions=args.temperature_regions,
     )
     print(result.describe())
+    for variant, path in result.reports.items():
+        print(f"  {variant:<18} {path.with_name('report.html')}")
     print(f"report: {result.report_html}")
     return 0

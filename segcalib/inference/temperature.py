@@ -8,6 +8,7 @@ dominated by background voxels can make the foreground less calibrated.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -16,7 +17,9 @@ import torch.nn.functional as F
 
 from segcalib.utils.tensors import as_label_map, flatten_classes
 
+log = logging.getLogger("segcalib")
 DEFAULT_MAX_VOXELS = 2_000_000
+T_BOUNDS = (1e-2, 1e2)  # beyond these, float32 softmax loses the argmax to rounding
 
 
 @dataclass
@@ -81,6 +84,14 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
     t = float(log_t.detach().exp())
     if not math.isfinite(t) or t <= 0:
         raise ValueError(f"temperature fit diverged (T = {t})")
+    low, high = T_BOUNDS
+    if not low <= t <= high:
+        clamped = min(max(t, low), high)
+        log.warning(
+            "fitted temperature %.4g is outside [%g, %g]; using %g (the predictions on these voxels carry "
+            "little information: is the model trained?)", t, low, high, clamped
+        )
+        t = clamped
     return t
 
 

@@ -49,3 +49,11 @@ def test_voxel_sample_is_bounded_seeded_and_masked() -> None:
     counts = torch.bincount(a.logits[:, 0].long(), minlength=5).float()
     assert ((counts - 200).abs() < 60).all()
     assert fill(0).targets.eq(1).all()
+
+
+def test_uninformative_predictions_keep_a_bounded_temperature() -> None:
+    from segcalib.inference.temperature import T_BOUNDS
+
+    logits = torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 5.0]]).repeat(100, 1)
+    targets = torch.tensor([1, 1, 0]).repeat(100)  # always wrong: NLL falls as T grows without bound
+    assert fit_temperature(logits, targets) == T_BOUNDS[1]
