@@ -152,3 +152,24 @@ def test_two_process_ddp_with_gloo(tmp_path: Path) -> None:
     assert rows[-1]["val_dice_fg_mean"] != ""
     assert result.stdout.count("run folder:") == 1  # only rank 0 reports
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_2d_slices_train_and_export_whole_volumes(tmp_path: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from segcalib.data import load_manifest
+    from segcalib.export import ExportOptions, export
+
+    run = RunDir(tmp_path / "run2d")
+    cfg = load_config(SMOKE_CONFIG, ["data.mode=2d", "data.patch_size=[32,48]", "data.samples_per_volume=4",
+                                     "train.batch_size=4", "train.epochs=1", "train.iterations_per_epoch=4"])
+    train(cfg, run, progress=False)
+    assert "val_dice_fg_mean" in _rows(run.root)[-1]
+    out = tmp_path / "export"
+    export(run.root, cfg.data.manifest, out, ExportOptions())
+    (case,) = load_manifest(cfg.data.manifest).cases("test")
+    probs = nib.load(str(out / f"{case.case_id}_probs.nii.gz"))
+    image = nib.load(str(case.images[0]))
+    assert probs.shape == image.shape + (3,) and np.allclose(probs.affine, image.affine)
+    assert np.abs(np.asarray(probs.dataobj).sum(-1) - 1).max() < 1e-5
