@@ -149,3 +149,25 @@ def test_other_settings_in_the_same_folder_are_refused(smoke_run: Path, tmp_path
     export(smoke_run, manifest, out, ExportOptions())
     with pytest.raises(RunError, match="other settings"):
         export(smoke_run, manifest, out, ExportOptions(temperature="2.0"))
+
+
+def test_foreground_crop_is_undone(tmp_path: Path) -> None:
+    manifest = load_manifest(make_dataset(tmp_path / "data", 2, (16, 14, 10), LPS_ANISO, {"test": 1, "training": 1, "validation": 0}))
+    case = manifest.cases("test")[0]
+    image = np.zeros((16, 14, 10), np.float32)
+    image[3:12, 2:9, 4:8] = np.arange(9 * 7 * 4, dtype=np.float32).reshape(9, 7, 4) / 50 + 1
+    write_nifti(case.images[0], image, LPS_ANISO)
+    cfg = load_config(SMOKE_CONFIG, {"data.manifest": str(manifest.path), "data.crop_foreground": True,
+                                     "data.normalize": "none", "data.patch_size": [8, 8, 8]})
+    paths = output_paths(tmp_path / "out", case.case_id, uncertainty=False)
+    export_case(_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=1.0)
+    probs_img = nib.load(str(paths["probs"]))
+    probs = np.asarray(probs_img.dataobj)
+    assert probs.shape == (16, 14, 10, 3) and np.allclose(probs_img.affine, LPS_ANISO)
+    assert np.abs(probs.sum(-1) - 1).max() <= 1e-5
+    # on the foreground the echo of the intensity; beyond the crop (4-voxel margin), background
+    fg = image > 0
+    assert np.allclose(np.log(probs[fg][:, 1] / probs[fg][:, 0]), image[fg], atol=1e-4)
+    far = np.ones(image.shape, bool)
+    far[max(3 - 4, 0):12 + 4, max(2 - 4, 0):9 + 4, max(4 - 4, 0):8 + 4] = False
+    assert far.any() and np.allclose(probs[far][:, 0], 1.0)

@@ -164,3 +164,27 @@ def test_missing_prediction_is_named(tmp_path: Path) -> None:
     (tmp_path / "pred").mkdir()
     with pytest.raises(DataError, match="no prediction .*case_001_probs.nii.gz"):
         evaluate(tmp_path / "pred", manifest, tmp_path / "report")
+
+
+def test_two_process_evaluation_equals_one_process(evaluated, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    root, manifest, _ = evaluated
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "segcalib",
+         "evaluate", "--predictions", str(root / "pred"), "--manifest", str(manifest), "--output", str(tmp_path / "two")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = read_report(root / "report" / "report.json"), read_report(tmp_path / "two" / "report.json")
+    assert two["metadata"]["processes"] == 2 and one["metadata"]["processes"] == 1
+    for region in ("all", "foreground", "boundary"):
+        for key in ("ece", "cece", "nll", "brier", "n_voxels"):
+            assert two["calibration"][region][key] == pytest.approx(one["calibration"][region][key], rel=1e-12)
+    assert [c["case"] for c in two["cases"]] == [c["case"] for c in one["cases"]]
+    assert two["segmentation"] == one["segmentation"]
