@@ -44,10 +44,11 @@ def find_reports(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def label_for(report: dict[str, Any], path: Path) -> str:
+    """``run / report folder`` plus the temperature when one was applied."""
     meta = report["metadata"]
-    name = Path(meta["run"]).name if meta.get("run") else path.parent.name
+    name = f"{Path(meta['run']).name} / {path.parent.name}" if meta.get("run") else path.parent.name
     t = meta.get("temperature")
-    return f"{name} (T={t:.3g})" if isinstance(t, (int, float)) and abs(t - 1.0) > 1e-9 else name
+    return f"{name} (T={t:.3f})" if isinstance(t, (int, float)) and abs(t - 1.0) > 1e-9 else name
 
 
 def compare(inputs: Sequence[str | Path], output: str | Path) -> dict[str, Any]:
@@ -59,9 +60,9 @@ def compare(inputs: Sequence[str | Path], output: str | Path) -> dict[str, Any]:
         report = read_report(path)
         entries.append({"label": label_for(report, path), "path": str(path), "report": report, "summary": summarise(report)})
     labels = [e["label"] for e in entries]
-    for i, e in enumerate(entries):  # make labels unique
+    for e in entries:  # make labels unique
         if labels.count(e["label"]) > 1:
-            e["label"] = f"{e['label']} [{Path(e['path']).parent.name}]"
+            e["label"] = f"{e['label']} [{e['path']}]"
     comparison = {"reports": [{"label": e["label"], "path": e["path"], **e["summary"]} for e in entries]}
     output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output / "comparison.json", json.dumps(_finite_json(comparison), indent=1))

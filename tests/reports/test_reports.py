@@ -118,7 +118,7 @@ def test_comparison_of_two_exports(evaluated, smoke_run: Path, tmp_path: Path) -
     evaluate(tmp_path / "pred", manifest, tmp_path / "report_t1")
     result = compare([root / "report", tmp_path / "report_t1" / "report.json"], tmp_path / "cmp")
     labels = [r["label"] for r in result["reports"]]
-    assert len(labels) == 2 and any("T=1.3" in label for label in labels)
+    assert len(labels) == 2 and any("(T=1.300)" in label for label in labels)
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert md.count("\n") == 4 and "ECE fg" in md
     html = (tmp_path / "cmp" / "comparison.html").read_text()
