@@ -231,7 +231,7 @@ def bench_cuda(size: int, repeats: int, device: str = "cuda") -> list[dict]:
 
 
 def format_table(rows: list[dict], title: str) -> str:
-    header = f"| size | metric | ours (ms) | reference | ref (ms) | speed-up | values |\n|---|---|---:|---|---:|---:|---|"
+    header = "| size | metric | ours (ms) | reference | ref (ms) | speed-up | values |\n|---|---|---:|---|---:|---:|---|"
     lines = [f"### {title}", "", header]
     for r in rows:
         ref_ms = "-" if r["ref_ms"] is None else f"{r['ref_ms']:.1f}"

@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from segcalib.errors import ConfigError
 
-SEGCALIB_DATA_KEYS = ("num_classes",)  # loss parameters that follow from the data
 
 
 class _Strict(BaseModel):
