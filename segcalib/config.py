@@ -227,8 +227,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{path}: is not a file (give the path of a YAML config)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from exc
     except yaml.YAMLError as exc:
@@ -301,6 +305,21 @@ def load_config(
         raise ConfigError(f"{label}: " + _format_validation_error(exc)) from None
     except ConfigError as exc:
         raise ConfigError(f"{label}: {exc}") from None
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any], ignore: Sequence[str] = ("train.epochs",)) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (``ignore``d keys left out)."""
+    changed: set[str] = set()
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in set(a) | set(b):
+                walk(a.get(key), b.get(key), f"{prefix}{key}.")
+        elif a != b and prefix.rstrip(".") not in ignore:
+            changed.add(prefix.rstrip("."))
+
+    walk(saved, current, "")
+    return sorted(changed)
 
 
 def _with_base(raw: dict[str, Any], folder: Path, seen: tuple[Path | None, ...]) -> dict[str, Any]:

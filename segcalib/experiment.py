@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from segcalib.config import load_config
+from segcalib.config import config_changes, load_config
+from segcalib.errors import RunError
 from segcalib.export import ExportOptions, export
 from segcalib.reports import compare, evaluate, read_report
 from segcalib.training import RunDir, train
@@ -44,17 +45,30 @@ class ExperimentResult:
 
 
 def train_or_reuse(config: str | Path, run_dir: Path, overrides: Sequence[str] = (), progress: bool = True) -> int:
-    """Train ``config`` into ``run_dir`` unless it already finished; resume an unfinished run."""
+    """Train ``config`` into ``run_dir`` unless it already finished; resume an unfinished run.
+
+    A run folder that holds another config (anything but ``train.epochs`` changed), or more
+    epochs than asked for, is refused rather than silently reused.
+    """
     cfg = load_config(config, overrides)
     run = RunDir(run_dir)
-    if run.last.exists():
-        done = int(load_checkpoint(run.last)["epoch"])
-        if done >= cfg.train.epochs:
-            log.info("%s: reusing the finished run (%d epochs)", run_dir, done)
-            return done
-        train(load_config(run.config, _epochs_override(cfg.train.epochs)), run, resume=True, progress=progress)
-    else:
+    if not run.last.exists():
         train(cfg, run, resume=not run.is_empty(), progress=progress)
+        return cfg.train.epochs
+    state = load_checkpoint(run.last)
+    changed = config_changes(dict(state["config"]), cfg.to_dict())
+    if changed:
+        raise RunError(
+            f"{run_dir}: holds a run of another config (changed: {', '.join(changed)}); "
+            "choose another run folder or remove this one"
+        )
+    done = int(state["epoch"])
+    if done > cfg.train.epochs:
+        raise RunError(f"{run_dir}: holds a run trained for {done} epochs, more than the {cfg.train.epochs} asked for")
+    if done == cfg.train.epochs:
+        log.info("%s: reusing the finished run (%d epochs)", run_dir, done)
+    else:
+        train(cfg, run, resume=True, progress=progress)
     return cfg.train.epochs
 
 
@@ -91,7 +105,3 @@ def run_experiment(
     compare([str(p) for p in result.reports.values()], comparison_dir)
     result.comparison_html = comparison_dir / "comparison.html"
     return result
-
-
-def _epochs_override(epochs: int) -> list[str]:
-    return [f"train.epochs={epochs}"]

@@ -24,7 +24,8 @@ from monai.utils import set_determinism
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from segcalib.config import ExperimentConfig
+from segcalib.config import ExperimentConfig, config_changes
+from segcalib.utils.devices import select_device
 from segcalib.data import check_manifest, load_manifest
 from segcalib.data.datasets import training_dataset, volume_dataset
 from segcalib.errors import ConfigError, RunError, SegcalibError
@@ -56,14 +57,6 @@ class TrainSummary:
     last_validation: ValidationResult | None
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda was asked for but no CUDA GPU is available")
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def build_loss_for(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """The configured loss with data-given parameters (``num_classes``) filled in."""
     params = dict(cfg.loss.params)
@@ -82,7 +75,7 @@ class Trainer:
         self.run_dir = run_dir
         self.resume = resume
         self.progress = progress and is_main_process()
-        self.device = resolve_device(cfg.train.device)
+        self.device = select_device(cfg.train.device, setting="train.device")
         self._configure_determinism()
 
         self.manifest = load_manifest(cfg.data.manifest, split_seed=cfg.data.split_seed)
@@ -306,10 +299,8 @@ class Trainer:
 
     def _load_resume_state(self) -> None:
         state = load_checkpoint(self.run_dir.last, map_location=self.device)
-        saved = dict(state["config"])
-        current = self.cfg.to_dict()
-        if _without_epochs(saved) != _without_epochs(current):
-            changed = sorted(_diff_keys(_without_epochs(saved), _without_epochs(current)))
+        changed = config_changes(dict(state["config"]), self.cfg.to_dict())
+        if changed:
             raise RunError(
                 f"{self.run_dir.root}: --resume with a different config than the run's own "
                 f"(changed: {', '.join(changed)}); only train.epochs may change"
@@ -414,18 +405,3 @@ def _describe(row: dict[str, Any]) -> str:
     keys = ("train_loss", "val_dice_fg_mean", "val_ece", "lr", "seconds")
     parts = [f"epoch {row['epoch']}"] + [f"{k}={row[k]:.4g}" for k in keys if k in row]
     return "  ".join(parts)
-
-
-def _without_epochs(config: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in config.items()}
-    out["train"] = {k: v for k, v in config.get("train", {}).items() if k != "epochs"}
-    return out
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys: set[str] = set()
-        for k in set(a) | set(b):
-            keys |= _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return keys
-    return set() if a == b else {prefix.rstrip(".")}
