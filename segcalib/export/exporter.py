@@ -6,7 +6,8 @@ which every reader turns back into floats in [0, 1] with a step of 1.5e-5),
 ``<case>_seg.nii.gz`` (uint8 argmax) and optionally ``<case>_uncertainty.nii.gz`` (entropy,
 nats). Every file is written under a temporary name and renamed; ``export.json`` records the
 model, checkpoint, temperature (and the voxels it was fitted on), config hash and versions.
-A rerun with the same settings skips cases whose outputs are all there.
+A rerun with the same settings skips cases whose outputs are all there, reuses the recorded
+temperature instead of fitting it again, and leaves a complete export untouched.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def export(run_dir: str | Path, manifest_path: str | Path, output: str | Path, o
     if options.temperature_region not in TEMPERATURE_REGIONS:
         raise DataError(f"--temperature-region: {options.temperature_region!r} is not one of {', '.join(TEMPERATURE_REGIONS)}")
     model = load_trained_model(run_dir, options.checkpoint, options.device)
-    manifest = load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path, split_seed=model.cfg.data.split_seed)
     if manifest.num_classes != model.num_classes:
         raise DataError(
             f"{manifest.path}: declares {manifest.num_classes} classes but the model predicts {model.num_classes}"
@@ -87,16 +88,26 @@ def export(run_dir: str | Path, manifest_path: str | Path, output: str | Path, o
         raise DataError(f"{manifest.path}: split {options.split!r} has no cases")
     check_manifest(manifest, splits=(options.split,))
 
-    temperature, fit_info = _temperature(model, options)
-    settings = _settings(model, manifest.path, options, temperature, fit_info)
-    _claim_output(output, settings)
+    request = _temperature_request(options)
+    settings = _settings(model, manifest.path, options, request)
+    previous = _previous_export(output)
+    if previous is not None and _same_export(previous, settings) and previous.get("temperature_request") == request:
+        temperature, fit_info = float(previous["temperature"]), previous.get("temperature_fit", {})
+        if previous.get("status") == "complete" and _all_written(output, cases, options.uncertainty):
+            log.info("%s: complete export with these settings; nothing to do", output)
+            ids = [c.case_id for c in cases]
+            return ExportResult(output, [], ids, temperature, previous)
+    else:
+        temperature, fit_info = _temperature(model, options)
+    settings.update(temperature=temperature, temperature_fit=fit_info)
+    _claim_output(output, settings, previous)
 
     chain = preprocessing(model.cfg.data, with_label=False)
     done, skipped = [], []
     bar = _progress(len(cases), options.progress)
     for case in cases:
         paths = output_paths(output, case.case_id, options.uncertainty)
-        if all(p.exists() for p in paths.values()):
+        if _written(paths):
             skipped.append(case.case_id)
         else:
             export_case(model, case, chain, paths, temperature, options.dtype)
@@ -108,6 +119,14 @@ def export(run_dir: str | Path, manifest_path: str | Path, output: str | Path, o
     settings["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_text_atomic(output / EXPORT_JSON, json.dumps(settings, indent=1))
     return ExportResult(output, done, skipped, temperature, settings)
+
+
+def _written(paths: dict[str, Path]) -> bool:
+    return all(p.exists() for p in paths.values())
+
+
+def _all_written(output: Path, cases: list[Case], uncertainty: bool) -> bool:
+    return all(_written(output_paths(output, c.case_id, uncertainty)) for c in cases)
 
 
 def export_case(
@@ -150,6 +169,17 @@ def _slabwise(maps: np.ndarray, fn, axis: int = -1, slab: int = 16) -> np.ndarra
 # -- temperature -------------------------------------------------------------------------------
 
 
+def _temperature_request(options: ExportOptions) -> dict[str, Any]:
+    """What the user asked for (not the fitted value): a rerun with the same request reuses T."""
+    value = options.temperature
+    if value in (None, "none"):
+        return {"mode": "none"}
+    if value == "fit":
+        return {"mode": "fit", "region": options.temperature_region, "max_voxels": options.max_fit_voxels,
+                "boundary_mm": options.boundary_mm}
+    return {"mode": "value", "value": str(value)}
+
+
 def _temperature(model: TrainedModel, options: ExportOptions) -> tuple[float, dict[str, Any]]:
     value = options.temperature
     if value in (None, "none"):
@@ -165,7 +195,10 @@ def _temperature(model: TrainedModel, options: ExportOptions) -> tuple[float, di
     sample, n_cases = collect_validation_voxels(
         model, options.temperature_region, options.max_fit_voxels, options.boundary_mm
     )
-    t = fit_temperature(sample.logits, sample.targets)
+    try:
+        t = fit_temperature(sample.logits, sample.targets)
+    except ValueError as exc:  # non-finite logits: the checkpoint holds NaN weights
+        raise RunError(f"{model.checkpoint}: temperature fit on {options.temperature_region} validation voxels failed: {exc}") from None
     log.info("temperature fitted on %d %s validation voxels: T = %.4f", len(sample), options.temperature_region, t)
     return t, {
         "mode": "fit",
@@ -205,13 +238,14 @@ def collect_validation_voxels(
 # -- bookkeeping -------------------------------------------------------------------------------
 
 
-def _settings(model: TrainedModel, manifest: Path, options: ExportOptions, t: float, fit: dict) -> dict[str, Any]:
+def _settings(model: TrainedModel, manifest: Path, options: ExportOptions, request: dict[str, Any]) -> dict[str, Any]:
+    """The export record (``temperature`` and ``temperature_fit`` are added once known)."""
     import monai
     import nibabel
 
     return {
         "status": "running",
-        "run": str(Path(model.checkpoint).parent.parent.resolve()),
+        "run": str(model.run_dir.resolve()),
         "model": model.cfg.model.name,
         "loss": model.cfg.loss.name,
         "checkpoint": str(Path(model.checkpoint).resolve()),
@@ -219,8 +253,8 @@ def _settings(model: TrainedModel, manifest: Path, options: ExportOptions, t: fl
         "config_hash": model.config_hash,
         "manifest": str(Path(manifest).resolve()),
         "split": options.split,
-        "temperature": t,
-        "temperature_fit": fit,
+        "split_seed": model.cfg.data.split_seed,
+        "temperature_request": request,
         "dtype": options.dtype,
         "uncertainty": options.uncertainty,
         "class_names": model.class_names,
@@ -236,17 +270,31 @@ def _settings(model: TrainedModel, manifest: Path, options: ExportOptions, t: fl
     }
 
 
-_SAME_EXPORT_KEYS = ("checkpoint", "config_hash", "manifest", "split", "dtype", "uncertainty")
+_SAME_EXPORT_KEYS = ("checkpoint", "checkpoint_epoch", "config_hash", "manifest", "split", "dtype", "uncertainty")
 
 
-def _claim_output(output: Path, settings: dict[str, Any]) -> None:
+def _previous_export(output: Path) -> dict[str, Any] | None:
+    """The record of an earlier export into ``output``, if any."""
+    path = output / EXPORT_JSON
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise RunError(f"{path}: unreadable; remove it or choose another --output") from None
+    if not isinstance(record, dict):
+        raise RunError(f"{path}: not an export record; remove it or choose another --output")
+    return record
+
+
+def _same_export(previous: dict[str, Any], settings: dict[str, Any]) -> bool:
+    return all(previous.get(k) == settings.get(k) for k in _SAME_EXPORT_KEYS)
+
+
+def _claim_output(output: Path, settings: dict[str, Any], previous: dict[str, Any] | None) -> None:
     """Refuse to mix two different exports in one folder; record this one as running."""
     previous_path = output / EXPORT_JSON
-    if previous_path.exists():
-        try:
-            previous = json.loads(previous_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RunError(f"{previous_path}: unreadable; remove it or choose another --output") from None
+    if previous is not None:
         changed = [k for k in _SAME_EXPORT_KEYS if previous.get(k) != settings.get(k)]
         if abs(float(previous.get("temperature", 1.0)) - settings["temperature"]) > 1e-6 * settings["temperature"]:
             changed.append("temperature")

@@ -14,6 +14,7 @@ from segcalib.inference.sliding_window import SlidingWindow, volume_network
 from segcalib.models import build_model
 from segcalib.training.checkpoint import load_checkpoint
 from segcalib.training.run_dir import open_run
+from segcalib.utils.devices import select_device
 
 
 @dataclass
@@ -27,15 +28,7 @@ class TrainedModel:
     class_names: list[str]
     config_hash: str
     device: torch.device
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError("--device cuda was asked for but no CUDA GPU is available")
-    return device
+    run_dir: Path = Path(".")  # the run folder it came from
 
 
 def load_trained_model(run_dir: str | Path, which: str = "best", device: str | torch.device | None = None) -> TrainedModel:
@@ -44,7 +37,7 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device: str | t
     cfg = load_config(run.config)
     path = run.checkpoint(which)
     state = load_checkpoint(path)
-    device = pick_device(device)
+    device = select_device(device)
     net = build_model(
         cfg.model.name,
         spatial_dims=cfg.data.spatial_dims,
@@ -67,4 +60,5 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device: str | t
         class_names=list(state["class_names"]),
         config_hash=str(state["config_hash"]),
         device=device,
+        run_dir=run.root,
     )

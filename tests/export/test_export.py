@@ -143,6 +143,27 @@ def test_interrupted_export_leaves_only_complete_files_and_reruns(smoke_run: Pat
     assert again.cases == [] and len(again.skipped) == 1
 
 
+def test_rerun_of_a_complete_fitted_export_reuses_it_untouched(smoke_run: Path, tmp_path: Path, monkeypatch) -> None:
+    import segcalib.export.exporter as exporter
+
+    manifest = _smoke_manifest(tmp_path, smoke_run)
+    out = tmp_path / "export"
+    first = export(smoke_run, manifest, out, ExportOptions(temperature="fit", temperature_region="foreground"))
+    record = (out / "export.json").read_bytes()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("the temperature was fitted again")
+
+    monkeypatch.setattr(exporter, "collect_validation_voxels", no_refit)
+    again = export(smoke_run, manifest, out, ExportOptions(temperature="fit", temperature_region="foreground"))
+    assert again.temperature == first.temperature and again.cases == [] and len(again.skipped) == 1
+    assert (out / "export.json").read_bytes() == record
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    with pytest.raises(AssertionError, match="fitted again"):  # another region is another request
+        export(smoke_run, manifest, out, ExportOptions(temperature="fit", temperature_region="all"))
+
+
 def test_other_settings_in_the_same_folder_are_refused(smoke_run: Path, tmp_path: Path) -> None:
     manifest = _smoke_manifest(tmp_path, smoke_run)
     out = tmp_path / "export"
