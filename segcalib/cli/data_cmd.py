@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from segcalib.data import check_manifest, load_manifest
+from segcalib.data.manifest import SPLIT_SEED
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,11 +15,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "check", help="validate a manifest: files load, shapes/affines agree, labels are declared, images finite"
     )
     check.add_argument("manifest", help="manifest JSON (or MSD / nnU-Net dataset.json, or its folder)")
+    check.add_argument("--split-seed", type=int, default=SPLIT_SEED,
+                       help=f"seed of the split made when the manifest has no validation/test lists (default {SPLIT_SEED}; "
+                       "use the config's data.split_seed)")
     check.set_defaults(func=run_check)
 
 
 def run_check(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest)
+    manifest = load_manifest(args.manifest, split_seed=args.split_seed)
     summary = check_manifest(manifest)
     print(summary.format())
     print("ok: all files load and agree")

@@ -19,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bins", type=int, default=15, help="reliability bins (default 15)")
     p.add_argument("--boundary-mm", type=float, default=2.0, help="half-width of the boundary band in mm (default 2)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the split made when the manifest has no validation/test lists (default: the one "
+                   "recorded in the export's export.json)")
     p.set_defaults(func=run)
 
 
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     init_from_env()
     try:
         report = evaluate(args.predictions, args.manifest, args.output, split=args.split, n_bins=args.bins,
-                          boundary_mm=args.boundary_mm, device=args.device)
+                          boundary_mm=args.boundary_mm, device=args.device, split_seed=args.split_seed)
         main_process = is_main_process()
     finally:
         shutdown()

@@ -59,6 +59,11 @@ def compare(inputs: Sequence[str | Path], output: str | Path) -> dict[str, Any]:
     for path in paths:
         report = read_report(path)
         entries.append({"label": label_for(report, path), "path": str(path), "report": report, "summary": summarise(report)})
+    bins = {int(e["report"]["metadata"]["n_bins"]) for e in entries}
+    if len(bins) > 1:
+        listing = ", ".join(f"{e['path']}: {e['report']['metadata']['n_bins']}" for e in entries)
+        raise DataError(f"reports with different numbers of reliability bins cannot be overlaid ({listing}); "
+                        "evaluate them with the same --bins")
     labels = [e["label"] for e in entries]
     for e in entries:  # make labels unique
         if labels.count(e["label"]) > 1:

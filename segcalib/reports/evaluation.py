@@ -22,9 +22,11 @@ import torch
 
 from segcalib import __version__
 from segcalib.data import Case, VolumeHeader, load_manifest, read_volume
+from segcalib.data.manifest import SPLIT_SEED
 from segcalib.errors import DataError
 from segcalib.export.exporter import EXPORT_JSON
-from segcalib.metrics import CalibrationMetric, dice, surface_distances
+from segcalib.metrics import CalibrationMetric, dice, surface_distances_per_class
+from segcalib.utils.devices import select_device
 from segcalib.utils.distributed import is_distributed, is_main_process, rank, world_size
 from segcalib.utils.files import write_text_atomic
 
@@ -43,14 +45,21 @@ def evaluate(
     boundary_mm: float = 2.0,
     device: str | torch.device | None = None,
     write_html: bool = True,
+    split_seed: int | None = None,
 ) -> dict[str, Any]:
-    """Compute the report of ``predictions`` against the manifest's ground truth; write it to ``output``."""
+    """Compute the report of ``predictions`` against the manifest's ground truth; write it to ``output``.
+
+    ``split_seed`` (for manifests without explicit splits): by default the one the export
+    recorded, so that the cases are the ones that were exported.
+    """
     predictions, output = Path(predictions), Path(output)
     if not predictions.is_dir():
         raise DataError(f"{predictions}: predictions folder does not exist")
-    device = _device(device)
+    device = select_device(device)
     export_info = _export_info(predictions)
-    manifest = load_manifest(manifest_path)
+    if split_seed is None:
+        split_seed = int(export_info.get("split_seed", SPLIT_SEED))
+    manifest = load_manifest(manifest_path, split_seed=split_seed)
     cases = manifest.labelled(split)
     num_classes = manifest.num_classes
     started = time.time()
@@ -128,10 +137,11 @@ def _evaluate_case(case: Case, predictions: Path, num_classes: int, metric: Cali
     metric.update(probs, label, spacing=spacing, case_ids=[case.case_id])
     pred = probs.argmax(1)
     per_class_dice = torch.as_tensor(dice(pred, label, num_classes)).reshape(-1, num_classes)[0].tolist()
-    classes = []
-    for k in range(1, num_classes):
-        distances = surface_distances(pred[0] == k, label[0] == k, spacing)
-        classes.append({"class": k, "dice": float(per_class_dice[k]), **{m: float(v) for m, v in distances.items()}})
+    distances = surface_distances_per_class(pred[0], label[0], num_classes, spacing)
+    classes = [
+        {"class": k, "dice": float(per_class_dice[k]), **{m: float(v) for m, v in d.items()}}
+        for k, d in enumerate(distances, start=1)
+    ]
     return {"case": case.case_id, "spacing": spacing, "classes": classes}
 
 
@@ -163,23 +173,31 @@ def load_prediction(case: Case, predictions: Path, num_classes: int, label_heade
 
 
 def _segmentation_summary(rows: list[dict], class_names: list[str]) -> dict[str, Any]:
+    """Per-class means over cases and their mean over foreground classes (SPEC §4): NaN (class
+    absent from both masks) is left out and counted; inf (absent from one: a missed or invented
+    structure) is kept, so the mean becomes inf rather than hiding the failure."""
     per_class = {}
     for k in range(1, len(class_names)):
         entries = [c for r in rows for c in r["classes"] if c["class"] == k]
         summary: dict[str, Any] = {}
         for metric in ("dice", "hd", "hd95", "assd"):
             values = np.array([e[metric] for e in entries], dtype=np.float64)
-            finite = values[np.isfinite(values)]
-            summary[metric] = float(finite.mean()) if finite.size else float("nan")
-            summary[f"{metric}_std"] = float(finite.std()) if finite.size else float("nan")
+            kept = values[~np.isnan(values)]
+            summary[metric] = _mean(kept)
+            summary[f"{metric}_std"] = float(kept.std()) if kept.size and np.isfinite(kept).all() else _mean(kept)
             summary[f"{metric}_n_nan"] = int(np.isnan(values).sum())
             summary[f"{metric}_n_inf"] = int(np.isinf(values).sum())
         per_class[class_names[k]] = summary
     means = {}
     for metric in ("dice", "hd", "hd95", "assd"):
-        values = [s[metric] for s in per_class.values() if math.isfinite(s[metric])]
-        means[metric] = float(np.mean(values)) if values else float("nan")
+        means[metric] = _mean(np.array([s[metric] for s in per_class.values()], dtype=np.float64))
     return {"per_class": per_class, "mean_foreground": means}
+
+
+def _mean(values: np.ndarray) -> float:
+    """Mean without the NaNs; inf if any value is inf; NaN if nothing is left."""
+    kept = values[~np.isnan(values)]
+    return float(kept.mean()) if kept.size else float("nan")
 
 
 def _counts(rows: list[dict], num_classes: int) -> dict[str, int]:
@@ -247,11 +265,3 @@ def _export_info(predictions: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{path}: unreadable export record") from None
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    from segcalib.inference.trained_model import pick_device
-
-    if device is None and is_distributed() and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return pick_device(device)

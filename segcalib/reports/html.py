@@ -99,7 +99,7 @@ def render_report(report: dict[str, Any]) -> str:
     counts = report["counts"]
     parts.append(
         f'<p class="note">Cases with NaN (class absent in both): {counts["cases_with_nan"]}; with inf distances '
-        f'(class absent in one): {counts["cases_with_inf"]}. NaN values are left out of the means, and counted.</p>'
+        f'(class absent in one): {counts["cases_with_inf"]}. NaN values are left out of the means, and counted; an inf distance makes its mean inf, so a missed structure is never hidden.</p>'
     )
 
     parts.append("<h2>Reliability diagrams (top-label confidence)</h2><div class=\"figs\">")

@@ -125,6 +125,13 @@ def test_comparison_of_two_exports(evaluated, smoke_run: Path, tmp_path: Path) -
     assert "<img" in html and not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", html)
 
 
+def test_comparison_refuses_reports_with_other_bins(evaluated, tmp_path: Path) -> None:
+    root, manifest, _ = evaluated
+    evaluate(root / "pred", manifest, tmp_path / "report_10", n_bins=10)
+    with pytest.raises(DataError, match="different numbers of reliability bins"):
+        compare([root / "report", tmp_path / "report_10"], tmp_path / "cmp")
+
+
 def test_empty_prediction_gives_inf_and_counts(tmp_path: Path) -> None:
     manifest = make_dataset(tmp_path / "data", 2, (12, 12, 8), None, {"training": 1, "test": 1})
     case = load_manifest(manifest).cases("test")[0]
@@ -138,6 +145,22 @@ def test_empty_prediction_gives_inf_and_counts(tmp_path: Path) -> None:
     assert all(c["dice"] == 0 and math.isinf(c["hd95"]) for c in classes)
     assert report["counts"]["cases_with_inf"] == 1
     assert read_report(tmp_path / "report" / "report.json")["cases"][0]["classes"][0]["hd"] == math.inf
+
+
+def test_a_missed_structure_makes_the_mean_distance_inf(tmp_path: Path) -> None:
+    """SPEC §4: only NaN leaves the means; one case with an empty prediction (inf) must not vanish."""
+    manifest = make_dataset(tmp_path / "data", 3, (12, 12, 8), None, {"training": 1, "test": 2})
+    (tmp_path / "pred").mkdir()
+    for i, case in enumerate(load_manifest(manifest).cases("test")):
+        label = np.asarray(nib.load(str(case.label)).dataobj).astype(np.int64)
+        probs = np.eye(3, dtype=np.float32)[label] if i == 0 else np.eye(3, dtype=np.float32)[np.zeros_like(label)]
+        write_nifti(tmp_path / "pred" / f"{case.case_id}_probs.nii.gz", probs)
+    report = evaluate(tmp_path / "pred", manifest, tmp_path / "report")
+    for summary in report["segmentation"]["per_class"].values():
+        assert summary["dice"] == pytest.approx(0.5)  # perfect (1) and missed (0)
+        assert math.isinf(summary["hd95"]) and summary["hd95_n_inf"] == 1
+    assert math.isinf(report["segmentation"]["mean_foreground"]["hd95"])
+    assert math.isinf(report["summary"]["hd95"])
 
 
 @pytest.mark.parametrize(
