@@ -49,8 +49,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"segcalib: error: {exc}", file=sys.stderr)
         return EXIT_USER
+    except RuntimeError as exc:
+        if not _is_gpu_out_of_memory(exc):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(
+            "segcalib: error: the GPU ran out of memory; lower train.batch_size or data.patch_size (training) or "
+            f"inference.sw_batch_size / inference.roi_size (inference), or run with --device cpu ({str(exc).splitlines()[0]})",
+            file=sys.stderr,
+        )
+        return EXIT_USER
     except KeyboardInterrupt:
         print("segcalib: interrupted", file=sys.stderr)
         return 130
     except SystemExit as exc:  # argparse: 2 for usage errors, 0 for --help
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USER
+
+
+def _is_gpu_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)

@@ -75,6 +75,25 @@ def test_bad_configs_exit_2_naming_the_key(capsys, tmp_path: Path, text: str, ex
     assert not (tmp_path / "run").exists()
 
 
+def test_a_folder_or_unreadable_file_as_config_exits_2(capsys, tmp_path: Path) -> None:
+    _user_error(capsys, "train", "--config", str(tmp_path), "--run-dir", str(tmp_path / "run"), expect="is not a file")
+    if os.geteuid() != 0:  # root reads any file
+        locked = tmp_path / "locked.yaml"
+        locked.write_text("name: x\n")
+        locked.chmod(0)
+        _user_error(capsys, "train", "--config", str(locked), "--run-dir", str(tmp_path / "run"), expect="cannot be read")
+
+
+def test_gpu_out_of_memory_exits_2_with_advice(capsys, monkeypatch) -> None:
+    import segcalib.cli.data_cmd as data_cmd
+
+    def out_of_memory(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(data_cmd, "run_check", out_of_memory)
+    _user_error(capsys, "data", "check", "x.json", expect="the GPU ran out of memory")
+
+
 def test_bad_override_exits_2(capsys, tmp_path: Path) -> None:
     _user_error(capsys, "train", "--config", SMOKE_CONFIG, "--run-dir", str(tmp_path / "r"),
                 "--set", "loss.name=nope", expect="loss.name: unknown loss 'nope'")
