@@ -31,8 +31,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         "torch_version": str(torch.__version__),
         "rng": rng_state(),
     }
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)  # through a Python file: a full disk raises OSError(ENOSPC), not RuntimeError
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 from pathlib import Path
 
@@ -47,24 +48,36 @@ def test_out_of_space_is_a_resource_error(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_training_out_of_space_exits_2_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
-    import torch
-
+    import segcalib.training.checkpoint as checkpoint_module
     from segcalib.training.checkpoint import load_checkpoint
 
-    real_save = torch.save
+    class FullDisk(io.FileIO):
+        def write(self, data) -> int:
+            super().write(bytes(data)[:100])  # part of it lands, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
     calls = {"n": 0}
 
-    def save(obj, path, *args, **kwargs):
-        calls["n"] += 1
+    def open_checkpoint(path, mode="r", *args, **kwargs):
+        calls["n"] += 1  # the real torch.save writes through this file
         if calls["n"] > 2:  # best.pt and last.pt of epoch 1 succeed, then the disk is full
-            Path(path).write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *args, **kwargs)
+            return FullDisk(path, mode)
+        return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(checkpoint_module, "open", open_checkpoint, raising=False)
     run = tmp_path / "run"
     code = main(["train", "--config", SMOKE_CONFIG, "--run-dir", str(run), "--no-progress", "--set", "train.iterations_per_epoch=2"])
     err = capsys.readouterr().err
     assert code == 2 and "no space left" in err and "Traceback" not in err
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
     assert not list((run / "checkpoints").glob("*.tmp*"))
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files; results must be readable like any file the user creates."""
+    umask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
