@@ -340,6 +340,7 @@ class CalibrationMetric(SummableState):
             "per_case": self.per_case,
             "ignore_index": self.ignore_index,
             "nll_eps": self.nll_eps,
+            "validate_args": self.validate_args,
         }
 
     def _check_local(self, action: str) -> None:
@@ -397,7 +398,7 @@ class CalibrationMetric(SummableState):
     def merge(self, other: CalibrationMetric) -> CalibrationMetric:
         """Add another metric's state and per-case records to this one (returns ``self``)."""
         self._check_local("merge into")
-        if not isinstance(other, CalibrationMetric) or other.config() != self.config():
+        if not isinstance(other, CalibrationMetric) or _what_it_measures(other) != _what_it_measures(self):
             raise ValueError("can only merge CalibrationMetric objects with the same configuration")
         self.merge_state(other)
         self._records.extend(other._records)
@@ -508,6 +509,11 @@ class CalibrationMetric(SummableState):
         metric._records = [(case_id, list(values)) for case_id, values in data["records"]]
         metric._n_cases = int(data["n_cases"])
         return metric
+
+
+def _what_it_measures(metric: CalibrationMetric) -> dict[str, Any]:
+    """The configuration that must agree for two states to add up (input checking aside)."""
+    return {k: v for k, v in metric.config().items() if k != "validate_args"}
 
 
 # --------------------------------------------------------------------------- functional

@@ -8,7 +8,9 @@ import torch
 def as_label_map(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Return ``target`` as an int64 ``(B, *spatial)`` label map matching ``reference`` ``(B, C, *spatial)``.
 
-    Accepts ``(B, *spatial)`` or ``(B, 1, *spatial)`` targets (any integer or integral float dtype).
+    Accepts ``(B, *spatial)`` or ``(B, 1, *spatial)`` targets of any integer dtype, or of a float
+    dtype holding whole numbers (MONAI loads labels as floats); floats are rounded, not truncated,
+    so that a label resampled to 0.9999 stays 1.
     """
     spatial = reference.shape[2:]
     if target.dim() == reference.dim() and target.shape[1] == 1:
@@ -18,7 +20,7 @@ def as_label_map(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
             f"target shape {tuple(target.shape)} does not match (B, *spatial) = "
             f"{(reference.shape[0], *spatial)} of the prediction {tuple(reference.shape)}"
         )
-    return target.long()
+    return target.round().long() if target.is_floating_point() else target.long()
 
 
 def flatten_classes(x: torch.Tensor) -> torch.Tensor:
