@@ -103,15 +103,19 @@ def run_job(job: Job, args: argparse.Namespace) -> dict[str, dict[str, dict[str,
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
+    kept = [v for v in values if v is not None and not math.isnan(v)]  # inf (a missed structure) stays
+    if not kept:
         return math.nan, math.nan
-    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+    if not all(math.isfinite(v) for v in kept):
+        return statistics.fmean(kept), math.nan
+    return statistics.fmean(kept), (statistics.stdev(kept) if len(kept) > 1 else 0.0)
 
 
 def fmt(mean: float, std: float, digits: int, n: int) -> str:
     if math.isnan(mean):
         return "–"
+    if math.isinf(mean):
+        return "inf"
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
 
 
