@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -185,6 +186,28 @@ def training_minutes(results: dict[Job, dict], out: Path) -> float:
     return total / 60
 
 
+def recipe_commands(job: Job, variant: str, args: argparse.Namespace) -> list[str]:
+    """The ``segcalib`` commands that reproduce a study job and its temperature variant."""
+    config = REPO / "configs" / "hippocampus" / f"{job.loss}.yaml"
+    overrides = regime_overrides(job.regime, load_config(config).train.epochs, args.long_factor)
+    overrides += [f"loss.margin={job.margin:g}"] if job.margin is not None else []
+    sets = "".join(f" --set {o}" for o in overrides)
+    manifest = _shown(load_config(config).data.manifest)
+    temperature = "--temperature none" if variant == "T1" else f"--temperature fit --temperature-region {variant.split('_', 1)[1]}"
+    return [
+        f"segcalib train --config {_shown(config)} --run-dir runs/recipe{sets}",
+        f"segcalib export --run runs/recipe --manifest {manifest} --split test --output runs/recipe/exports/test {temperature}",
+    ]
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def write_results(results: dict[Job, dict], args: argparse.Namespace, elapsed: float) -> None:
     doc = args.results
     regimes = [r for r in ("short", "long") if any(j.regime == r for j in results)]
@@ -231,6 +254,10 @@ def write_results(results: dict[Job, dict], args: argparse.Namespace, elapsed: f
             rows.update({k: v for k, v in collect(results, regime, "validation", "T1").items() if k in ("mbls", "mbls_dice", "cals")})
             if rows:
                 lines += [f"### {regime} regime, validation, T = 1", ""] + table(rows, "loss (margin)") + [""]
+    lines += ["## What was run", "", f"- Command: `python {shlex.join(sys.argv)}`", f"- Hardware: {args.hardware}",
+              f"- Python {platform.python_version()}; run folders under `{_shown(args.out)}` (not committed).", ""]
+    if args.conclusions and args.conclusions.exists():
+        lines += [args.conclusions.read_text().strip(), ""]
     job, variant, search = choose_recipe(results, args.dice_tolerance)
     lines += [
         "## Recipe selection (validation split only)",
@@ -256,11 +283,13 @@ def write_results(results: dict[Job, dict], args: argparse.Namespace, elapsed: f
         f"Pooled foreground ECE: {ratio:.2f}× CE+Dice's (target ≤ 0.33×); mean foreground Dice difference "
         f"{100 * dice_gap:+.2f} points (target within ±0.5).",
         "",
+        "To train and export with it:",
+        "",
+        "```bash",
+        *recipe_commands(job, variant, args),
+        "```",
+        "",
     ]
-    if args.conclusions and args.conclusions.exists():
-        lines += [args.conclusions.read_text().strip(), ""]
-    lines += ["## What was run", "", f"- Command: `{' '.join(sys.argv)}`", f"- Hardware: {args.hardware}",
-              f"- Python {platform.python_version()}; run folders under `{args.out}` (not committed).", ""]
     doc.write_text("\n".join(lines) + "\n")
     (args.out / "study.json").write_text(
         json.dumps([{"job": job.__dict__, "results": res} for job, res in results.items()], indent=1, default=str)
