@@ -184,7 +184,8 @@ def _segmentation_summary(rows: list[dict], class_names: list[str]) -> dict[str,
             values = np.array([e[metric] for e in entries], dtype=np.float64)
             kept = values[~np.isnan(values)]
             summary[metric] = _mean(kept)
-            summary[f"{metric}_std"] = float(kept.std()) if kept.size and np.isfinite(kept).all() else _mean(kept)
+            finite = kept.size and np.isfinite(kept).all()
+            summary[f"{metric}_std"] = float(kept.std()) if finite else summary[metric]  # NaN (no case) or inf
             summary[f"{metric}_n_nan"] = int(np.isnan(values).sum())
             summary[f"{metric}_n_inf"] = int(np.isinf(values).sum())
         per_class[class_names[k]] = summary
