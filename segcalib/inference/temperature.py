@@ -96,8 +96,8 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Calibrated probabilities ``softmax(logits / T)`` over the class axis 1."""
-    return torch.softmax(logits.float() / float(temperature), dim=1)
+    """Calibrated probabilities ``softmax(logits / T)`` over the class axis 1 (``logits`` untouched)."""
+    return apply_temperature_(logits.float().clone(), temperature, dim=1)
 
 
 def apply_temperature_(logits: torch.Tensor, temperature: float, dim: int = 1) -> torch.Tensor:

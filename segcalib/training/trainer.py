@@ -25,7 +25,6 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from segcalib.config import ExperimentConfig, config_changes
-from segcalib.utils.devices import select_device
 from segcalib.data import check_manifest, load_manifest
 from segcalib.data.datasets import training_dataset, volume_dataset
 from segcalib.errors import ConfigError, RunError, SegcalibError
@@ -37,6 +36,7 @@ from segcalib.training.metrics_log import MetricsLog
 from segcalib.training.optim import build_optimizer, build_scheduler
 from segcalib.training.run_dir import RunDir
 from segcalib.training.validation import ValidationResult, validate
+from segcalib.utils.devices import select_device
 from segcalib.utils.distributed import all_reduce_sum, barrier, is_distributed, is_main_process, rank, world_size
 from segcalib.utils.files import write_text_atomic
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segcalib.inference.temperature import VoxelSample, apply_temperature, fit_temperature
+from segcalib.inference.temperature import VoxelSample, apply_temperature, apply_temperature_, fit_temperature
 
 
 def test_recovers_a_known_temperature() -> None:
@@ -29,6 +29,15 @@ def test_apply_temperature() -> None:
     z = torch.tensor([[[2.0]], [[0.0]]]).unsqueeze(0)  # (1, 2, 1, 1)
     p = apply_temperature(z, 2.0)
     assert p[0, 0, 0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
+    assert z[0, 0, 0, 0].item() == 2.0  # the out-of-place form leaves its input alone
+
+
+def test_in_place_temperature_on_large_logits_matches_float64_softmax() -> None:
+    z = torch.randn(3, 5, 4, 6) * 40  # exp overflows without the max shift
+    reference = torch.softmax(z.double() / 0.7, dim=0)
+    out = apply_temperature_(z, 0.7, dim=0)
+    assert out.data_ptr() == z.data_ptr()
+    torch.testing.assert_close(out.double(), reference, atol=1e-6, rtol=1e-5)
 
 
 def test_voxel_sample_is_bounded_seeded_and_masked() -> None:
