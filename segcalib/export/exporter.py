@@ -31,7 +31,7 @@ from segcalib.export.geometry import channels_last, to_file_geometry
 from segcalib.inference.sliding_window import predict_logits
 from segcalib.inference.temperature import DEFAULT_MAX_VOXELS, VoxelSample, apply_temperature_, fit_temperature
 from segcalib.inference.trained_model import TrainedModel, load_trained_model
-from segcalib.metrics.regions import RegionContext, region_mask
+from segcalib.spatial.regions import RegionContext, region_mask
 from segcalib.utils.files import write_text_atomic, write_with
 
 log = logging.getLogger("segcalib")

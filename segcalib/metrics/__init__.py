@@ -15,10 +15,10 @@ from segcalib.metrics.calibration import (
     classwise_calibration_error,
     expected_calibration_error,
 )
-from segcalib.metrics.distance import distance_transform, nearest_distances
-from segcalib.metrics.morphology import mask_edges
+from segcalib.spatial.distance import distance_transform, nearest_distances
+from segcalib.spatial.morphology import mask_edges
 from segcalib.metrics.overlap import dice, dice_counts, dice_from_counts
-from segcalib.metrics.regions import RegionContext, available_regions, boundary_band, register_region
+from segcalib.spatial.regions import RegionContext, available_regions, boundary_band, register_region
 from segcalib.metrics.surface import surface_distances, surface_distances_per_class
 
 __all__ = [

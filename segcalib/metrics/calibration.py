@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from segcalib.metrics.binning import case_histograms
-from segcalib.metrics.regions import RegionContext, available_regions, region_mask
-from segcalib.metrics.spacing import BatchSpacingLike, spacing_per_case
+from segcalib.spatial.regions import RegionContext, available_regions, region_mask
+from segcalib.spatial.spacing import BatchSpacingLike, spacing_per_case
 from segcalib.metrics.state import SummableState
 from segcalib.utils.distributed import is_distributed
 from segcalib.utils.tensors import as_label_map
@@ -148,7 +148,7 @@ def _calibration_update(
         probs: ``(B, C, *spatial)`` probabilities.
         target: int64 ``(B, *spatial)`` labels (validated).
         n_bins: number of bins ``M``.
-        regions: region names (see :mod:`segcalib.metrics.regions`).
+        regions: region names (see :mod:`segcalib.spatial.regions`).
         spacing: mm per voxel (shared or per case), for the boundary band.
         boundary_mm: half-width of the boundary band in mm.
         ignore_index: label of voxels to leave out everywhere.
@@ -287,7 +287,7 @@ class CalibrationMetric(SummableState):
         num_classes: number of classes ``C`` (background included).
         n_bins: number of equal-width confidence bins ``M``.
         regions: names of the regions to evaluate (``all``, ``foreground``, ``boundary`` or any
-            registered with :func:`segcalib.metrics.regions.register_region`).
+            registered with :func:`segcalib.spatial.regions.register_region`).
         boundary_mm: half-width in mm of the ``boundary`` band.
         include_background: whether CECE averages over class 0 too.
         per_case: keep per-case ECE / CECE / voxel counts and the MedIA foreground ECE.

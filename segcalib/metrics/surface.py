@@ -22,9 +22,9 @@ import math
 import numpy as np
 import torch
 
-from segcalib.metrics.distance import symmetric_nearest_distances
-from segcalib.metrics.morphology import bounding_box, mask_edges
-from segcalib.metrics.spacing import SpacingLike, normalize_spacing
+from segcalib.spatial.distance import symmetric_nearest_distances
+from segcalib.spatial.morphology import bounding_box, mask_edges
+from segcalib.spatial.spacing import SpacingLike, normalize_spacing
 
 SURFACE_KEYS = ("hd", "hd95", "assd")
 

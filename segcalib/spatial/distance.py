@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segcalib.metrics.spacing import SpacingLike, normalize_spacing
+from segcalib.spatial.spacing import SpacingLike, normalize_spacing
 
 
 @lru_cache(maxsize=1)

@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from segcalib.metrics import distance_transform, nearest_distances
-from segcalib.metrics.distance import _cupy, edt_torch
+from segcalib.spatial.distance import _cupy, edt_torch
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_cuda_distance_transform_matches_scipy() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available() or _cupy() is None, reason="needs CUDA and CuPy")
 def test_cupy_backend_is_used_and_exact() -> None:
-    from segcalib.metrics.distance import _edt_cupy
+    from segcalib.spatial.distance import _edt_cupy
 
     mask = np.random.default_rng(3).random((33, 31, 29)) < 0.98
     expected = ndimage.distance_transform_edt(mask, sampling=(0.5, 1.0, 2.0))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from segcalib.metrics.morphology import bounding_box, dilate_ellipsoid, label_edges
+from segcalib.spatial.morphology import bounding_box, dilate_ellipsoid, label_edges
 
 
 @dataclass(frozen=True)

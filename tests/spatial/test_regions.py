@@ -8,8 +8,8 @@ import torch
 from scipy import ndimage
 
 from segcalib.metrics import RegionContext, available_regions, boundary_band, register_region
-from segcalib.metrics.morphology import dilate_ellipsoid, ellipsoid_rows, label_edges, mask_edges
-from segcalib.metrics.regions import region_mask
+from segcalib.spatial.morphology import dilate_ellipsoid, ellipsoid_rows, label_edges, mask_edges
+from segcalib.spatial.regions import region_mask
 from tests.metrics._reference import blobs, ref_boundary_band, ref_edges
 
 
