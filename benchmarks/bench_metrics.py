@@ -176,7 +176,7 @@ def bench_cpu(size: int, repeats: int, scipy_reference: bool) -> list[dict]:
         return metric.compute()
 
     t_ours, report = timed(full, repeats)
-    agree = "ece all/fg/boundary " + "/".join(f"{report[r]['ece']:.4f}" for r in ("all", "foreground", "boundary"))
+    agree = "ece " + "/".join(f"{name} {region.ece:.4f}" for name, region in report.regions.items())
     _row(rows, size, "calibration_update", t_ours, "-", None, agree)
 
     # HD95 per foreground class vs MONAI (and scipy EDT)

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from segcalib.config import load_config
     from segcalib.data.datasets import training_dataset
-    from segcalib.training import RunDir, Trainer
+    from segcalib.runs import RunDir
+    from segcalib.training import Trainer
 
     overrides = [f"loss.name={args.loss}", f"data.num_workers={args.workers}", "train.iterations_per_epoch=100000"]
     if args.patch:

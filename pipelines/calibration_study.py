@@ -39,11 +39,13 @@ from segcalib.config import load_config  # noqa: E402
 from segcalib.experiment import run_experiment  # noqa: E402
 from segcalib.reports.figures import Curve, reliability_png  # noqa: E402
 from segcalib.reports.evaluation import read_report  # noqa: E402
+from segcalib.reports.markdown import markdown_table  # noqa: E402
+from segcalib.spatial.regions import FOREGROUND, default_regions  # noqa: E402
 
 log = logging.getLogger("segcalib.study")
 LOSSES = ("ce", "ce_dice", "focal", "ls", "ecp", "svls", "nacl", "mbls", "mbls_dice", "cals")
 LONG_LOSSES = ("ce", "ce_dice", "mbls", "cals")
-REGIONS = ("all", "foreground", "boundary")
+REGIONS = default_regions()
 VARIANTS = ("T1",) + tuple(f"Tfit_{r}" for r in REGIONS)
 COLUMNS = [
     ("dice_fg", "Dice fg", 4),
@@ -122,14 +124,11 @@ def fmt(mean: float, std: float, digits: int, n: int) -> str:
 
 def table(rows: dict[str, list[dict[str, Any]]], first: str = "loss") -> list[str]:
     """Markdown table; ``rows`` maps method -> summaries over seeds."""
-    lines = ["| " + " | ".join([first] + [title for _, title, _ in COLUMNS]) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
-    for method, summaries in rows.items():
-        cells = [method]
-        for key, _, digits in COLUMNS:
-            m, s = mean_std([x.get(key) for x in summaries])
-            cells.append(fmt(m, s, digits, len(summaries)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    body = [
+        [method] + [fmt(*mean_std([x.get(key) for x in summaries]), digits, len(summaries)) for key, _, digits in COLUMNS]
+        for method, summaries in rows.items()
+    ]
+    return markdown_table([first] + [title for _, title, _ in COLUMNS], body)
 
 
 def collect(results: dict[Job, dict], regime: str, split: str, variant: str, margins: bool = False) -> dict[str, list]:
@@ -244,7 +243,7 @@ def write_results(results: dict[Job, dict], args: argparse.Namespace, elapsed: f
             lines += table(collect(results, regime, "test", f"Tfit_{region}"))
             lines += [""]
         figure = Path("figures") / f"reliability_{regime}_foreground.png"
-        reliability_figure(results, regime, "T1", "foreground", doc.parent / figure, args)
+        reliability_figure(results, regime, "T1", FOREGROUND, doc.parent / figure, args)
         lines += [f"![reliability, {regime} regime, foreground voxels, T = 1]({figure.as_posix()})", ""]
     margin_jobs = [j for j in results if j.margin is not None]
     if margin_jobs:

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from segcalib.config import config_changes, load_config
+from segcalib.config import load_config
 from segcalib.errors import RunError
 from segcalib.export import ExportOptions, export
+from segcalib.inference.temperature import TemperatureRequest
 from segcalib.reports import compare, evaluate, read_report
-from segcalib.training import RunDir, train
-from segcalib.training.checkpoint import load_checkpoint
+from segcalib.spatial.regions import ALL, default_regions
+from segcalib.training import train
+from segcalib.runs import RunDir, check_run_config, load_checkpoint
 
 log = logging.getLogger("segcalib")
 
@@ -38,8 +40,9 @@ class ExperimentResult:
         lines = [f"run: {self.run_dir}"]
         for variant, s in self.summaries.items():
             lines.append(
-                f"  {variant:<18} Dice fg {s['dice_fg']:.4f}  HD95 {s['hd95']:.2f} mm  ECE all {s['ece_all']:.4f}  "
-                f"fg {s['ece_foreground']:.4f}  boundary {s['ece_boundary']:.4f}  NLL {s['nll']:.4f}  T {s['temperature']:.3f}"
+                f"  {variant:<18} Dice fg {s['dice_fg']:.4f}  HD95 {s['hd95']:.2f} mm  "
+                + "  ".join(f"ECE {r} {s[f'ece_{r}']:.4f}" for r in default_regions())
+                + f"  NLL {s['nll']:.4f}  T {s['temperature']:.3f}"
             )
         return "\n".join(lines)
 
@@ -55,14 +58,8 @@ def train_or_reuse(config: str | Path, run_dir: Path, overrides: Sequence[str] =
     if not run.last.exists():
         train(cfg, run, resume=not run.is_empty(), progress=progress)
         return cfg.train.epochs
-    state = load_checkpoint(run.last)
-    changed = config_changes(dict(state["config"]), cfg.to_dict())
-    if changed:
-        raise RunError(
-            f"{run_dir}: holds a run of another config (changed: {', '.join(changed)}); "
-            "choose another run folder or remove this one"
-        )
-    done = int(state["epoch"])
+    check_run_config(run, cfg.to_dict(), "reuse")
+    done = int(load_checkpoint(run.last)["epoch"])
     if done > cfg.train.epochs:
         raise RunError(f"{run_dir}: holds a run trained for {done} epochs, more than the {cfg.train.epochs} asked for")
     if done == cfg.train.epochs:
@@ -78,7 +75,7 @@ def run_experiment(
     overrides: Sequence[str] = (),
     manifest: str | Path | None = None,
     split: str = "test",
-    temperature_region: str = "all",
+    temperature_region: str = ALL,
     temperature_regions: Sequence[str] | None = None,
     progress: bool = True,
 ) -> ExperimentResult:
@@ -88,13 +85,13 @@ def run_experiment(
     result.trained_epochs = train_or_reuse(config, run_dir, overrides, progress)
     cfg = load_config(run_dir / "config.yaml")
     manifest = Path(manifest) if manifest is not None else cfg.data.manifest
-    variants: list[tuple[str, str | float, str]] = [("T1", "none", "all")]
+    variants = [("T1", TemperatureRequest())]
     for region in temperature_regions or (temperature_region,):
-        variants.append((f"Tfit_{region}", "fit", region))
-    for name, temperature, region in variants:
+        variants.append((f"Tfit_{region}", TemperatureRequest("fit", region=region)))
+    for name, request in variants:
         predictions = run_dir / "exports" / f"{split}_{name}"
         report_dir = run_dir / "reports" / f"{split}_{name}"
-        options = ExportOptions(split=split, temperature=temperature, temperature_region=region, progress=progress)
+        options = ExportOptions(split=split, temperature=request, progress=progress)
         export(run_dir, manifest, predictions, options)
         report_json = report_dir / "report.json"
         if not (report_json.exists() and report_json.stat().st_mtime >= (predictions / "export.json").stat().st_mtime):

@@ -34,7 +34,8 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory):
     from pathlib import Path
 
     from segcalib.config import load_config
-    from segcalib.training import RunDir, train
+    from segcalib.runs import RunDir
+    from segcalib.training import train
 
     run = RunDir(Path(tmp_path_factory.mktemp("smoke_run")) / "run")
     train(load_config(SMOKE_CONFIG, ["train.epochs=1"]), run, progress=False)

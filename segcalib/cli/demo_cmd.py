@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from segcalib.spatial.regions import ALL, FOREGROUND, available_regions
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -17,8 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"), help="demo experiment")
     p.add_argument("--run-dir", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--temperature-regions", nargs="+", default=["all", "foreground"],
-                   choices=("all", "foreground", "boundary"),
+    p.add_argument("--temperature-regions", nargs="+", default=[ALL, FOREGROUND], choices=available_regions(),
                    help="validation voxels the temperatures are fitted on (one export each)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=run)

@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("training", "validation", "test"))
     p.add_argument("--output", required=True, help="report folder")
     p.add_argument("--bins", type=int, default=15, help="reliability bins (default 15)")
-    p.add_argument("--boundary-mm", type=float, default=2.0, help="half-width of the boundary band in mm (default 2)")
+    p.add_argument("--boundary-mm", type=float, default=None,
+                   help="half-width of the boundary band in mm (default: the export's, else 2)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
     p.add_argument("--split-seed", type=int, default=None,
                    help="seed of the split made when the manifest has no validation/test lists (default: the one "
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.bins < 1:
         raise DataError(f"--bins: {args.bins} must be at least 1")
-    if not args.boundary_mm > 0:
+    if args.boundary_mm is not None and not args.boundary_mm > 0:
         raise DataError(f"--boundary-mm: {args.boundary_mm} must be positive")
     init_from_env()
     try:
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         s = report["summary"]
         print(
             f"{report['counts']['cases']} cases: Dice fg {s['dice_fg']:.4f}, HD95 {s['hd95']:.2f} mm, "
-            f"ECE all {s['ece_all']:.4f}, fg {s['ece_foreground']:.4f}, boundary {s['ece_boundary']:.4f}"
+            + ", ".join(f"ECE {region} {s[f'ece_{region}']:.4f}" for region in report["calibration"])
         )
         print(f"report: {args.output}/report.html")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, available_regions
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -17,8 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("training", "validation", "test"))
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--temperature", default="none", help="none, fit (on the run's validation voxels) or a value T > 0")
-    p.add_argument("--temperature-region", default="all", choices=("all", "foreground", "boundary"),
+    p.add_argument("--temperature-region", default=ALL, choices=available_regions(),
                    help="ground-truth voxels the temperature is fitted on (default: all)")
+    p.add_argument("--boundary-mm", type=float, default=DEFAULT_BOUNDARY_MM,
+                   help="half-width in mm of the boundary region a temperature is fitted on (default 2); "
+                   "recorded in export.json, and evaluate uses the same band")
     p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint path (default: best)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="probability map type")
     p.add_argument("--uncertainty", action="store_true", help="also write <case>_uncertainty.nii.gz (entropy)")
@@ -27,16 +32,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segcalib.errors import DataError
     from segcalib.export import ExportOptions, export
+    from segcalib.inference.temperature import TemperatureRequest
 
+    try:
+        request = TemperatureRequest.parse(args.temperature, args.temperature_region)
+    except ValueError as exc:
+        raise DataError(f"--temperature: {exc}") from None
     result = export(
         args.run,
         args.manifest,
         args.output,
         ExportOptions(
             split=args.split,
-            temperature=args.temperature,
-            temperature_region=args.temperature_region,
+            temperature=request,
+            boundary_mm=args.boundary_mm,
             checkpoint=args.checkpoint,
             dtype=args.dtype,
             uncertainty=args.uncertainty,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from segcalib.config import load_config
 from segcalib.errors import ConfigError
-from segcalib.training.run_dir import RunDir
+from segcalib.runs.run_dir import RunDir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

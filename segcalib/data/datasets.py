@@ -7,7 +7,7 @@ from typing import Sequence
 
 from monai.data import CacheDataset
 
-from segcalib.config import DataConfig
+from segcalib.config.schema import DataConfig
 from segcalib.data.manifest import Case
 from segcalib.data.transforms import case_to_item, preprocessing, training_transforms
 

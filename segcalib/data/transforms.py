@@ -19,7 +19,7 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from segcalib.config import DataConfig
+from segcalib.config.schema import DataConfig
 from segcalib.data.manifest import Case
 from segcalib.data.volumes import read_volume
 

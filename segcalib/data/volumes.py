@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from segcalib.errors import DataError
+from segcalib.spatial.spacing import spacing_from_affine
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
@@ -46,7 +47,7 @@ class VolumeHeader:
     @property
     def spacing(self) -> tuple[float, ...]:
         """Voxel size in mm along the three spatial axes (file axis order)."""
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return spacing_from_affine(self.affine)
 
     @property
     def spacing_disagrees(self) -> bool:
@@ -163,7 +164,7 @@ def _open_nifti(path: Path) -> nib.Nifti1Image:
 
 def _nifti_header(path: Path, img: nib.Nifti1Image) -> VolumeHeader:
     affine = itk_consistent_affine(img)
-    header_spacing = tuple(float(v) for v in np.linalg.norm(np.asarray(img.affine)[:3, :3], axis=0))
+    header_spacing = spacing_from_affine(img.affine)
     return VolumeHeader(
         path=path,
         shape=tuple(int(s) for s in img.shape),

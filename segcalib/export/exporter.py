@@ -29,27 +29,33 @@ from segcalib.data.transforms import case_to_item, preprocessing
 from segcalib.errors import DataError, RunError
 from segcalib.export.geometry import channels_last, to_file_geometry
 from segcalib.inference.sliding_window import predict_logits
-from segcalib.inference.temperature import DEFAULT_MAX_VOXELS, VoxelSample, apply_temperature_, fit_temperature
+from segcalib.inference.temperature import (
+    DEFAULT_MAX_VOXELS,
+    TemperatureRequest,
+    VoxelSample,
+    apply_temperature_,
+    fit_temperature,
+)
 from segcalib.inference.trained_model import TrainedModel, load_trained_model
-from segcalib.spatial.regions import RegionContext, region_mask
+from segcalib.spatial.regions import DEFAULT_BOUNDARY_MM, RegionContext, region_mask
+from segcalib.spatial.spacing import spacing_from_affine
 from segcalib.utils.files import write_text_atomic, write_with
+from segcalib.utils.progress import progress_bar
 
 log = logging.getLogger("segcalib")
 EXPORT_JSON = "export.json"
-TEMPERATURE_REGIONS = ("all", "foreground", "boundary")
 UINT16_MAX = 65535
 
 
 @dataclass
 class ExportOptions:
     split: str = "test"
-    temperature: str | float = "none"  # "none", "fit" or a value
-    temperature_region: str = "all"
+    temperature: TemperatureRequest = field(default_factory=TemperatureRequest)
     checkpoint: str = "best"
     dtype: str = "float32"
     uncertainty: bool = False
     max_fit_voxels: int = DEFAULT_MAX_VOXELS
-    boundary_mm: float = 2.0
+    boundary_mm: float = DEFAULT_BOUNDARY_MM  # of the boundary region a temperature is fitted on
     device: str | None = None
     progress: bool = True
 
@@ -75,8 +81,6 @@ def export(run_dir: str | Path, manifest_path: str | Path, output: str | Path, o
     output = Path(output)
     if options.dtype not in ("float32", "float16"):
         raise DataError(f"--dtype: {options.dtype!r} is not float32 or float16")
-    if options.temperature_region not in TEMPERATURE_REGIONS:
-        raise DataError(f"--temperature-region: {options.temperature_region!r} is not one of {', '.join(TEMPERATURE_REGIONS)}")
     model = load_trained_model(run_dir, options.checkpoint, options.device)
     manifest = load_manifest(manifest_path, split_seed=model.cfg.data.split_seed)
     if manifest.num_classes != model.num_classes:
@@ -104,7 +108,7 @@ def export(run_dir: str | Path, manifest_path: str | Path, output: str | Path, o
 
     chain = preprocessing(model.cfg.data, with_label=False)
     done, skipped = [], []
-    bar = _progress(len(cases), options.progress)
+    bar = progress_bar(len(cases), "export", options.progress)
     for case in cases:
         paths = output_paths(output, case.case_id, options.uncertainty)
         if _written(paths):
@@ -171,38 +175,26 @@ def _slabwise(maps: np.ndarray, fn, axis: int = -1, slab: int = 16) -> np.ndarra
 
 def _temperature_request(options: ExportOptions) -> dict[str, Any]:
     """What the user asked for (not the fitted value): a rerun with the same request reuses T."""
-    value = options.temperature
-    if value in (None, "none"):
-        return {"mode": "none"}
-    if value == "fit":
-        return {"mode": "fit", "region": options.temperature_region, "max_voxels": options.max_fit_voxels,
-                "boundary_mm": options.boundary_mm}
-    return {"mode": "value", "value": str(value)}
+    record = options.temperature.record()
+    if options.temperature.mode == "fit":
+        record.update(max_voxels=options.max_fit_voxels, boundary_mm=options.boundary_mm)
+    return record
 
 
 def _temperature(model: TrainedModel, options: ExportOptions) -> tuple[float, dict[str, Any]]:
-    value = options.temperature
-    if value in (None, "none"):
-        return 1.0, {"mode": "none"}
-    if value != "fit":
-        try:
-            t = float(value)
-        except (TypeError, ValueError):
-            raise DataError(f"--temperature: {value!r} is not none, fit or a positive number") from None
-        if not (t > 0 and np.isfinite(t)):
-            raise DataError(f"--temperature: {value!r} must be a positive number")
-        return t, {"mode": "value"}
-    sample, n_cases = collect_validation_voxels(
-        model, options.temperature_region, options.max_fit_voxels, options.boundary_mm
-    )
+    request = options.temperature
+    if request.mode != "fit":
+        return request.value, {"mode": request.mode}
+    region = request.region
+    sample, n_cases = collect_validation_voxels(model, region, options.max_fit_voxels, options.boundary_mm)
     try:
         t = fit_temperature(sample.logits, sample.targets)
     except ValueError as exc:  # non-finite logits: the checkpoint holds NaN weights
-        raise RunError(f"{model.checkpoint}: temperature fit on {options.temperature_region} validation voxels failed: {exc}") from None
-    log.info("temperature fitted on %d %s validation voxels: T = %.4f", len(sample), options.temperature_region, t)
+        raise RunError(f"{model.checkpoint}: temperature fit on {region} validation voxels failed: {exc}") from None
+    log.info("temperature fitted on %d %s validation voxels: T = %.4f", len(sample), region, t)
     return t, {
         "mode": "fit",
-        "region": options.temperature_region,
+        "region": region,
         "voxels_used": len(sample),
         "voxels_offered": sample.offered,
         "validation_cases": n_cases,
@@ -226,9 +218,9 @@ def collect_validation_voxels(
         image, label = item["image"], item["label"]
         logits = predict_logits(model.net, image.unsqueeze(0), model.window, device=model.device)
         target = label.as_tensor().long()  # (1, *spatial) = (B, *spatial)
-        spacing = [float(s) for s in np.linalg.norm(image.affine.numpy()[:3, :3], axis=0)]
         target = target.to(logits.device)
-        context = RegionContext(target=target, spacing=[tuple(spacing)], num_classes=model.num_classes, boundary_mm=boundary_mm)
+        spacing = [spacing_from_affine(image.affine)]
+        context = RegionContext(target=target, spacing=spacing, num_classes=model.num_classes, boundary_mm=boundary_mm)
         sample.add(logits, target, region_mask(region, context))
     if len(sample) == 0:
         raise DataError(f"{manifest.path}: no validation voxels in region {region!r} to fit a temperature on")
@@ -255,6 +247,7 @@ def _settings(model: TrainedModel, manifest: Path, options: ExportOptions, reque
         "split": options.split,
         "split_seed": model.cfg.data.split_seed,
         "temperature_request": request,
+        "boundary_mm": options.boundary_mm,
         "dtype": options.dtype,
         "uncertainty": options.uncertainty,
         "class_names": model.class_names,
@@ -307,10 +300,3 @@ def _claim_output(output: Path, settings: dict[str, Any], previous: dict[str, An
         raise RunError(f"{output}: holds probability maps but no {EXPORT_JSON}; choose another --output")
     output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(previous_path, json.dumps(settings, indent=1))
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="export", leave=False, dynamic_ncols=True, mininterval=1.0, disable=not enabled)
-

@@ -15,11 +15,46 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from segcalib.spatial.regions import ALL, check_region
 from segcalib.utils.tensors import as_label_map, flatten_classes
 
 log = logging.getLogger("segcalib")
 DEFAULT_MAX_VOXELS = 2_000_000
 T_BOUNDS = (1e-2, 1e2)  # beyond these, float32 softmax loses the argmax to rounding
+
+
+@dataclass(frozen=True)
+class TemperatureRequest:
+    """What the user asked for, parsed once at the boundary: no scaling, a given ``value``, or a
+    fit on the validation voxels of ``region`` (a name from :mod:`segcalib.spatial.regions`)."""
+
+    mode: str = "none"  # "none", "value" or "fit"
+    value: float = 1.0
+    region: str = ALL
+
+    @classmethod
+    def parse(cls, text: str | float | None, region: str = ALL) -> TemperatureRequest:
+        """``none``, ``fit`` or a positive number; ValueError naming the value otherwise."""
+        check_region(region)
+        if text is None or text == "none":
+            return cls()
+        if text == "fit":
+            return cls("fit", region=region)
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"{text!r} is not none, fit or a positive number") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{text!r} must be a positive number")
+        return cls("value", value=value)
+
+    def record(self) -> dict[str, object]:
+        """The request as plain data (export.json): a rerun with the same request reuses T."""
+        if self.mode == "fit":
+            return {"mode": "fit", "region": self.region}
+        if self.mode == "value":
+            return {"mode": "value", "value": self.value}
+        return {"mode": "none"}
 
 
 @dataclass

@@ -12,8 +12,8 @@ from segcalib.config import ExperimentConfig, load_config
 from segcalib.errors import RunError
 from segcalib.inference.sliding_window import SlidingWindow, volume_network
 from segcalib.models import build_model
-from segcalib.training.checkpoint import load_checkpoint
-from segcalib.training.run_dir import open_run
+from segcalib.runs.checkpoint import load_checkpoint
+from segcalib.runs.run_dir import open_run
 from segcalib.utils.devices import select_device
 
 

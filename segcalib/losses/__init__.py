@@ -10,7 +10,14 @@ Every loss is a :class:`CalibrationLoss`; CALS and its heuristic variant are
 """
 
 from segcalib.losses.base import AdaptiveLoss, CalibrationLoss
-from segcalib.losses.registry import REQUIRED, build_loss, list_losses, loss_parameters, register_loss
+from segcalib.losses.registry import (
+    REQUIRED,
+    build_loss,
+    check_loss_params,
+    list_losses,
+    loss_parameters,
+    register_loss,
+)
 
 # Importing the modules registers their losses.
 from segcalib.losses import (  # noqa: E402,F401  isort: skip
@@ -31,6 +38,7 @@ __all__ = [
     "AdaptiveLoss",
     "CalibrationLoss",
     "build_loss",
+    "check_loss_params",
     "list_losses",
     "loss_parameters",
     "register_loss",

@@ -7,9 +7,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from segcalib.utils.tensors import as_label_map
+from segcalib.utils.tensors import HALF_DTYPES, as_label_map
 
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class LossInputs:
@@ -30,7 +29,7 @@ class LossInputs:
             raise ValueError(f"logits must be (B, C, *spatial), got shape {tuple(logits.shape)}")
         if not logits.is_floating_point():
             raise TypeError(f"logits must be floating point, got {logits.dtype}")
-        self.logits = logits.float() if logits.dtype in _HALF else logits
+        self.logits = logits.float() if logits.dtype in HALF_DTYPES else logits
         self.target = as_label_map(target, self.logits)
         self.ignore_index = ignore_index
         self.valid = self.target != ignore_index

@@ -48,6 +48,10 @@ class CalibrationLoss(nn.Module):
         """Return the scalar loss and its named parts (0-d tensors)."""
         raise NotImplementedError
 
+    def logged_state(self) -> dict[str, float]:
+        """Per-epoch state worth logging beside the loss (``{}``; adaptive losses add theirs)."""
+        return {}
+
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}"
 
@@ -59,6 +63,15 @@ class AdaptiveLoss(CalibrationLoss):
     no grad), then ``step()`` once per epoch. All state (multipliers, epoch counter, previous
     statistics) lives in buffers, so ``state_dict()`` / ``load_state_dict()`` restore it on resume.
     """
+
+    def logged_state(self) -> dict[str, float]:
+        """Each class's multiplier and penalty parameter: ``lambda_k`` and ``rho_k``."""
+        row: dict[str, float] = {}
+        for name in ("lambdas", "rhos"):
+            values = getattr(self, name, None)
+            if isinstance(values, Tensor):
+                row.update({f"{name[:-1]}_{k}": float(v) for k, v in enumerate(values.detach().cpu().tolist())})
+        return row
 
     def accumulate(self, val_logits: Tensor) -> None:
         raise NotImplementedError

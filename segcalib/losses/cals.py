@@ -12,8 +12,8 @@ from segcalib.losses._penalties import PENALTIES
 from segcalib.losses.base import AdaptiveLoss
 from segcalib.losses.registry import register_loss
 from segcalib.utils.distributed import all_reduce_sum
+from segcalib.utils.tensors import HALF_DTYPES
 
-_HALF = (torch.float16, torch.bfloat16)
 
 
 @register_loss("cals")
@@ -94,7 +94,7 @@ class ClassAdaptiveLoss(AdaptiveLoss):
     def accumulate(self, val_logits: Tensor) -> None:
         """Add the statistics of one validation batch ``(B, C, *spatial)`` (no labels) to this epoch's sums."""
         self._check_classes(val_logits)
-        logits = val_logits.float() if val_logits.dtype in _HALF else val_logits
+        logits = val_logits.float() if val_logits.dtype in HALF_DTYPES else val_logits
         with torch.autocast(device_type=logits.device.type, enabled=False):
             h = logit_constraints(logits, logits.amax(1, keepdim=True), self.margin, self._scale)
             dims = (0, *range(2, h.dim()))

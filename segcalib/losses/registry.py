@@ -7,11 +7,14 @@ their defaults are the single source of truth for :func:`loss_parameters` and fo
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from torch import nn
 
 from segcalib.errors import ConfigError
+
+if TYPE_CHECKING:
+    from segcalib.losses.base import CalibrationLoss
 
 
 class _Required:
@@ -70,20 +73,29 @@ def loss_parameters(name: str) -> dict[str, Any]:
     }
 
 
-def build_loss(name: str, **params: Any) -> nn.Module:
+def check_loss_params(name: str, params: dict[str, Any], allow_missing: bool = False) -> None:
+    """ConfigError naming ``loss.<key>`` for an unknown loss, an unknown parameter or (unless
+    ``allow_missing``, for configs whose data-given parameters are filled later) a missing one.
+    The one place loss parameters are checked: configs and :func:`build_loss` both call it."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"loss.name: unknown loss {name!r}; valid losses: {', '.join(list_losses())}")
+    valid = loss_parameters(name)
+    listed = ", ".join(valid) or "none"
+    for key in params:
+        if key not in valid:
+            raise ConfigError(f"loss.{key}: unknown parameter for loss {name!r} ({key!r}); valid parameters: {listed}")
+    if not allow_missing:
+        for key, default in valid.items():
+            if default is REQUIRED and key not in params:
+                raise ConfigError(f"loss.{key}: missing required parameter {key!r} of loss {name!r}; valid parameters: {listed}")
+
+
+def build_loss(name: str, **params: Any) -> "CalibrationLoss":
     """Make loss ``name`` with ``params`` (SPEC defaults for the rest).
 
     Raises:
         ConfigError: unknown loss, unknown parameter, missing required parameter or invalid value;
             the message names the loss and the parameter and lists the valid ones.
     """
-    cls = _loss_class(name)
-    valid = loss_parameters(name)
-    listed = ", ".join(valid) or "none"
-    for key in params:
-        if key not in valid:
-            raise ConfigError(f"loss '{name}': unknown parameter '{key}'; valid parameters: {listed}")
-    for key, default in valid.items():
-        if default is REQUIRED and key not in params:
-            raise ConfigError(f"loss '{name}': missing required parameter '{key}'; valid parameters: {listed}")
-    return cls(**params)
+    check_loss_params(name, params)
+    return _loss_class(name)(**params)

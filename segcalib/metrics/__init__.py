@@ -4,7 +4,7 @@
   reliability bins per region ``all`` / ``foreground`` / ``boundary``), and the functional
   :func:`expected_calibration_error`, :func:`classwise_calibration_error`.
 - Segmentation (SPEC §4): :func:`dice` per class, :func:`surface_distances` (HD, HD95, ASSD in mm).
-- Building blocks: :func:`distance_transform` (exact EDT; scipy on CPU, CuPy or torch on CUDA),
+- Building blocks (from :mod:`segcalib.spatial`): :func:`distance_transform` (exact EDT; scipy on CPU, CuPy or torch on CUDA),
   :func:`boundary_band`, the region registry :func:`register_region`.
 """
 
@@ -12,18 +12,23 @@ from segcalib.metrics.binning import bin_index
 from segcalib.metrics.calibration import (
     DEFAULT_REGIONS,
     CalibrationMetric,
-    classwise_calibration_error,
-    expected_calibration_error,
+    CalibrationResult,
+    CaseCalibration,
+    RegionCalibration,
 )
+from segcalib.metrics.calibration_functional import classwise_calibration_error, expected_calibration_error
+from segcalib.metrics.overlap import dice, dice_counts, dice_from_counts
 from segcalib.spatial.distance import distance_transform, nearest_distances
 from segcalib.spatial.morphology import mask_edges
-from segcalib.metrics.overlap import dice, dice_counts, dice_from_counts
 from segcalib.spatial.regions import RegionContext, available_regions, boundary_band, register_region
 from segcalib.metrics.surface import surface_distances, surface_distances_per_class
 
 __all__ = [
     "DEFAULT_REGIONS",
     "CalibrationMetric",
+    "CalibrationResult",
+    "CaseCalibration",
+    "RegionCalibration",
     "RegionContext",
     "available_regions",
     "bin_index",

@@ -61,16 +61,17 @@ class SummableState:
             raise ValueError("cannot merge metrics with different state shapes")
         self.add_to_state(other.state_tensors())
 
-    def all_reduce_state(self) -> None:
-        """Sum every state tensor over all processes in one collective (no-op in one process)."""
-        if not is_distributed():
-            return
+    def reduced_state_copy(self) -> dict[str, torch.Tensor]:
+        """Every state tensor summed over all processes, in one collective, as new tensors (the
+        local state is left as it is, so ``compute`` can be called again after more updates)."""
         names = self.state_names
         flat = torch.cat([getattr(self, n).reshape(-1) for n in names])
-        all_reduce_sum(flat)
-        offset = 0
+        if is_distributed():
+            all_reduce_sum(flat)
+        out, offset = {}, 0
         for name in names:
-            tensor = getattr(self, name)
-            size = math.prod(tensor.shape)
-            tensor.copy_(flat[offset : offset + size].view_as(tensor))
+            shape = self._state_shapes[name]
+            size = math.prod(shape)
+            out[name] = flat[offset : offset + size].view(shape)
             offset += size
+        return out

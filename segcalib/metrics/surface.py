@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from segcalib.spatial.distance import symmetric_nearest_distances
+from segcalib.spatial.distance import nearest_between
 from segcalib.spatial.morphology import bounding_box, mask_edges
 from segcalib.spatial.spacing import SpacingLike, normalize_spacing
 
@@ -89,7 +89,7 @@ def surface_distances(
     if not all(has):
         return dict.fromkeys(SURFACE_KEYS, float("inf"))
     edges_pred, edges_gt = mask_edges(pred), mask_edges(gt)
-    d_pred_gt, d_gt_pred = symmetric_nearest_distances(edges_pred, edges_gt, sp)
+    d_pred_gt, d_gt_pred = nearest_between(edges_pred, edges_gt, sp)
     both = torch.cat([d_pred_gt, d_gt_pred])
     hd = both.max()
     if pooled:

@@ -11,14 +11,14 @@ from segcalib.errors import DataError
 from segcalib.reports.evaluation import _finite_json, read_report, summarise
 from segcalib.reports.figures import Curve, reliability_png
 from segcalib.reports.html import figure, fmt, page, table
+from segcalib.reports.markdown import markdown_table
+from segcalib.spatial.regions import default_regions, region_label
 from segcalib.utils.files import write_text_atomic
 
 COLUMNS = [
     ("dice_fg", "Dice fg", max),
     ("hd95", "HD95 mm", min),
-    ("ece_all", "ECE all", min),
-    ("ece_foreground", "ECE fg", min),
-    ("ece_boundary", "ECE boundary", min),
+    *((f"ece_{region}", f"ECE {region_label(region)}", min) for region in default_regions()),
     ("cece", "CECE", min),
     ("nll", "NLL", min),
     ("brier", "Brier", min),
@@ -71,18 +71,15 @@ def compare(inputs: Sequence[str | Path], output: str | Path) -> dict[str, Any]:
     comparison = {"reports": [{"label": e["label"], "path": e["path"], **e["summary"]} for e in entries]}
     output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output / "comparison.json", json.dumps(_finite_json(comparison), indent=1))
-    write_text_atomic(output / "comparison.md", markdown_table(comparison["reports"]))
+    write_text_atomic(output / "comparison.md", comparison_markdown(comparison["reports"]))
     write_text_atomic(output / "comparison.html", render_comparison(entries))
     return comparison
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], first: str = "label", first_header: str = "run") -> str:
-    header = [first_header] + [title for _, title, _ in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [str(row[first])] + [fmt(row.get(key)) for key, _, _ in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def comparison_markdown(rows: Sequence[dict[str, Any]], first: str = "label", first_header: str = "run") -> str:
+    """comparison.md: one row per report, the headline columns."""
+    body = [[str(row[first])] + [fmt(row.get(key)) for key, _, _ in COLUMNS] for row in rows]
+    return "\n".join(markdown_table([first_header] + [title for _, title, _ in COLUMNS], body)) + "\n"
 
 
 def render_comparison(entries: Sequence[dict[str, Any]]) -> str:
@@ -102,7 +99,8 @@ def render_comparison(entries: Sequence[dict[str, Any]]) -> str:
                  "regions defined on the ground truth.</p>")
     parts.append("<h2>Reliability diagrams</h2><div class=\"figs\">")
     n_bins = entries[0]["report"]["metadata"]["n_bins"] if entries else 15
-    for region in ("all", "foreground", "boundary"):
+    regions = [r for r in default_regions() if all(r in e["report"]["calibration"] for e in entries)]
+    for region in regions:
         curves = [Curve(e["label"], **_bins(e["report"]["calibration"][region]["reliability"])) for e in entries]
         parts.append(figure(reliability_png(curves, f"{region} voxels", n_bins), f"{region} voxels"))
     parts.append("</div><h2>Reports</h2><ul>")

@@ -27,11 +27,12 @@ from segcalib.errors import DataError
 from segcalib.export.exporter import EXPORT_JSON
 from segcalib.metrics import CalibrationMetric, dice, surface_distances_per_class
 from segcalib.utils.devices import select_device
-from segcalib.utils.distributed import is_distributed, is_main_process, rank, world_size
+from segcalib.reports.calibration_json import calibration_json
+from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, default_regions, region_description
+from segcalib.utils.distributed import gather_objects, is_main_process, rank, world_size
 from segcalib.utils.files import write_text_atomic
 
 log = logging.getLogger("segcalib")
-REGIONS = ("all", "foreground", "boundary")
 PROB_SUM_TOL = 1e-4  # float32 maps sum to 1 within 1e-5; 16-bit ones within K * 7.6e-6
 AFFINE_TOL = 1e-4
 
@@ -42,15 +43,16 @@ def evaluate(
     output: str | Path,
     split: str = "test",
     n_bins: int = 15,
-    boundary_mm: float = 2.0,
+    boundary_mm: float | None = None,
     device: str | torch.device | None = None,
     write_html: bool = True,
     split_seed: int | None = None,
 ) -> dict[str, Any]:
     """Compute the report of ``predictions`` against the manifest's ground truth; write it to ``output``.
 
-    ``split_seed`` (for manifests without explicit splits): by default the one the export
-    recorded, so that the cases are the ones that were exported.
+    ``split_seed`` (for manifests without explicit splits) and ``boundary_mm`` (the boundary
+    band's half-width): by default the ones the export recorded, so that the cases and the band
+    are the ones the export used.
     """
     predictions, output = Path(predictions), Path(output)
     if not predictions.is_dir():
@@ -59,26 +61,23 @@ def evaluate(
     export_info = _export_info(predictions)
     if split_seed is None:
         split_seed = int(export_info.get("split_seed", SPLIT_SEED))
+    if boundary_mm is None:  # the band the export's calibration was fitted on: one setting
+        boundary_mm = float(export_info.get("boundary_mm", DEFAULT_BOUNDARY_MM))
     manifest = load_manifest(manifest_path, split_seed=split_seed)
     cases = manifest.labelled(split)
     num_classes = manifest.num_classes
     started = time.time()
 
-    metric = CalibrationMetric(num_classes, n_bins=n_bins, regions=REGIONS, boundary_mm=boundary_mm)
+    regions = default_regions()
+    metric = CalibrationMetric(num_classes, n_bins=n_bins, regions=regions, boundary_mm=boundary_mm)
     rows = []
     for case in cases[rank() :: world_size()]:
         rows.append(_evaluate_case(case, predictions, num_classes, metric, device))
-    metric.sync()
-    if is_distributed():
-        import torch.distributed as dist
-
-        gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(gathered, rows)
-        rows = [r for part in gathered for r in part]
+    rows = [r for part in gather_objects(rows) for r in part]
     order = {c.case_id: i for i, c in enumerate(cases)}
     rows.sort(key=lambda r: order[r["case"]])
 
-    pooled = metric.compute()
+    pooled = calibration_json(metric.compute())
     per_case_ece = {r["case_id"]: r for r in pooled.get("per_case", [])}
     for row in rows:
         record = per_case_ece.get(row["case"], {})
@@ -99,19 +98,14 @@ def evaluate(
             "class_names": manifest.class_names,
             "n_bins": n_bins,
             "boundary_mm": boundary_mm,
-            "regions": {
-                "all": "every voxel",
-                "foreground": "ground truth != background",
-                "boundary": f"voxels within {boundary_mm:g} mm (with spacing) of an edge voxel of any "
-                "ground-truth foreground class, both sides",
-            },
+            "regions": {name: region_description(name, boundary_mm) for name in regions},
             "device": str(device),
             "processes": world_size(),
             "seconds": round(time.time() - started, 3),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "versions": {"segcalib": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
         },
-        "calibration": {region: pooled[region] for region in REGIONS},
+        "calibration": {region: pooled[region] for region in regions},
         "media_foreground_ece": pooled.get("media_foreground_ece"),
         "segmentation": _segmentation_summary(rows, manifest.class_names),
         "cases": rows,
@@ -136,7 +130,7 @@ def _evaluate_case(case: Case, predictions: Path, num_classes: int, metric: Cali
     label = torch.from_numpy(label_np).to(device).unsqueeze(0)
     metric.update(probs, label, spacing=spacing, case_ids=[case.case_id])
     pred = probs.argmax(1)
-    per_class_dice = torch.as_tensor(dice(pred, label, num_classes)).reshape(-1, num_classes)[0].tolist()
+    per_class_dice = dice(pred, label, num_classes)[0].tolist()
     distances = surface_distances_per_class(pred[0], label[0], num_classes, spacing)
     classes = [
         {"class": k, "dice": float(per_class_dice[k]), **{m: float(v) for m, v in d.items()}}
@@ -211,21 +205,20 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of a report (one row of a comparison)."""
     cal = report["calibration"]
     seg = report["segmentation"]["mean_foreground"]
-    return {
-        "dice_fg": seg["dice"],
-        "hd95": seg["hd95"],
-        "assd": seg["assd"],
-        "ece_all": cal["all"]["ece"],
-        "ece_foreground": cal["foreground"]["ece"],
-        "ece_boundary": cal["boundary"]["ece"],
-        "mce_all": cal["all"]["mce"],
-        "cece": cal["all"]["cece"],
-        "nll": cal["all"]["nll"],
-        "brier": cal["all"]["brier"],
-        "nll_foreground": cal["foreground"]["nll"],
-        "media_foreground_ece": report.get("media_foreground_ece"),
-        "temperature": report["metadata"].get("temperature"),
-    }
+    out = {"dice_fg": seg["dice"], "hd95": seg["hd95"], "assd": seg["assd"]}
+    out.update({f"ece_{region}": cal[region]["ece"] for region in cal})
+    out.update(
+        {
+            "mce_all": cal[ALL]["mce"],
+            "cece": cal[ALL]["cece"],
+            "nll": cal[ALL]["nll"],
+            "brier": cal[ALL]["brier"],
+        }
+    )
+    out.update({f"nll_{region}": cal[region]["nll"] for region in cal if region != ALL})
+    out["media_foreground_ece"] = report.get("media_foreground_ece")
+    out["temperature"] = report["metadata"].get("temperature")
+    return out
 
 
 def _finite_json(value: Any) -> Any:

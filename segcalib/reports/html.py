@@ -74,15 +74,14 @@ def render_report(report: dict[str, Any]) -> str:
         ("temperature", _temperature_text(meta)),
         ("manifest", meta["manifest"]),
         ("bins", f"{n_bins} equal-width, bin b = (b/M, (b+1)/M], p = 0 in the first"),
-        ("boundary band", meta["regions"]["boundary"]),
+        *((f"region {name}", text) for name, text in meta["regions"].items()),
         ("computed", f"{meta['time']} on {meta['device']} in {meta['seconds']} s, segcalib {meta['versions']['segcalib']}"),
     ]
     parts.append('<table class="meta">' + "".join(f"<tr><td>{k}</td><td>{fmt(v)}</td></tr>" for k, v in meta_rows) + "</table>")
 
     parts.append("<h2>Summary (dataset-level pooling)</h2>")
     rows = []
-    for region in ("all", "foreground", "boundary"):
-        r = cal[region]
+    for region, r in cal.items():
         rows.append([region, r["n_voxels"], r["ece"], r["mce"], r["cece"], r["nll"], r["brier"]])
     parts.append(table(["region", "voxels", "ECE", "MCE", "CECE", "NLL", "Brier"], rows))
     media = report.get("media_foreground_ece")
@@ -103,12 +102,11 @@ def render_report(report: dict[str, Any]) -> str:
     )
 
     parts.append("<h2>Reliability diagrams (top-label confidence)</h2><div class=\"figs\">")
-    for region in ("all", "foreground", "boundary"):
-        r = cal[region]
+    for region, r in cal.items():
         png = reliability_png([_curve(f"ECE {fmt(r['ece'], 3)}", r["reliability"])], f"{region} voxels", n_bins)
         parts.append(figure(png, f"{region}: ECE {fmt(r['ece'])}, {r['n_voxels']} voxels"))
     parts.append("</div><h2>Class-wise reliability (p_k against [y = k])</h2>")
-    for region in ("all", "foreground", "boundary"):
+    for region in cal:
         per_class = cal[region].get("classwise_reliability") or []
         if not per_class:
             continue
@@ -124,14 +122,14 @@ def render_report(report: dict[str, Any]) -> str:
     header = ["case"]
     for name in names[1:]:
         header += [f"Dice {name}", f"HD95 {name}"]
-    header += ["ECE all", "ECE fg", "ECE boundary"]
+    header += [f"ECE {region}" for region in cal]
     rows = []
     for case in report["cases"]:
         row: list[Any] = [case["case"]]
         for c in case["classes"]:
             row += [c["dice"], c["hd95"]]
         ece = case.get("calibration", {}).get("ece", {})
-        row += [ece.get("all"), ece.get("foreground"), ece.get("boundary")]
+        row += [ece.get(region) for region in cal]
         rows.append(row)
     parts.append(table(header, rows))
     return page("segcalib calibration report", "".join(parts))

@@ -48,7 +48,11 @@ def distance_transform(mask: torch.Tensor, spacing: SpacingLike = None) -> torch
         float64 tensor ``(*spatial)`` on ``mask.device``.
     """
     mask = mask.bool()
-    sp = normalize_spacing(spacing, mask.dim())
+    return edt(mask, normalize_spacing(spacing, mask.dim()))
+
+
+def edt(mask: torch.Tensor, sp: tuple[float, ...]) -> torch.Tensor:
+    """:func:`distance_transform` of a boolean mask with an already validated spacing tuple."""
     if bool(mask.all()):
         return torch.full(mask.shape, float("inf"), dtype=torch.float64, device=mask.device)
     if mask.device.type == "cpu":
@@ -146,10 +150,17 @@ def symmetric_nearest_distances(
     a, b = a.bool(), b.bool()
     if a.shape != b.shape:
         raise ValueError(f"masks of shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
-    sp = normalize_spacing(spacing, a.dim())
+    return nearest_between(a, b, normalize_spacing(spacing, a.dim()), both)
+
+
+def nearest_between(
+    a: torch.Tensor, b: torch.Tensor, sp: tuple[float, ...], both: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`symmetric_nearest_distances` of two boolean masks of one shape, with an already
+    validated spacing tuple."""
     if a.device.type != "cpu":
-        d_ab = distance_transform(~b, sp)[a]
-        return d_ab, (distance_transform(~a, sp)[b] if both else None)
+        d_ab = edt(~b, sp)[a]
+        return d_ab, (edt(~a, sp)[b] if both else None)
     a_np, b_np = a.numpy(), b.numpy()
     a_idx, b_idx = np.flatnonzero(a_np), np.flatnonzero(b_np)
     scale = np.asarray(sp, dtype=np.float64)

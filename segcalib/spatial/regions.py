@@ -13,8 +13,10 @@ No public tool defines a boundary-band ECE; this band is segcalib's own. It is c
 dilation of the edge voxels by the ellipsoid ``{o : |o * spacing| <= boundary_mm}`` (equal to
 ``distance_transform_edt(~edges, sampling=spacing) <= boundary_mm``), on the input's device.
 
-A new region is one function plus ``@register_region("name")``; it receives a
+A new region is one function plus ``@register_region("name", description)``; it receives a
 :class:`RegionContext` and returns a boolean ``(B, *spatial)`` mask (or ``None`` for every voxel).
+This module is the one place that names regions: the CLI choices, the exporter, the calibrators,
+the metrics and the reports all read :func:`available_regions`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from segcalib.spatial.morphology import bounding_box, dilate_ellipsoid, label_edges
+
+ALL = "all"
+FOREGROUND = "foreground"  # the seed papers' region; per-volume foreground ECE is the "MedIA" convention
+BOUNDARY = "boundary"
+DEFAULT_BOUNDARY_MM = 2.0
+MAX_PARTIAL_REGIONS = 7  # cells are bit sets in uint8, one value kept for ignored voxels
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class RegionContext:
     target: torch.Tensor
     spacing: Sequence[tuple[float, ...]]
     num_classes: int
-    boundary_mm: float = 2.0
+    boundary_mm: float = DEFAULT_BOUNDARY_MM
     ignore_index: int | None = None
 
     def foreground(self) -> torch.Tensor:
@@ -55,15 +63,24 @@ class RegionContext:
 
 RegionFn = Callable[[RegionContext], "torch.Tensor | None"]
 _REGIONS: dict[str, RegionFn] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+_SHORT: dict[str, str] = {}
 
 
-def register_region(name: str) -> Callable[[RegionFn], RegionFn]:
-    """Decorator adding a region function to the registry under ``name``."""
+
+def register_region(name: str, description: str = "", short: str | None = None) -> Callable[[RegionFn], RegionFn]:
+    """Decorator adding a region function to the registry under ``name``.
+
+    ``description`` is shown in reports (``{boundary_mm}`` in it is filled with the band's
+    width); ``short`` is the name in table headers (default: ``name``).
+    """
 
     def wrap(fn: RegionFn) -> RegionFn:
         if name in _REGIONS:
             raise ValueError(f"region {name!r} is already registered")
         _REGIONS[name] = fn
+        _DESCRIPTIONS[name] = description
+        _SHORT[name] = short or name
         return fn
 
     return wrap
@@ -74,24 +91,49 @@ def available_regions() -> list[str]:
     return list(_REGIONS)
 
 
-def region_mask(name: str, context: RegionContext) -> torch.Tensor | None:
-    """Boolean ``(B, *spatial)`` mask of region ``name`` (``None`` means every voxel)."""
+def default_regions() -> tuple[str, ...]:
+    """The regions evaluated when none are named: every registered one."""
+    return tuple(_REGIONS)
+
+
+def region_description(name: str, boundary_mm: float = DEFAULT_BOUNDARY_MM) -> str:
+    """One line saying which voxels region ``name`` holds (for reports)."""
+    check_region(name)
+    return _DESCRIPTIONS[name].format(boundary_mm=boundary_mm)
+
+
+def region_label(name: str) -> str:
+    """The region's short name for table headers (``fg`` for ``foreground``)."""
+    return _SHORT[check_region(name)]
+
+
+def check_region(name: str) -> str:
+    """``name`` if it is registered, else ValueError listing the registered ones."""
     if name not in _REGIONS:
         raise ValueError(f"unknown region {name!r}; available: {', '.join(_REGIONS)}")
-    return _REGIONS[name](context)
+    return name
 
 
-@register_region("all")
+def region_mask(name: str, context: RegionContext) -> torch.Tensor | None:
+    """Boolean ``(B, *spatial)`` mask of region ``name`` (``None`` means every voxel)."""
+    return _REGIONS[check_region(name)](context)
+
+
+@register_region(ALL, "every voxel")
 def _all(context: RegionContext) -> torch.Tensor | None:
     return None
 
 
-@register_region("foreground")
+@register_region(FOREGROUND, "ground truth != background", short="fg")
 def _foreground(context: RegionContext) -> torch.Tensor:
     return context.foreground()
 
 
-@register_region("boundary")
+@register_region(
+    BOUNDARY,
+    "voxels within {boundary_mm:g} mm (with spacing) of an edge voxel of any ground-truth foreground "
+    "class, both sides",
+)
 def _boundary(context: RegionContext) -> torch.Tensor:
     labels = context.target
     small = context.num_classes < 2**15 and (
@@ -111,7 +153,7 @@ def _boundary(context: RegionContext) -> torch.Tensor:
 def boundary_band(
     labels: torch.Tensor,
     spacing: Sequence[float],
-    width_mm: float = 2.0,
+    width_mm: float = DEFAULT_BOUNDARY_MM,
     foreground: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean ``(*spatial)`` band of voxels within ``width_mm`` of a foreground edge voxel.
@@ -130,3 +172,42 @@ def boundary_band(
     if box is not None:
         band[box] = dilate_ellipsoid(edges[box], spacing, width_mm)
     return band
+
+
+def region_cells(
+    target: torch.Tensor, regions: Sequence[str], context: RegionContext, ignore_index: int | None
+) -> tuple[torch.Tensor | None, int, torch.Tensor, torch.Tensor]:
+    """Split the voxels into disjoint cells (combinations of region memberships), so that one
+    pass over the voxels serves every region.
+
+    Returns ``cells`` (uint8 ``(B, *S)`` or ``None`` when every voxel is in every region), the
+    number of cells, the ``(R, n_cells)`` float64 membership matrix (region r = sum of its cells)
+    and the target with ignored voxels set to 0 (they go to the dropped cell ``n_cells``).
+    """
+    masks: list[torch.Tensor] = []
+    bit_of: dict[str, int] = {}
+    for name in regions:
+        mask = region_mask(name, context)
+        if mask is not None:
+            bit_of[name] = len(masks)
+            masks.append(mask)
+    if len(masks) > MAX_PARTIAL_REGIONS:
+        raise ValueError(f"at most {MAX_PARTIAL_REGIONS} regions that are not every voxel")
+    n_cells = 2 ** len(masks)
+    cell_ids = torch.arange(n_cells)
+    membership = torch.stack(
+        [
+            ((cell_ids >> bit_of[name]) & 1).double() if name in bit_of else torch.ones(n_cells, dtype=torch.float64)
+            for name in regions
+        ]
+    ).to(target.device)
+    ignored = target == ignore_index if ignore_index is not None else None
+    if not masks and ignored is None:
+        return None, 1, membership, target
+    cells = torch.zeros(target.shape, dtype=torch.uint8, device=target.device)
+    for bit, mask in enumerate(masks):
+        cells |= mask.to(torch.uint8) << bit
+    if ignored is not None:
+        cells.masked_fill_(ignored, n_cells)
+        target = target.masked_fill(ignored, 0)
+    return cells, n_cells, membership, target

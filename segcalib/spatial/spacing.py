@@ -59,3 +59,10 @@ def spacing_per_case(spacing: BatchSpacingLike, batch_size: int, ndim: int) -> l
         return [normalize_spacing(s, ndim) for s in spacing]
     shared = normalize_spacing(spacing, ndim)
     return [shared] * batch_size
+
+
+def spacing_from_affine(affine: np.ndarray | torch.Tensor) -> tuple[float, ...]:
+    """Voxel size in mm along each voxel axis: the norms of the affine's direction columns."""
+    matrix = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    n = matrix.shape[0] - 1
+    return tuple(float(v) for v in np.linalg.norm(matrix[:n, :n], axis=0))

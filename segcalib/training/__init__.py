@@ -1,9 +1,10 @@
-"""Training: the loop, checkpoints, logs and run folders; :func:`train` is the entry point."""
+"""Training: the loop, batches of patches, validation and logs; :func:`train` is the entry point
+(run folders and checkpoints are :mod:`segcalib.runs`)."""
 
 from __future__ import annotations
 
-from segcalib.config import ExperimentConfig
-from segcalib.training.run_dir import RunDir, open_run
+from segcalib.config.schema import ExperimentConfig
+from segcalib.runs.run_dir import RunDir
 from segcalib.training.trainer import Trainer, TrainingDiverged, TrainSummary
 
 
@@ -12,4 +13,4 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, resume: bool = False, progress
     return Trainer(cfg, run_dir, resume=resume, progress=progress).fit()
 
 
-__all__ = ["RunDir", "Trainer", "TrainSummary", "TrainingDiverged", "open_run", "train"]
+__all__ = ["Trainer", "TrainSummary", "TrainingDiverged", "train"]

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from segcalib.config import TrainConfig
+from segcalib.config.schema import TrainConfig
 
 OPTIMIZERS: dict[str, Callable[[Iterable[torch.nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
     "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),

@@ -15,30 +15,30 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader
 from monai.utils import set_determinism
 from torch import nn
-from torch.utils.data import DistributedSampler
 
-from segcalib.config import ExperimentConfig, config_changes
+from segcalib.config.schema import ExperimentConfig
 from segcalib.data import check_manifest, load_manifest
 from segcalib.data.datasets import training_dataset, volume_dataset
 from segcalib.errors import ConfigError, RunError, SegcalibError
 from segcalib.inference.sliding_window import SlidingWindow, volume_network
-from segcalib.losses import AdaptiveLoss, build_loss, loss_parameters
+from segcalib.losses import AdaptiveLoss, CalibrationLoss, build_loss, loss_parameters
 from segcalib.models import build_model
-from segcalib.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
+from segcalib.runs.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from segcalib.training.metrics_log import MetricsLog
 from segcalib.training.optim import build_optimizer, build_scheduler
-from segcalib.training.run_dir import RunDir
+from segcalib.training.patches import patch_batches, steps_per_epoch
+from segcalib.runs.run_dir import RunDir, check_run_config
 from segcalib.training.validation import ValidationResult, validate
 from segcalib.utils.devices import select_device
 from segcalib.utils.distributed import all_reduce_sum, barrier, is_distributed, is_main_process, rank, world_size
 from segcalib.utils.files import write_text_atomic
+from segcalib.utils.progress import progress_bar
 
 log = logging.getLogger("segcalib")
 
@@ -57,7 +57,7 @@ class TrainSummary:
     last_validation: ValidationResult | None
 
 
-def build_loss_for(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+def build_loss_for(cfg: ExperimentConfig, num_classes: int) -> CalibrationLoss:
     """The configured loss with data-given parameters (``num_classes``) filled in."""
     params = dict(cfg.loss.params)
     if "num_classes" in loss_parameters(cfg.loss.name):
@@ -148,7 +148,7 @@ class Trainer:
             if validate_now:
                 row.update(last_val.as_row(self.class_names))
             if self.adaptive:
-                row.update(self._adaptive_state())
+                row.update(self.loss_fn.logged_state())
             row.update({"lr": lr, "seconds": time.time() - started})
             improved = validate_now and last_val.score(cfg.train.best_metric) > self.best_score
             if improved:
@@ -168,8 +168,8 @@ class Trainer:
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         steps = 0
-        batches = self._batches(dataset, epoch)
-        bar = _progress(self.progress, total=self._steps_per_epoch(dataset), desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        batches = patch_batches(dataset, self.cfg, self._epoch_seed(epoch), epoch, pin_memory=self.device.type == "cuda")
+        bar = progress_bar(steps_per_epoch(dataset, self.cfg), f"epoch {epoch + 1}/{cfg.epochs}", self.progress)
         for step, (image, label) in enumerate(batches):
             image = image.to(self.device, non_blocking=True)
             label = label.to(self.device, non_blocking=True).long()
@@ -190,7 +190,7 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            parts = {"loss": loss.detach(), **getattr(self.loss_fn, "last_components", {})}
+            parts = {"loss": loss.detach(), **self.loss_fn.last_components}
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().double()
             steps += 1
@@ -204,55 +204,6 @@ class Trainer:
             reduced = all_reduce_sum(total.clone()) / world_size()
             stats["train_loss" if key == "loss" else f"train_{key}"] = float(reduced / steps)
         return stats
-
-    def _batches(self, dataset, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Patches of exactly ``train.batch_size`` (the last may be smaller), drawn per epoch seed."""
-        cfg = self.cfg
-        batch_size = cfg.train.batch_size
-        volumes_per_load = max(1, batch_size // cfg.data.samples_per_volume)
-        limit = cfg.train.iterations_per_epoch
-        produced, cycle = 0, 0
-        pending_images: list[torch.Tensor] = []
-        pending_labels: list[torch.Tensor] = []
-        while True:
-            loader = self._loader(dataset, volumes_per_load, seed=self._epoch_seed(epoch) + 7919 * cycle, shard_epoch=epoch * 1000 + cycle)
-            for batch in loader:
-                pending_images.extend(batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"])
-                pending_labels.extend(batch["label"].as_tensor() if hasattr(batch["label"], "as_tensor") else batch["label"])
-                while len(pending_images) >= batch_size:
-                    yield torch.stack(pending_images[:batch_size]), torch.stack(pending_labels[:batch_size])
-                    del pending_images[:batch_size], pending_labels[:batch_size]
-                    produced += 1
-                    if limit is not None and produced >= limit:
-                        return
-            cycle += 1
-            if limit is None:
-                if pending_images:
-                    yield torch.stack(pending_images), torch.stack(pending_labels)
-                return
-
-    def _loader(self, dataset, volumes: int, seed: int, shard_epoch: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(seed)
-        sampler = None
-        if is_distributed():
-            sampler = DistributedSampler(dataset, shuffle=True, seed=self.cfg.train.seed, drop_last=False)
-            sampler.set_epoch(shard_epoch)
-        return DataLoader(
-            dataset,
-            batch_size=volumes,
-            shuffle=sampler is None,
-            sampler=sampler,
-            num_workers=self.cfg.data.num_workers,
-            generator=generator,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-        )
-
-    def _steps_per_epoch(self, dataset) -> int:
-        if self.cfg.train.iterations_per_epoch:
-            return self.cfg.train.iterations_per_epoch
-        patches = math.ceil(len(dataset) / world_size()) * self.cfg.data.samples_per_volume
-        return math.ceil(patches / self.cfg.train.batch_size)
 
     def _end_epoch(self, epoch: int, row: dict[str, Any], improved: bool) -> None:
         if is_main_process():
@@ -286,6 +237,8 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         self.run_dir.check(resume=self.resume)  # every rank, before anyone writes
+        if self.resume:
+            check_run_config(self.run_dir, self.cfg.to_dict(), "resume")
         if self.resume and not self.run_dir.last.exists():
             log.info("%s: no finished epoch to resume; starting at epoch 1", self.run_dir.root)
             self.resume = False
@@ -299,12 +252,6 @@ class Trainer:
 
     def _load_resume_state(self) -> None:
         state = load_checkpoint(self.run_dir.last, map_location=self.device)
-        changed = config_changes(dict(state["config"]), self.cfg.to_dict())
-        if changed:
-            raise RunError(
-                f"{self.run_dir.root}: --resume with a different config than the run's own "
-                f"(changed: {', '.join(changed)}); only train.epochs may change"
-            )
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -319,15 +266,6 @@ class Trainer:
         if is_main_process():
             write_text_atomic(self.run_dir.config, self.cfg.to_yaml())
         log.info("%s: resuming after epoch %d", self.run_dir.root, self.start_epoch)
-
-    def _adaptive_state(self) -> dict[str, float]:
-        row = {}
-        for name in ("lambdas", "rhos"):
-            values = getattr(self.loss_fn, name, None)
-            if isinstance(values, torch.Tensor):
-                for k, v in enumerate(values.detach().cpu().tolist()):
-                    row[f"{name[:-1]}_{k}"] = float(v)
-        return row
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -372,7 +310,7 @@ class Trainer:
         bad = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
         if bool(all_reduce_sum(bad).item()):
             parts = ", ".join(
-                f"{k}={float(v):.4g}" for k, v in getattr(self.loss_fn, "last_components", {}).items()
+                f"{k}={float(v):.4g}" for k, v in self.loss_fn.last_components.items()
             )
             kept = (
                 f"; the last good checkpoint is {self.run_dir.last} (epoch {self.saved_epoch})"
@@ -383,22 +321,6 @@ class Trainer:
                 f"{self.run_dir.root}: training stopped at epoch {epoch + 1}, step {step + 1}: the loss is "
                 f"{float(loss.detach()):.4g} ({parts}){kept}. Lower train.lr, enable train.grad_clip or check the data."
             )
-
-
-def _progress(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _describe(row: dict[str, Any]) -> str:

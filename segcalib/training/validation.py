@@ -17,7 +17,8 @@ from torch import nn
 
 from segcalib.inference.sliding_window import SlidingWindow, predict_logits
 from segcalib.metrics import CalibrationMetric, dice
-from segcalib.utils.distributed import all_reduce_sum, is_distributed
+from segcalib.spatial.regions import ALL
+from segcalib.utils.distributed import all_reduce_sum, gather_objects
 
 
 @dataclass
@@ -60,7 +61,7 @@ def validate(
     """Evaluate ``net`` (a function of 3D windows) on preprocessed volumes with labels."""
     was_training = net.training
     net.eval()
-    metric = CalibrationMetric(num_classes, regions=("all",), per_case=False)
+    metric = CalibrationMetric(num_classes, regions=(ALL,), per_case=False)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     voxels = torch.zeros((), dtype=torch.float64, device=device)
     per_case: list[list[float]] = []
@@ -77,28 +78,21 @@ def validate(
             loss_fn.accumulate(logits)
         probs = torch.softmax(logits, dim=1)
         metric.update(probs, label)
-        per_class = dice(probs.argmax(1), label[:, 0], num_classes)
-        per_case.append([float(v) for v in torch.as_tensor(per_class).reshape(-1, num_classes)[0].tolist()])
+        per_case.append(dice(probs.argmax(1), label[:, 0], num_classes)[0].tolist())
     net.train(was_training)
 
     all_reduce_sum(loss_sum)
     all_reduce_sum(voxels)
-    metric.sync()
-    if is_distributed():
-        import torch.distributed as dist
-
-        gathered: list[list[list[float]]] = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(gathered, per_case)
-        per_case = [row for part in gathered for row in part]
-    stats = metric.compute()["all"]
+    per_case = [row for part in gather_objects(per_case) for row in part]
+    stats = metric.compute()[ALL]
     table = np.array(per_case, dtype=np.float64).reshape(-1, num_classes)
     with np.errstate(invalid="ignore"):
         dice_per_class = [float(np.nanmean(col)) if np.isfinite(col).any() else float("nan") for col in table.T]
     return ValidationResult(
         loss=float(loss_sum / voxels.clamp(min=1)),
         dice_per_class=dice_per_class,
-        ece=float(stats["ece"]),
-        nll=float(stats["nll"]),
+        ece=stats.ece,
+        nll=stats.nll,
         n_cases=len(per_case),
         per_case_dice=per_case,
     )

@@ -65,3 +65,12 @@ def init_from_env() -> bool:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_objects(obj: object) -> list:
+    """Every process's ``obj`` in rank order (``[obj]`` in one process); JSON-like objects only."""
+    if not is_distributed():
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

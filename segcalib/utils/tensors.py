@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # promoted to float32 before any reduction
+
 
 def as_label_map(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Return ``target`` as an int64 ``(B, *spatial)`` label map matching ``reference`` ``(B, C, *spatial)``.

@@ -17,6 +17,7 @@ from segcalib.config import load_config
 from segcalib.data import load_manifest
 from segcalib.data.transforms import preprocessing
 from segcalib.errors import RunError
+from segcalib.inference.temperature import TemperatureRequest
 from segcalib.export import ExportOptions, export, output_paths
 from segcalib.export.exporter import export_case
 from segcalib.inference.sliding_window import SlidingWindow
@@ -104,7 +105,7 @@ def _smoke_manifest(tmp_path: Path, smoke_run: Path) -> Path:
 def test_export_cli_path_with_fitted_temperature(smoke_run: Path, tmp_path: Path) -> None:
     manifest = _smoke_manifest(tmp_path, smoke_run)
     out = tmp_path / "export"
-    result = export(smoke_run, manifest, out, ExportOptions(temperature="fit", temperature_region="foreground", dtype="float16"))
+    result = export(smoke_run, manifest, out, ExportOptions(temperature=TemperatureRequest("fit", region="foreground"), dtype="float16"))
     info = json.loads((out / "export.json").read_text())
     assert info["status"] == "complete" and info["temperature"] == pytest.approx(result.temperature)
     assert info["temperature_fit"]["region"] == "foreground" and info["temperature_fit"]["voxels_used"] > 1000
@@ -148,7 +149,7 @@ def test_rerun_of_a_complete_fitted_export_reuses_it_untouched(smoke_run: Path, 
 
     manifest = _smoke_manifest(tmp_path, smoke_run)
     out = tmp_path / "export"
-    first = export(smoke_run, manifest, out, ExportOptions(temperature="fit", temperature_region="foreground"))
+    first = export(smoke_run, manifest, out, ExportOptions(temperature=TemperatureRequest("fit", region="foreground")))
     record = (out / "export.json").read_bytes()
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
@@ -156,12 +157,12 @@ def test_rerun_of_a_complete_fitted_export_reuses_it_untouched(smoke_run: Path, 
         raise AssertionError("the temperature was fitted again")
 
     monkeypatch.setattr(exporter, "collect_validation_voxels", no_refit)
-    again = export(smoke_run, manifest, out, ExportOptions(temperature="fit", temperature_region="foreground"))
+    again = export(smoke_run, manifest, out, ExportOptions(temperature=TemperatureRequest("fit", region="foreground")))
     assert again.temperature == first.temperature and again.cases == [] and len(again.skipped) == 1
     assert (out / "export.json").read_bytes() == record
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     with pytest.raises(AssertionError, match="fitted again"):  # another region is another request
-        export(smoke_run, manifest, out, ExportOptions(temperature="fit", temperature_region="all"))
+        export(smoke_run, manifest, out, ExportOptions(temperature=TemperatureRequest("fit", region="all")))
 
 
 def test_other_settings_in_the_same_folder_are_refused(smoke_run: Path, tmp_path: Path) -> None:
@@ -169,7 +170,7 @@ def test_other_settings_in_the_same_folder_are_refused(smoke_run: Path, tmp_path
     out = tmp_path / "export"
     export(smoke_run, manifest, out, ExportOptions())
     with pytest.raises(RunError, match="other settings"):
-        export(smoke_run, manifest, out, ExportOptions(temperature="2.0"))
+        export(smoke_run, manifest, out, ExportOptions(temperature=TemperatureRequest.parse("2.0")))
 
 
 def test_foreground_crop_is_undone(tmp_path: Path) -> None:

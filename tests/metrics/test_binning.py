@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from segcalib.metrics.binning import bin_index, case_histograms
+from segcalib.metrics.binning_cpu import tuned_case_histograms
 from tests.metrics._reference import ref_bin
 
 M = 15
@@ -74,9 +75,10 @@ def kernel_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return p, y, cells
 
 
-def test_kernel_matches_reference(kernel_inputs) -> None:
+@pytest.mark.parametrize("tuned", [False, True], ids=["reference", "tuned_cpu"])
+def test_kernel_matches_reference(kernel_inputs, tuned) -> None:
     p, y, cells = kernel_inputs
-    hist = case_histograms(p, y, M, cells, 3)
+    hist = case_histograms(p, y, M, cells, 3, tuned=tuned)
     top, cls, scores = _reference_histograms(p.double().numpy(), y.numpy(), cells.numpy(), 3)
     np.testing.assert_array_equal(hist.top[..., 0].numpy(), top[..., 0])  # counts exact
     np.testing.assert_array_equal(hist.top[..., 2].numpy(), top[..., 2])
@@ -87,22 +89,28 @@ def test_kernel_matches_reference(kernel_inputs) -> None:
 
 
 @pytest.mark.parametrize(
-    "chunk, use_bincount, workers, dtype",
+    "chunk, tuned, use_bincount, dtype",
     [
-        (7, False, 3, torch.float32),
-        (256, False, 2, torch.float64),
-        (1000, True, 1, torch.float16),
-        (None, True, 1, torch.float32),
-        (100, False, 4, torch.bfloat16),
+        (7, True, False, torch.float32),
+        (256, True, False, torch.float64),
+        (1000, True, True, torch.float16),
+        (None, True, True, torch.float32),
+        (100, True, False, torch.bfloat16),
+        (7, False, None, torch.float32),
+        (1000, False, None, torch.float16),
+        (100, False, None, torch.bfloat16),
     ],
 )
-def test_kernel_independent_of_chunks_threads_and_backend(kernel_inputs, chunk, use_bincount, workers, dtype) -> None:
+def test_kernel_independent_of_chunks_kernel_and_backend(kernel_inputs, chunk, tuned, use_bincount, dtype) -> None:
     p, y, cells = kernel_inputs
     p = p.to(dtype)
-    ref = case_histograms(p, y, M, cells, 3, chunk_size=10**6, workers=1)
+    ref = case_histograms(p, y, M, cells, 3, chunk_size=10**6, tuned=False)
     threads = torch.get_num_threads()
-    got = case_histograms(p, y, M, cells, 3, chunk_size=chunk, use_bincount=use_bincount, workers=workers)
-    assert torch.get_num_threads() == threads  # the worker pool leaves the caller's setting alone
+    if tuned:
+        got = tuned_case_histograms(p, y, M, cells, 3, chunk_size=chunk, use_bincount=use_bincount)
+    else:
+        got = case_histograms(p, y, M, cells, 3, chunk_size=chunk, tuned=False)
+    assert torch.get_num_threads() == threads  # no kernel changes torch's settings
     for name in ("top", "classwise", "scores"):
         torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-12, atol=1e-9)
 
@@ -130,7 +138,7 @@ def test_kernel_rejects_inconsistent_arguments(kernel_inputs) -> None:
 
 
 def test_accumulate_counts_and_sums_on_both_backends() -> None:
-    from segcalib.metrics.binning import _accumulate
+    from segcalib.metrics.binning_cpu import _accumulate
 
     index = torch.tensor([0, 2, 2, 5])
     weights = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from segcalib.reports.calibration_json import calibration_json
 from segcalib.metrics import CalibrationMetric, classwise_calibration_error, expected_calibration_error
 from tests.metrics._reference import blobs, ref_boundary_band, ref_calibration
 
@@ -53,7 +54,7 @@ def test_metric_matches_reference_3d_anisotropic(include_background: bool) -> No
     probs, target = make_batch((14, 16, 10), batch=2)
     metric = CalibrationMetric(C, include_background=include_background)
     metric.update(probs, target, spacing=SPACING_3D)
-    out = metric.compute()
+    out = calibration_json(metric.compute())
     p, t = probs.double().numpy(), target.numpy()
     for name, mask in region_masks(t, SPACING_3D).items():
         assert_region_equal(out[name], ref_calibration(p, t, 15, mask, include_background))
@@ -65,7 +66,7 @@ def test_metric_matches_reference_2d_per_case_spacing() -> None:
     spacings = [(0.7, 1.3), (1.0, 1.0), (2.0, 0.5)]
     metric = CalibrationMetric(3, n_bins=10, boundary_mm=1.5)
     metric.update(probs, target.unsqueeze(1), spacing=spacings)  # (B, 1, H, W) targets too
-    out = metric.compute()
+    out = calibration_json(metric.compute())
     p, t = probs.numpy(), target.numpy()
     band = np.stack([ref_boundary_band(t[b], spacings[b], 1.5) for b in range(3)])
     for name, mask in {"all": None, "foreground": t != 0, "boundary": band}.items():
@@ -89,7 +90,7 @@ def test_probabilities_exactly_zero_one_and_on_bin_edges(dtype: torch.dtype) -> 
     target = torch.tensor([0, 2, 2, 1, 1, 0, 2, 0]).reshape(1, 2, 4)
     metric = CalibrationMetric(3, regions=("all", "foreground"))
     metric.update(probs, target)
-    out = metric.compute()
+    out = calibration_json(metric.compute())
     p, t = probs.double().numpy(), target.numpy()
     assert_region_equal(out["all"], ref_calibration(p, t))
     assert_region_equal(out["foreground"], ref_calibration(p, t, mask=t != 0))
@@ -110,7 +111,7 @@ def test_empty_regions_give_nan_not_a_crash() -> None:
     target = torch.zeros(2, 8, 9, 7, dtype=torch.long)
     metric = CalibrationMetric(C)
     metric.update(probs, target, spacing=SPACING_3D)
-    out = metric.compute()
+    out = calibration_json(metric.compute())
     assert out["all"]["n_voxels"] == 2 * 8 * 9 * 7
     for name in ("foreground", "boundary"):
         region = out[name]
@@ -127,7 +128,7 @@ def test_full_foreground_has_a_band_at_the_image_border() -> None:
     metric = CalibrationMetric(C, regions=("boundary",))
     metric.update(probs, target, spacing=(1.0, 1.0, 1.0))
     band = ref_boundary_band(target[0].numpy(), (1.0, 1.0, 1.0), 2.0)
-    assert metric.compute()["boundary"]["n_voxels"] == int(band.sum()) == 9**3 - 3**3
+    assert calibration_json(metric.compute())["boundary"]["n_voxels"] == int(band.sum()) == 9**3 - 3**3
 
 
 def test_per_case_records_and_media_foreground_ece() -> None:
@@ -136,7 +137,7 @@ def test_per_case_records_and_media_foreground_ece() -> None:
     metric = CalibrationMetric(C)
     metric.update(probs[:2], target[:2], spacing=SPACING_3D, case_ids=["a", "b"])
     metric.update(probs[2:], target[2:], spacing=SPACING_3D)
-    out = metric.compute()
+    out = calibration_json(metric.compute())
     assert [c["case_id"] for c in out["per_case"]] == ["a", "b", 2]
     p, t = probs.double().numpy(), target.numpy()
     fg = []
@@ -158,7 +159,7 @@ def test_ignore_index_leaves_voxels_out_everywhere() -> None:
     target = target.masked_fill(ignored, 255)
     metric = CalibrationMetric(C, ignore_index=255)
     metric.update(probs, target, spacing=SPACING_3D)
-    out = metric.compute()
+    out = calibration_json(metric.compute())
     p, t = probs.double().numpy(), target.numpy()
     valid = t != 255
     # an ignored voxel is not of class k, so a foreground voxel next to it is an edge voxel
@@ -173,7 +174,7 @@ def test_functional_forms_equal_the_metric() -> None:
     probs, target = make_batch((9, 10, 11), batch=2, seed=6)
     metric = CalibrationMetric(C, regions=("all",), include_background=False)
     metric.update(probs, target)
-    out = metric.compute()["all"]
+    out = calibration_json(metric.compute())["all"]
     assert expected_calibration_error(probs, target) == pytest.approx(out["ece"], rel=1e-12)
     assert classwise_calibration_error(probs, target, include_background=False) == pytest.approx(out["cece"], rel=1e-12)
 
@@ -190,7 +191,7 @@ def test_matches_torchmetrics_top_label_ece() -> None:
     ref_max = MulticlassCalibrationError(num_classes=C, n_bins=15, norm="max")(probs, target)
     metric = CalibrationMetric(C, regions=("all",))
     metric.update(probs, target)
-    assert metric.compute()["all"]["mce"] == pytest.approx(float(ref_max), rel=1e-5)
+    assert calibration_json(metric.compute())["all"]["mce"] == pytest.approx(float(ref_max), rel=1e-5)
 
 
 @pytest.mark.parametrize("include_background", [True, False])
@@ -208,7 +209,7 @@ def test_matches_monai_calibration_error_metric(include_background: bool) -> Non
     per_case = monai.aggregate().mean(1)  # (B, C) -> mean over the evaluated classes
     metric = CalibrationMetric(C, regions=("all",), include_background=include_background)
     metric.update(probs, target)
-    out = metric.compute()
+    out = calibration_json(metric.compute())
     got = [case["cece"]["all"] for case in out["per_case"]]
     np.testing.assert_allclose(got, per_case.double().numpy(), rtol=1e-4)
     # one volume: MONAI's mean over classes is the pooled CECE
@@ -223,9 +224,9 @@ def test_to_dict_round_trip_through_json() -> None:
     saved = json.loads(json.dumps(metric.to_dict()))
     restored = CalibrationMetric.from_dict(saved)
     assert restored.config() == metric.config() and restored.validate_args is False
-    assert json.dumps(restored.compute()) == json.dumps(metric.compute())
+    assert json.dumps(calibration_json(restored.compute())) == json.dumps(calibration_json(metric.compute()))
     restored.update(probs[:1], target[:1], spacing=SPACING_3D)
-    assert restored.compute()["all"]["n_voxels"] == 3 * 8**3
+    assert calibration_json(restored.compute())["all"]["n_voxels"] == 3 * 8**3
 
 
 def _state(metric: CalibrationMetric) -> dict[str, torch.Tensor]:
@@ -260,7 +261,7 @@ def test_merge_equals_one_pass_for_any_split_and_order(cuts, order, reverse_merg
         torch.testing.assert_close(got, value, rtol=1e-12, atol=1e-10)
         if name != "score_stats":
             assert torch.equal(got[..., 0], value[..., 0]) and torch.equal(got[..., 2], value[..., 2])  # counts
-    a, b = one.compute(), merged.compute()
+    a, b = calibration_json(one.compute()), calibration_json(merged.compute())
     for region in ("all", "foreground", "boundary"):
         assert a[region]["ece"] == pytest.approx(b[region]["ece"], rel=1e-12)
         assert a[region]["reliability"]["count"] == b[region]["reliability"]["count"]
@@ -272,7 +273,7 @@ def test_reset_and_merge_checks() -> None:
     metric = CalibrationMetric(C)
     metric.update(probs, target)
     metric.reset()
-    assert metric.compute()["all"]["n_voxels"] == 0 and metric.compute()["per_case"] == []
+    assert calibration_json(metric.compute())["all"]["n_voxels"] == 0 and calibration_json(metric.compute())["per_case"] == []
     with pytest.raises(ValueError):
         metric.merge(CalibrationMetric(C, n_bins=10))
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from segcalib.metrics import CalibrationMetric
+from segcalib.reports.calibration_json import calibration_json
 from tests.metrics.test_calibration import SPACING_3D, make_batch
 
 WORLD = 2
@@ -24,21 +25,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         metric = CalibrationMetric(4)
         mine = slice(2 * rank, 2 * rank + 2)
         metric.update(probs[mine], target[mine], spacing=SPACING_3D, case_ids=[f"case{2 * rank + i}" for i in range(2)])
-        local_voxels = metric.compute()["all"]["n_voxels"]
-        metric.sync()
-        metric.sync()  # a second sync must not count twice
-        synced = metric.compute()
-        try:
-            metric.update(probs[mine], target[mine])
-            update_after_sync = "allowed"
-        except RuntimeError:
-            update_after_sync = "refused"
-        metric.unsync()
-        restored = metric.compute()["all"]["n_voxels"]
+        local_voxels = int(metric.top_stats[0, :, 0].sum())
+        synced = calibration_json(metric.compute())  # compute() syncs; the local state stays local
+        again = calibration_json(metric.compute())  # a second compute must not count twice
+        restored = int(metric.top_stats[0, :, 0].sum())
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(
-                {"synced": synced, "local": local_voxels, "restored": restored, "after_sync": update_after_sync}, f
-            )
+            json.dump({"synced": synced, "again": again, "local": local_voxels, "restored": restored}, f)
     finally:
         dist.destroy_process_group()
 
@@ -49,12 +41,12 @@ def test_two_process_sync_equals_one_process(tmp_path) -> None:
     probs, target = make_batch((8, 9, 7), batch=4, seed=12)
     single = CalibrationMetric(4)
     single.update(probs, target, spacing=SPACING_3D, case_ids=[f"case{i}" for i in range(4)])
-    expected = single.compute()
+    expected = calibration_json(single.compute())
     for rank in range(WORLD):
         with open(tmp_path / f"rank{rank}.json") as f:
             got = json.load(f)
         synced = got["synced"]
-        assert got["after_sync"] == "refused"
+        assert got["again"]["all"]["n_voxels"] == got["synced"]["all"]["n_voxels"] == 4 * 8 * 9 * 7
         assert got["local"] == got["restored"] == 2 * 8 * 9 * 7
         for region in ("all", "foreground", "boundary"):
             a, b = synced[region], expected[region]

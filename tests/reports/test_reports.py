@@ -18,6 +18,7 @@ from scipy import ndimage
 from segcalib.config import load_config
 from segcalib.data import load_manifest
 from segcalib.errors import DataError
+from segcalib.inference.temperature import TemperatureRequest
 from segcalib.export import ExportOptions, export
 from segcalib.reports import compare, evaluate, read_report
 from tests.synthetic import make_dataset, write_nifti
@@ -49,7 +50,7 @@ def _boundary(label: np.ndarray, spacing, width: float = 2.0) -> np.ndarray:
 def evaluated(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("evaluated")
     manifest = load_config(smoke_run / "config.yaml").data.manifest
-    export(smoke_run, manifest, root / "pred", ExportOptions(temperature="1.3"))
+    export(smoke_run, manifest, root / "pred", ExportOptions(temperature=TemperatureRequest.parse("1.3")))
     report = evaluate(root / "pred", manifest, root / "report")
     return root, manifest, report
 

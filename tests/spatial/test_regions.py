@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from segcalib.reports.calibration_json import calibration_json
 from segcalib.metrics import RegionContext, available_regions, boundary_band, register_region
 from segcalib.spatial.morphology import dilate_ellipsoid, ellipsoid_rows, label_edges, mask_edges
 from segcalib.spatial.regions import region_mask
@@ -103,8 +104,8 @@ def test_custom_region_in_the_metric() -> None:
     target = torch.randint(0, 3, (2, 6, 8))
     metric = CalibrationMetric(3, regions=("test_left_half", "all"))
     metric.update(probs, target)
-    out = metric.compute()
+    out = calibration_json(metric.compute())
     assert out["test_left_half"]["n_voxels"] == 2 * 6 * 4 and out["all"]["n_voxels"] == 2 * 6 * 8
     half = CalibrationMetric(3, regions=("all",))
     half.update(probs[..., :4].contiguous(), target[..., :4].contiguous())
-    assert out["test_left_half"]["ece"] == pytest.approx(half.compute()["all"]["ece"], rel=1e-12)
+    assert out["test_left_half"]["ece"] == pytest.approx(calibration_json(half.compute())["all"]["ece"], rel=1e-12)

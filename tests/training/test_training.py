@@ -16,8 +16,9 @@ import torch
 from segcalib.config import load_config
 from segcalib.errors import RunError
 from segcalib.losses.base import CalibrationLoss
-from segcalib.training import RunDir, TrainingDiverged, train
-from segcalib.training.checkpoint import load_checkpoint
+from segcalib.runs import RunDir
+from segcalib.training import TrainingDiverged, train
+from segcalib.runs.checkpoint import load_checkpoint
 from tests.conftest import REPO_ROOT, SMOKE_CONFIG
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -48,8 +48,8 @@ def test_out_of_space_is_a_resource_error(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_training_out_of_space_exits_2_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
-    import segcalib.training.checkpoint as checkpoint_module
-    from segcalib.training.checkpoint import load_checkpoint
+    import segcalib.runs.checkpoint as checkpoint_module
+    from segcalib.runs.checkpoint import load_checkpoint
 
     class FullDisk(io.FileIO):
         def write(self, data) -> int:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from segcalib.errors import RunError
 
@@ -75,3 +79,38 @@ def open_run(path: str | Path) -> RunDir:
     if not run.config.exists():
         raise RunError(f"{run.root}: not a segcalib run folder (no {CONFIG_NAME})")
     return run
+
+
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any], ignore: Sequence[str] = ("train.epochs",)) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (``ignore``d keys left out)."""
+    changed: set[str] = set()
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in set(a) | set(b):
+                walk(a.get(key), b.get(key), f"{prefix}{key}.")
+        elif a != b and prefix.rstrip(".") not in ignore:
+            changed.add(prefix.rstrip("."))
+
+    walk(saved, current, "")
+    return sorted(changed)
+
+
+def check_run_config(run: RunDir, current: dict[str, Any], action: str) -> None:
+    """Refuse to ``action`` (resume, reuse) a run folder whose own ``config.yaml`` differs from
+    ``current`` in anything but ``train.epochs``. The config is written when the folder is made,
+    so the check holds from the first moment of a run, before any checkpoint exists."""
+    if not run.config.exists():
+        return
+    try:
+        saved = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise RunError(f"{run.config}: unreadable run config ({exc}); remove the run folder or choose another") from None
+    if not isinstance(saved, dict):
+        raise RunError(f"{run.config}: not a run config; remove the run folder or choose another")
+    changed = config_mismatch(saved, current)
+    if changed:
+        raise RunError(
+            f"{run.root}: cannot {action} a run of another config (changed: {', '.join(changed)}); only "
+            "train.epochs may change. Choose another run folder or remove this one"
+        )
