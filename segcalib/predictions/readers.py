@@ -51,10 +51,15 @@ def read_nifti_map(path: Path, channel_axis: str = "last") -> tuple[np.ndarray, 
     n_classes = raw.shape[axis]
     if n_classes < 2:
         raise DataError(f"{path}: {n_classes} class on the {channel_axis} axis (shape {raw.shape}); a map needs two or more")
-    values = np.empty((n_classes,) + tuple(np.delete(raw.shape, axis)), dtype=np.float32)
-    for c in range(n_classes):  # one class at a time: no full-size float64 or transposed temporary
-        plane = np.take(raw, c, axis=axis)
-        values[c] = plane * slope + inter if scaled else plane
+    classes = np.moveaxis(raw, axis, 0)  # a view: (C, *spatial)
+    values = np.empty(classes.shape, dtype=np.float32)
+    for c in range(n_classes):  # one class at a time, straight from the file's array: no temporaries
+        if scaled:  # in float64 (buffered), as nibabel scales
+            np.multiply(classes[c], slope, out=values[c], dtype=np.float64, casting="same_kind")
+            if inter:
+                values[c] += np.float32(inter)
+        else:
+            values[c] = classes[c]
     return values, header
 
 
