@@ -109,7 +109,10 @@ def write_like_nnunet(out: Path, case_id: str, probs_zyx: np.ndarray, reference:
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / f"{case_id}.npz", probabilities=probs_zyx.astype(np.float32))
     ref = sitk.ReadImage(str(reference))
-    seg = sitk.GetImageFromArray(probs_zyx.argmax(0).astype(np.uint8))
+    seg_array = probs_zyx.argmax(0).astype(np.uint8)
+    if ref.GetDimension() == 2:  # as SimpleITKIO.write_seg: a 2D case is (1, y, x) until written
+        seg_array = seg_array[0]
+    seg = sitk.GetImageFromArray(seg_array)
     seg.CopyInformation(ref)
     sitk.WriteImage(seg, str(out / f"{case_id}.nii.gz"), True)
     with open(out / f"{case_id}.pkl", "wb") as f:

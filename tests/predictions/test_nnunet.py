@@ -22,6 +22,9 @@ from tests.predictions.nnunet_folders import (
     softmax,
     write_like_nnunet,
     write_sitk,
+    ORIGIN,
+    OBLIQUE,
+    SPACING,
 )
 
 
@@ -134,3 +137,17 @@ def test_broken_nnunet_folders_name_the_file(tmp_path: Path) -> None:
     np.savez_compressed(tmp_path / "out" / "liver_007.npz", probabilities=sigmoid)
     with pytest.raises(DataError, match="not probabilities.*region-based"):
         folder.read("liver_007")
+
+
+def test_a_2d_case_keeps_its_singleton_axis_out(tmp_path: Path) -> None:
+    """nnU-Net stores a 2D case's probabilities as ``(C, 1, y, x)`` and its segmentation in 2D."""
+    label_yx = blob_label_zyx((1, 11, 13))[0]
+    label = write_sitk(tmp_path / "labels" / "slice.nii.gz", label_yx, SPACING[:2], ORIGIN[:2], OBLIQUE[:2, :2])
+    probs = softmax(nnunet_logits(label_yx[None]))  # (C, 1, y, x)
+    write_like_nnunet(tmp_path / "out", "slice", probs, label)
+    pred = open_predictions(tmp_path / "out").read("slice")
+    assert pred.values.shape == (3, 13, 11)
+    np.testing.assert_allclose(pred.values, probs[:, 0].transpose(0, 2, 1), atol=2e-6)
+    assert np.array_equal(pred.values.argmax(0), read_volume(label, dtype=np.int64)[0])
+    check_geometry(pred, read_header(label), num_classes=3)
+    assert pred.spacing == pytest.approx(SPACING[:2], abs=1e-6)
