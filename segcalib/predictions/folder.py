@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segcalib.data.manifest import safe_case_id
 from segcalib.errors import ConfigError, DataError
 from segcalib.predictions.maps import PredictionMap, check_input, resolve_kind
@@ -98,7 +100,8 @@ class PredictionFolder:
         return self.entry(case_id).files
 
     def read(self, case_id: str) -> PredictionMap:
-        """Load one case as a :class:`PredictionMap` (values float32 ``(C, *spatial)``)."""
+        """Load one case as a :class:`PredictionMap` (values float32 ``(C, *spatial)``;
+        probabilities clipped to [0, 1], within the tolerance they were accepted with)."""
         entry = self.entry(case_id)
         if self.format == "nnunet":
             if entry.geometry is None:
@@ -109,6 +112,8 @@ class PredictionFolder:
             values, header = read_nifti_map(entry.path, self.channel_axis)
         kind = resolve_kind(values, self.input, entry.hint, entry.path)
         self._check_same_kind(kind, case_id)
+        if kind == "probs":  # rounding (16-bit maps, float sums) may leave -1e-4: keep log(p) defined
+            np.clip(values, 0.0, 1.0, out=values)
         return PredictionMap(values=values, kind=kind, affine=header.affine, source=entry.path,
                              geometry_file=header.path)
 

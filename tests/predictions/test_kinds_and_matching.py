@@ -37,6 +37,7 @@ def test_auto_detection_from_values(tmp_path: Path) -> None:
     logits = _logits()
     probs = _softmax(logits)
     rounded = probs + np.float32(4e-4) * (np.arange(3) == 0)  # within the 1e-3 tolerance
+    rounded[0, 0, 0] = [-2e-4, 0.5002, 0.5]  # a slightly negative value, read as 0
     noisy = probs + np.float32(5e-3) * (np.arange(3) == 0)  # beyond it: not probabilities
     for name, array in (("logits", logits), ("probs", probs), ("rounded", rounded), ("noisy", noisy)):
         write_nifti(tmp_path / f"{name}.nii.gz", array)
@@ -44,6 +45,10 @@ def test_auto_detection_from_values(tmp_path: Path) -> None:
     # a fresh folder per case: one folder refuses to mix kinds (next test)
     assert {c: open_predictions(tmp_path).read(c).kind for c in ids} == {
         "logits": "logits", "probs": "probs", "rounded": "probs", "noisy": "logits"}
+    read = open_predictions(tmp_path).read("rounded").values
+    assert read[0, 0, 0, 0] == 0.0 and read[1, 0, 0, 0] == np.float32(0.5002)
+    assert (rounded > 1).any() and read.max() == 1.0  # 0.9999 + 4e-4 is read as 1
+    assert np.array_equal(read, np.clip(np.moveaxis(rounded, -1, 0), 0, 1))
     # non-negative values summing to 1 are probabilities, however they were made
     assert resolve_kind(np.full((4, 2, 2), 0.25, np.float32), "auto", None, tmp_path / "x") == "probs"
     assert resolve_kind(np.full((4, 2, 2), 0.5, np.float32), "auto", None, tmp_path / "x") == "logits"
