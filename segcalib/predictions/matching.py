@@ -1,0 +1,52 @@
+"""Pair manifest cases with prediction maps, and check a map against its label's geometry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from segcalib.data.manifest import Case
+from segcalib.data.volumes import VolumeHeader
+from segcalib.errors import DataError
+from segcalib.predictions.folder import PredictionEntry, PredictionFolder
+from segcalib.predictions.maps import PredictionMap
+
+AFFINE_TOL = 1e-4  # mm, as segcalib.data.check compares image and label
+
+
+def match_cases(folder: PredictionFolder, cases: Iterable[Case]) -> list[tuple[Case, PredictionEntry]]:
+    """``(case, entry)`` for every case, in the given order; maps of other cases are ignored.
+
+    Every case needs a map: the error names all the cases without one (up to ten) and the folder.
+    For nnU-Net folders the segmentation that gives the geometry must be there too.
+    """
+    cases = list(cases)
+    missing = [c.case_id for c in cases if c.case_id not in folder]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise DataError(
+            f"case {missing[0]}: no prediction map in {folder.root} ({len(missing)} of {len(cases)} case(s) "
+            f"have none: {shown}; the folder's {folder.format} maps are named after the case ids)"
+        )
+    pairs = [(c, folder.entry(c.case_id)) for c in cases]
+    for case, entry in pairs:
+        if entry.geometry is None:
+            raise DataError(f"case {case.case_id}: {entry.path} has no segmentation beside it to give its geometry")
+    return pairs
+
+
+def check_geometry(pred: PredictionMap, label_header: VolumeHeader, num_classes: int | None = None) -> None:
+    """Raise a :class:`DataError` naming both files unless ``pred`` lies on the label's voxels:
+    same spatial shape, affines equal within :data:`AFFINE_TOL` mm, and (if given) ``num_classes``."""
+    where = str(pred.source) if pred.geometry_file == pred.source else f"{pred.source} (geometry of {pred.geometry_file})"
+    label_shape = tuple(label_header.shape[: len(pred.spatial_shape)])
+    if len(label_header.shape) < len(pred.spatial_shape) or pred.spatial_shape != label_shape:
+        raise DataError(f"{where}: spatial shape {pred.spatial_shape} differs from the label {label_header.path} "
+                        f"shape {tuple(label_header.shape)}")
+    if not np.allclose(pred.affine, label_header.affine, atol=AFFINE_TOL, rtol=0):
+        worst = float(np.abs(np.asarray(pred.affine) - label_header.affine).max())
+        raise DataError(f"{where}: affine differs from the label {label_header.path} by up to {worst:.3g} mm "
+                        f"(tolerance {AFFINE_TOL:g}): not on the same voxels")
+    if num_classes is not None and pred.num_classes != num_classes:
+        raise DataError(f"{where}: {pred.num_classes} classes, the manifest of {label_header.path} declares {num_classes}")
