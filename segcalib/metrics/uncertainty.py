@@ -74,6 +74,7 @@ class UncertaintyMetric(SummableState):
         num_classes: number of classes ``C`` (labels ``0..C-1``).
         value_range: ``(lo, hi)`` of the uncertainty (e.g. ``(0, log C)`` for entropy, see
             :func:`max_uncertainty`); it sets the histogram bins and the QU-BraTS scale to [0, 100].
+            Values outside it are clamped into the end bins and to 0 or 100.
         n_bins: histogram bins (default ``2**14``); AURC is exact when no bin holds both a correct
             voxel and an error, otherwise reported with its bound.
         ueo_threshold: the fixed UEO threshold, in uncertainty units (default: the middle of
@@ -115,10 +116,10 @@ class UncertaintyMetric(SummableState):
     def config(self) -> dict[str, Any]:
         return {
             "num_classes": self.num_classes,
-            "value_range": self.value_range,
+            "value_range": list(self.value_range),
             "n_bins": self.n_bins,
             "ueo_threshold": self.ueo_threshold,
-            "qu_thresholds": self.qu_thresholds,
+            "qu_thresholds": list(self.qu_thresholds),
             "include_background": self.include_background,
         }
 
@@ -193,6 +194,18 @@ class UncertaintyMetric(SummableState):
 
     def reset(self) -> None:
         self.reset_state()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Configuration and state as plain Python (JSON-serialisable), to save partial results."""
+        return {"config": self.config(), "state": {name: t.cpu().tolist() for name, t in self.state_tensors().items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], device: torch.device | str = "cpu") -> UncertaintyMetric:
+        """Rebuild a metric saved with :meth:`to_dict`."""
+        metric = cls(**data["config"]).to(device)
+        for name, values in data["state"].items():
+            getattr(metric, name).copy_(torch.tensor(values, dtype=torch.float64))
+        return metric
 
     def risk_coverage(self) -> dict[str, torch.Tensor]:
         """The risk-coverage curve at the histogram's non-empty bins (see :func:`risk_coverage_curve`)."""

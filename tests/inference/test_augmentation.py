@@ -138,3 +138,18 @@ def test_mc_dropout_is_refused_without_dropout() -> None:
         list(member_predictions(net, torch.randn(1, 1, 2, 2, 2), mc_samples=4))
     with pytest.raises(ConfigError, match="mc_samples"):
         list(member_predictions(net, torch.randn(1, 1, 2, 2, 2), mc_samples=0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tta_on_the_gpu_with_sliding_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 rounding differs between flips
+    net = SymmetricConvNet().cuda().eval()
+    image = torch.randn(1, 2, 6, 7, 5, device="cuda")
+    window = SlidingWindow(roi_size=[6, 7, 5], amp=False)
+    ensemble = ProbabilityEnsemble()
+    for probs in member_predictions(lambda x: predict_logits(net, x, window), image, tta=True):
+        assert probs.is_cuda
+        ensemble.add(probs)
+    with torch.no_grad():
+        plain = torch.softmax(net(image), dim=1).double()
+    torch.testing.assert_close(ensemble.result().mean, plain, atol=1e-5, rtol=0)

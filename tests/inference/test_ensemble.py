@@ -110,3 +110,16 @@ def test_bad_members_are_refused() -> None:
         ens.add(torch.full((1, 2, 3, 3), 0.5), weight=0.0)
     with pytest.raises(ValueError, match="floating point"):
         ens.add(torch.ones((1, 2, 3, 3), dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_members_stay_on_the_gpu_and_match_cpu() -> None:
+    members = _members(3)
+    cpu, gpu = ProbabilityEnsemble(variance=True), ProbabilityEnsemble(variance=True)
+    for m in members:
+        cpu.add(m)
+        gpu.add(m.cuda())
+    a, b = cpu.result(), gpu.result()
+    assert b.mean.is_cuda and b.mutual_info.is_cuda
+    for name in ("mean", "entropy", "expected_entropy", "mutual_info", "variance"):
+        torch.testing.assert_close(getattr(b, name).cpu(), getattr(a, name), atol=1e-12, rtol=0)

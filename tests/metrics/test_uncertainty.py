@@ -250,3 +250,29 @@ def test_case_level_correlation_against_numpy() -> None:
     assert out["spearman"] == pytest.approx(np.corrcoef(ranks_u, ranks_d)[0, 1], abs=1e-12)
     assert out["spearman"] < 0 and out["pearson"] < 0
     assert math.isnan(uncertainty_dice_correlation([0.1, 0.2], [0.5, 0.6])["pearson"])
+
+
+def test_saved_state_round_trips_through_json() -> None:
+    import json
+
+    metric = UncertaintyMetric(2, (0.0, 1.0), n_bins=64, qu_thresholds=(100, 50, 0))
+    metric.update(U10, PRED10, GT10)
+    again = UncertaintyMetric.from_dict(json.loads(json.dumps(metric.to_dict())))
+    assert again.config() == metric.config()
+    for name, value in metric.state_tensors().items():
+        assert torch.equal(getattr(again, name), value), name
+    assert again.compute() == metric.compute()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_state_equals_cpu_state() -> None:
+    u, pred, target = _quantised_case(6, classes=3)
+    mask = target > 0
+    cpu = UncertaintyMetric(3, (0.0, 1.0))
+    cpu.update(u, pred, target, mask=mask)
+    gpu = UncertaintyMetric(3, (0.0, 1.0)).to("cuda")
+    gpu.update(u.cuda(), pred.cuda(), target.cuda(), mask=mask.cuda())
+    assert gpu.histogram.is_cuda
+    for name, value in cpu.state_tensors().items():
+        torch.testing.assert_close(getattr(gpu, name).cpu(), value, rtol=1e-14, atol=0)
+    assert gpu.compute()["qu_brats"] == cpu.compute()["qu_brats"]
