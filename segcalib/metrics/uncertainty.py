@@ -155,16 +155,22 @@ class UncertaintyMetric(SummableState):
         p = pred.reshape(-1)
         t = target.reshape(-1)
         m = mask.reshape(-1).bool() if mask is not None else None
+        batch: dict[str, torch.Tensor] = {}  # added to the state only once every chunk passed the checks
         for start in range(0, u.numel(), _CHUNK):
             chunk = slice(start, start + _CHUNK)
             m_chunk = None if m is None else m[chunk].to(device)
-            self._update_chunk(u[chunk].to(device), p[chunk].to(device), t[chunk].to(device), m_chunk)
+            stats = self._chunk_stats(u[chunk].to(device), p[chunk].to(device), t[chunk].to(device), m_chunk)
+            for name, value in stats.items():
+                batch[name] = batch[name] + value if name in batch else value
+        self.add_to_state(batch)
 
-    def _update_chunk(self, u: torch.Tensor, p: torch.Tensor, t: torch.Tensor, m: torch.Tensor | None) -> None:
+    def _chunk_stats(
+        self, u: torch.Tensor, p: torch.Tensor, t: torch.Tensor, m: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         if m is not None:
             u, p, t = u[m], p[m], t[m]
         if u.numel() == 0:
-            return
+            return {}
         if not bool(torch.isfinite(u).all()):
             raise ValueError("uncertainty has NaN or infinite values")
         for name, labels in (("pred", p), ("target", t)):
@@ -176,14 +182,13 @@ class UncertaintyMetric(SummableState):
         histogram = torch.bincount(bins * 2 + error, minlength=2 * self.n_bins).view(self.n_bins, 2)
         above = u.double() > self.ueo_threshold
         levels = qu_brats_levels(scale_to_100(u, self.value_range), self.qu_thresholds)
-        self.add_to_state(
-            {
-                "histogram": histogram,
-                "sums": torch.stack([u.new_tensor(u.numel(), dtype=torch.float64), u.double().sum(), error.sum()]),
-                "ueo_counts": torch.stack([above.sum(), (above & (error > 0)).sum()]).double(),
-                "qu_counts": qu_brats_counts(levels, p, t, self.num_classes, len(self.qu_thresholds)),
-            }
-        )
+        n_errors = error.sum().double()
+        return {
+            "histogram": histogram.double(),
+            "sums": torch.stack([u.new_tensor(u.numel(), dtype=torch.float64), u.double().sum(), n_errors]),
+            "ueo_counts": torch.stack([above.sum(), (above & (error > 0)).sum()]).double(),
+            "qu_counts": qu_brats_counts(levels, p, t, self.num_classes, len(self.qu_thresholds)),
+        }
 
     def merge(self, other: UncertaintyMetric) -> UncertaintyMetric:
         """Add another metric's state (same configuration) to this one; returns ``self``."""

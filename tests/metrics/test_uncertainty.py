@@ -276,3 +276,13 @@ def test_cuda_state_equals_cpu_state() -> None:
     for name, value in cpu.state_tensors().items():
         torch.testing.assert_close(getattr(gpu, name).cpu(), value, rtol=1e-14, atol=0)
     assert gpu.compute()["qu_brats"] == cpu.compute()["qu_brats"]
+
+
+def test_a_bad_chunk_leaves_the_state_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uncertainty_module, "_CHUNK", 4)
+    metric = UncertaintyMetric(2, (0.0, 1.0))
+    u = U10.clone()
+    u[0, 9] = float("inf")  # in the last chunk, after two good ones
+    with pytest.raises(ValueError, match="infinite"):
+        metric.update(u, PRED10, GT10)
+    assert all(int(t.count_nonzero()) == 0 for t in metric.state_tensors().values())
