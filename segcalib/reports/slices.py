@@ -46,6 +46,7 @@ PROB_CMAP = "inferno"
 UNCERTAINTY_CMAP = "viridis"
 WINDOW_PERCENTILES = (0.5, 99.5)
 _MARGIN = 11  # pixels around each slice for the orientation letters
+_GAP = 6  # pixels between columns, so that neighbouring letters stay apart
 _LEFT = 26  # pixels left of the first column for the plane names
 _TOP = 16  # pixels above the first row for the column titles
 _BOTTOM = 44  # pixels below the last row for colour bars and the legend
@@ -109,10 +110,10 @@ def compose_case_view(
     px_per_mm = panel_px / max(max(e) for e in extents)
     sizes = {p: display_size(views[p], shape, px_per_mm) for p in PLANES}
     columns = ["image", "probability"] + (["uncertainty"] if uncertainty is not None else [])
-    col_w = max(s[1] for s in sizes.values()) + 2 * _MARGIN
+    col_w = max(s[1] for s in sizes.values()) + 2 * _MARGIN + _GAP
     row_h = {p: sizes[p][0] + 2 * _MARGIN for p in PLANES}
     height = _TOP + sum(row_h.values()) + _BOTTOM
-    width = _LEFT + col_w * len(columns)
+    width = _LEFT + col_w * len(columns) - _GAP
     canvas = Canvas(np.full((height, width, 3), 255, np.uint8), views, px_per_mm)
 
     low, high = _window(np.asarray(image))
@@ -136,7 +137,7 @@ def compose_case_view(
             else:
                 rgb = _heat(grey, resample(view.extract(uncertainty), size, order=1), uncertainty_range, UNCERTAINTY_CMAP)
             rgb[gt_ring] = GT_COLOUR
-            left = _LEFT + c * col_w + (col_w - size[1]) // 2
+            left = _LEFT + c * col_w + (col_w - _GAP - size[1]) // 2
             box = (top_px + _MARGIN, left, size[0], size[1])
             canvas.rgb[box[0] : box[0] + size[0], left : left + size[1]] = rgb
             canvas.boxes[(plane, column)] = box
@@ -149,13 +150,13 @@ def compose_case_view(
 
     titles = {"image": "image", "probability": "P(foreground)", "uncertainty": uncertainty_name}
     for c, column in enumerate(columns):
-        left = _LEFT + c * col_w
-        canvas.texts.append((left + col_w / 2, _TOP / 2, titles[column], {"bold": True}))
+        left, inner = _LEFT + c * col_w, col_w - _GAP - 2 * _MARGIN
+        canvas.texts.append((left + (col_w - _GAP) / 2, _TOP / 2, titles[column], {"bold": True}))
         if column == "image":
-            _legend(canvas, left + _MARGIN, top_px + 4, col_w - 2 * _MARGIN)
+            _legend(canvas, left + _MARGIN, top_px + 4, inner)
         else:
             limits = (0.0, 1.0) if column == "probability" else uncertainty_range
-            _colour_bar(canvas, left + _MARGIN, top_px + 6, col_w - 2 * _MARGIN, limits, PROB_CMAP if column == "probability" else UNCERTAINTY_CMAP)
+            _colour_bar(canvas, left + _MARGIN, top_px + 6, inner, limits, PROB_CMAP if column == "probability" else UNCERTAINTY_CMAP)
     return canvas
 
 
@@ -169,7 +170,7 @@ def case_view_uri(*args, **kwargs) -> str:
     return data_uri(case_view_png(*args, **kwargs))
 
 
-def render_png(canvas: Canvas, colours: int = 160) -> bytes:
+def render_png(canvas: Canvas, colours: int = 256) -> bytes:
     """Draw the text of ``canvas`` onto a copy of its pixels and encode a palette PNG.
 
     The text is set with matplotlib's own DejaVu Sans (through Pillow, loaded once), which is

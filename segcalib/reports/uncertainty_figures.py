@@ -65,7 +65,7 @@ def risk_coverage_figure(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if curves:
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 
@@ -100,8 +100,12 @@ def uncertainty_dice_figure(
     ax.scatter(x[keep], y[keep], s=14, color=COLOURS[0], alpha=0.75, edgecolors="none")
     if case_ids is not None and n_named > 0:
         kept = np.flatnonzero(keep)
-        for i in kept[np.argsort(y[kept], kind="stable")[:n_named]]:
-            ax.annotate(str(case_ids[i]), (x[i], y[i]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        # Staggered offsets keep the names of neighbouring points apart; they point back with a line.
+        for rank, i in enumerate(kept[np.argsort(y[kept], kind="stable")[:n_named]]):
+            ax.annotate(
+                str(case_ids[i]), (x[i], y[i]), fontsize=6, xytext=(-40 - 12 * (rank % 2), -12 - 9 * rank),
+                textcoords="offset points", arrowprops={"arrowstyle": "-", "color": "0.5", "linewidth": 0.5},
+            )
     left_out = int((~keep).sum())
     title = f"Pearson r = {_fmt(pearson)}, Spearman ρ = {_fmt(spearman)} (n = {int(keep.sum())}"
     ax.set_title(title + (f", {left_out} left out)" if left_out else ")"), fontsize=9)

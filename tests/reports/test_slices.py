@@ -191,8 +191,8 @@ def test_true_shape_with_anisotropic_voxels_and_expected_canvas_size() -> None:
     zeros = np.zeros(shape, np.float32)
     canvas = compose_case_view(zeros, np.eye(4), zeros.astype(int), zeros.astype(int), zeros, zeros, panel_px=128)
     assert canvas.px_per_mm == pytest.approx(128 / 51)
-    # 26 px for the plane names, columns of the widest slice (128) + 2 * 11; 16 + rows + 44
-    assert canvas.rgb.shape == (16 + (88 + 22) * 2 + (128 + 22) + 44, 26 + 3 * 150, 3)
+    # 26 px for the plane names, columns of the widest slice (128) + 2 * 11 with 6 px between; 16 + rows + 44
+    assert canvas.rgb.shape == (16 + (88 + 22) * 2 + (128 + 22) + 44, 26 + 3 * 150 + 2 * 6, 3)
     # voxels of 0.5 x 0.5 x 4 mm: a 40 x 40 x 10 grid spans 20 x 20 x 40 mm
     affine = np.diag([0.5, 0.5, 4.0, 1.0])
     shape = (40, 40, 10)
