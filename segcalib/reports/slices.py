@@ -3,7 +3,7 @@
 Per plane (rows) the panels (columns) are the image with the ground-truth and predicted outlines,
 the foreground probability over the image and, when given, an uncertainty map over the image.
 The slices are the ones holding the most ground-truth foreground (all foreground classes
-together), shown in a fixed, labelled orientation (:mod:`segcalib.reports.slice_layout`) with
+together; the predicted foreground when the ground truth is empty), shown in a fixed, labelled orientation (:mod:`segcalib.reports.slice_layout`) with
 square millimetres, so that anisotropic voxels keep their true shape.
 
 The pixels are composed in numpy (matplotlib's colour maps and font), so a case takes a few tens
@@ -95,17 +95,18 @@ def compose_case_view(
         convention: ``"radiological"`` (patient's right on the viewer's left) or ``"neurological"``.
         panel_px: pixels given to the longest slice side; all planes share one mm-to-pixel scale.
     """
-    maps = {"image": image, "labels": labels, "prediction": prediction, "probability": foreground_prob}
+    given = {"image": image, "labels": labels, "prediction": prediction, "probability": foreground_prob}
     if uncertainty is not None:
-        maps["uncertainty"] = uncertainty
+        given["uncertainty"] = uncertainty
     shape = np.shape(image)
     if len(shape) != 3:
         raise DataError(f"case view: image of shape {shape}, expected three spatial axes (one channel)")
-    for name, array in maps.items():
+    for name, array in given.items():
         if np.shape(array) != shape:
             raise DataError(f"case view: {name} has shape {np.shape(array)}, the image {shape}")
-    truth = np.asarray(labels) > 0
-    views = plane_views(affine, shape, busiest_slices(truth), convention)
+    truth, predicted = np.asarray(labels) > 0, np.asarray(prediction) > 0
+    # Without ground truth, the slices through the (false positive) prediction are the telling ones.
+    views = plane_views(affine, shape, busiest_slices(truth if truth.any() else predicted), convention)
     extents = [slice_extent_mm(views[p], shape) for p in PLANES]
     px_per_mm = panel_px / max(max(e) for e in extents)
     sizes = {p: display_size(views[p], shape, px_per_mm) for p in PLANES}
@@ -116,30 +117,19 @@ def compose_case_view(
     width = _LEFT + col_w * len(columns) - _GAP
     canvas = Canvas(np.full((height, width, 3), 255, np.uint8), views, px_per_mm)
 
-    low, high = _window(np.asarray(image))
     if uncertainty is not None and uncertainty_range is None:
         top = float(np.nanmax(uncertainty)) if np.size(uncertainty) else 0.0
         uncertainty_range = (0.0, top if top > 0 else 1.0)
+    maps = {"image": image, "truth": truth, "predicted": predicted, "probability": foreground_prob, "uncertainty": uncertainty}
+    window = _window(np.asarray(image))
     top_px = _TOP
     for plane in PLANES:
         view, size = views[plane], sizes[plane]
-        grey = _grey(resample(view.extract(image), size, order=1), low, high)
-        gt = resample(view.extract(truth), size, order=0)
-        pred = resample(view.extract(np.asarray(prediction) > 0), size, order=0)
-        gt_ring = ndimage.binary_dilation(gt) & ~gt
-        pred_ring = pred & ~ndimage.binary_erosion(pred, border_value=1)
+        panels = _plane_panels(view, size, maps, window, uncertainty_range)
         for c, column in enumerate(columns):
-            if column == "image":
-                rgb = grey.copy()
-                rgb[pred_ring] = PRED_COLOUR
-            elif column == "probability":
-                rgb = _heat(grey, resample(view.extract(foreground_prob), size, order=1), (0.0, 1.0), PROB_CMAP)
-            else:
-                rgb = _heat(grey, resample(view.extract(uncertainty), size, order=1), uncertainty_range, UNCERTAINTY_CMAP)
-            rgb[gt_ring] = GT_COLOUR
             left = _LEFT + c * col_w + (col_w - _GAP - size[1]) // 2
             box = (top_px + _MARGIN, left, size[0], size[1])
-            canvas.rgb[box[0] : box[0] + size[0], left : left + size[1]] = rgb
+            canvas.rgb[box[0] : box[0] + size[0], left : left + size[1]] = panels[column]
             canvas.boxes[(plane, column)] = box
             _edge_letters(canvas, box, view.edges)
         n = shape[view.normal_axis]
@@ -158,6 +148,35 @@ def compose_case_view(
             limits = (0.0, 1.0) if column == "probability" else uncertainty_range
             _colour_bar(canvas, left + _MARGIN, top_px + 6, inner, limits, PROB_CMAP if column == "probability" else UNCERTAINTY_CMAP)
     return canvas
+
+
+def _plane_panels(
+    view: PlaneView,
+    size: tuple[int, int],
+    maps: dict[str, np.ndarray | None],
+    window: tuple[float, float],
+    uncertainty_range: tuple[float, float] | None,
+) -> dict[str, np.ndarray]:
+    """The RGB panels of one plane: outlines on the image, probability and uncertainty over it.
+
+    The ground-truth outline runs just outside the true mask and the predicted one just inside
+    the predicted mask, so both stay visible where they agree; the ground truth is drawn on the
+    heat maps too, to show where the probability and uncertainty lie against the true boundary.
+    """
+    grey = _grey(resample(view.extract(maps["image"]), size, order=1), *window)
+    gt = resample(view.extract(maps["truth"]), size, order=0)
+    pred = resample(view.extract(maps["predicted"]), size, order=0)
+    gt_ring = ndimage.binary_dilation(gt) & ~gt
+    pred_ring = pred & ~ndimage.binary_erosion(pred, border_value=1)
+    panels = {"image": grey.copy()}
+    panels["image"][pred_ring] = PRED_COLOUR
+    panels["probability"] = _heat(grey, resample(view.extract(maps["probability"]), size, order=1), (0.0, 1.0), PROB_CMAP)
+    if maps["uncertainty"] is not None:
+        values = resample(view.extract(maps["uncertainty"]), size, order=1)
+        panels["uncertainty"] = _heat(grey, values, uncertainty_range, UNCERTAINTY_CMAP)
+    for rgb in panels.values():
+        rgb[gt_ring] = GT_COLOUR
+    return panels
 
 
 def case_view_png(*args, **kwargs) -> bytes:

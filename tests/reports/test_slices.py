@@ -116,6 +116,9 @@ def test_the_shown_slice_has_the_most_ground_truth_along_each_axis() -> None:
     canvas = compose_case_view(image, affine, labels, labels, (labels > 0).astype(np.float32))
     for view in canvas.views.values():
         assert view.index == expected[view.normal_axis]
+    # no ground truth at all: the slices through the most predicted foreground
+    canvas = compose_case_view(image, affine, np.zeros_like(labels), labels, (labels > 0).astype(np.float32))
+    assert {v.normal_axis: v.index for v in canvas.views.values()} == dict(enumerate(expected))
 
 
 def _ras_case(size: int = 32):
