@@ -78,3 +78,30 @@ def case_samples(probs: torch.Tensor, labels: torch.Tensor, mode: str, classes: 
             idx = torch.tensor(classes, device=p.device)
             out.append((pi.index_select(0, idx), (y[i].unsqueeze(0) == idx.view(-1, 1)).double()))
     return out
+
+
+def prediction_labels(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer ``(B, *spatial)`` label maps of a prediction and a target.
+
+    Args:
+        pred: floating ``(B, C, *spatial)`` probabilities or one-hot (argmax over classes, first
+            maximum on ties), or an integer label map ``(B, *spatial)`` / ``(B, 1, *spatial)``
+            (a 4D or 5D integer map with a singleton dim 1 is read as having a channel axis, so a
+            single-slice 3D integer map must be given as ``(B, 1, 1, H, W)``).
+        target: integer labels ``(B, *spatial)`` or ``(B, 1, *spatial)``.
+        num_classes: ``C``; labels must lie in ``0..C-1``.
+    """
+    if pred.is_floating_point():
+        if pred.dim() < 3 or pred.shape[1] != num_classes:
+            raise ValueError(f"floating pred must be (B, {num_classes}, *spatial), got shape {tuple(pred.shape)}")
+        labels = pred.argmax(1)
+    else:
+        labels = pred[:, 0] if pred.dim() >= 4 and pred.shape[1] == 1 else pred
+        labels = labels.long()
+    if target.is_floating_point() or target.is_complex():
+        raise ValueError(f"target must be an integer tensor, got {target.dtype}")
+    truth = as_label_map(target.to(labels.device), labels.unsqueeze(1))
+    for name, x in (("pred", labels), ("target", truth)):
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= num_classes):
+            raise ValueError(f"{name} labels must lie in 0..{num_classes - 1}")
+    return labels, truth
