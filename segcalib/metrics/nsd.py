@@ -13,8 +13,9 @@ surface elements between voxels (marching-squares contours / marching-cubes surf
 half a voxel) and weighs each by its length or area in mm, so its values differ: both give 1 for
 identical masks and for any shift within the tolerance, but on curved or anisotropic surfaces
 they differ, most below one voxel: for a one-voxel shift of a blob at tau = 0.5 mm the tests
-measure 0.27 here vs 0.43 there (2D) and 0.53 vs 0.68 (3D, spacing 1 x 0.8 x 2.5 mm). A distance within a relative 1e-9 of ``tau``
-counts as within, so that rounding in the distance computation (KD-tree or EDT) cannot flip it.
+measure 0.27 here vs 0.43 there (2D) and 0.53 vs 0.68 (3D, spacing 1 x 0.8 x 2.5 mm).
+A distance within a relative 1e-9 of ``tau`` counts as within, so that rounding in the distance
+computation (KD-tree or EDT) cannot flip it.
 
 Empty masks: both empty -> NaN (nothing to compare; counted, not hidden); exactly one empty -> 0.
 """
