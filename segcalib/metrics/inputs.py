@@ -58,7 +58,9 @@ def evaluated_classes(num_classes: int, include_background: bool) -> list[int]:
     return list(range(0 if include_background else 1, num_classes))
 
 
-def case_samples(probs: torch.Tensor, labels: torch.Tensor, mode: str, classes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def case_samples(
+    probs: torch.Tensor, labels: torch.Tensor, mode: str, classes: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-case ``(scores, outcomes)`` float64 pairs.
 
     ``mode="top"``: scores ``(1, N)`` top-label confidence, outcomes ``(1, N)`` correctness.

@@ -78,8 +78,8 @@ def kernel_calibration_error(
         probs: ``(B, C, *spatial)`` probabilities.
         target: ``(B, *spatial)`` or ``(B, 1, *spatial)`` integer labels.
         bandwidth: of the exponential kernel (in units of the Euclidean distance between
-            probability vectors, at most sqrt(2)), or ``"median"`` for the median pairwise distance (midpoint of the two middle values
-            for an even count, as ``numpy.median``).
+            probability vectors, at most sqrt(2)), or ``"median"`` for the median pairwise
+            distance (midpoint of the two middle values for an even count, as ``numpy.median``).
         include_background: class 0 in the residual inner product.
         max_samples: most voxels used (O(n^2) pairs).
         sample: with more voxels than ``max_samples``, draw ``max_samples`` of them (seeded)

@@ -78,7 +78,9 @@ def proper_scores(
     return scores_from_sums(sums if per_image else sums.sum(0))
 
 
-def brier_score(probs: torch.Tensor, target: torch.Tensor, include_background: bool = True, per_image: bool = False) -> torch.Tensor:
+def brier_score(
+    probs: torch.Tensor, target: torch.Tensor, include_background: bool = True, per_image: bool = False
+) -> torch.Tensor:
     """Mean Brier score (see :func:`proper_scores`)."""
     return proper_scores(probs, target, include_background, per_image)["brier"]
 

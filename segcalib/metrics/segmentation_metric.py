@@ -68,7 +68,10 @@ class SegmentationMetric(SummableState):
         self.num_classes = num_classes
         self.include_background = include_background
         self.classes = evaluated_classes(num_classes, include_background)
-        taus = [float(nsd_tolerance_mm)] * len(self.classes) if isinstance(nsd_tolerance_mm, (int, float)) else [float(t) for t in nsd_tolerance_mm]
+        if isinstance(nsd_tolerance_mm, (int, float)):
+            taus = [float(nsd_tolerance_mm)] * len(self.classes)
+        else:
+            taus = [float(t) for t in nsd_tolerance_mm]
         if len(taus) != len(self.classes) or not all(math.isfinite(t) and t >= 0 for t in taus):
             raise ValueError(
                 f"nsd_tolerance_mm must be one finite number >= 0 or one per evaluated class ({len(self.classes)}), "
@@ -85,12 +88,15 @@ class SegmentationMetric(SummableState):
     def _config(self) -> tuple[Any, ...]:
         return (self.num_classes, self.include_background, self.nsd_tolerance_mm, self.percentile)
 
-    def _case_row(self, pred: torch.Tensor, truth: torch.Tensor, counts: torch.Tensor, spacing: tuple[float, ...]) -> list[list[float]]:
+    def _case_row(
+        self, pred: torch.Tensor, truth: torch.Tensor, counts: torch.Tensor, spacing: tuple[float, ...]
+    ) -> list[list[float]]:
         c, first = self.num_classes, self.classes[0]
         mm = surface_distances_per_class(pred, truth, c, spacing, self.include_background, self.percentile)
         vox = surface_distances_per_class(pred, truth, c, None, self.include_background, self.percentile)
         nsd = [
-            normalized_surface_dice(pred == k, truth == k, tau, spacing) for k, tau in zip(self.classes, self.nsd_tolerance_mm)
+            normalized_surface_dice(pred == k, truth == k, tau, spacing)
+            for k, tau in zip(self.classes, self.nsd_tolerance_mm)
         ]
         return [
             dice_from_counts(counts[first:]).tolist(),

@@ -104,7 +104,9 @@ def smooth_ece_at(points: np.ndarray, counts: np.ndarray, residuals: np.ndarray,
     return float((np.abs(ys / dens) * dens).sum() / dens.sum())
 
 
-def smooth_ece_fixed_point(points: np.ndarray, counts: np.ndarray, residuals: np.ndarray, eps: float = 0.001) -> tuple[float, float]:
+def smooth_ece_fixed_point(
+    points: np.ndarray, counts: np.ndarray, residuals: np.ndarray, eps: float = 0.001
+) -> tuple[float, float]:
     """relplot's ``smECE``: ``(smECE at sigma*, sigma*)`` with its bisection (10 steps from 1)."""
 
     def wide_enough(alpha: float) -> bool:
@@ -123,7 +125,9 @@ def smooth_ece_fixed_point(points: np.ndarray, counts: np.ndarray, residuals: np
     return smooth_ece_at(points, counts, residuals, sigma), sigma
 
 
-def _row_value(points: torch.Tensor, counts: torch.Tensor, residuals: torch.Tensor, sigma: float | None, eps: float) -> tuple[float, float]:
+def _row_value(
+    points: torch.Tensor, counts: torch.Tensor, residuals: torch.Tensor, sigma: float | None, eps: float
+) -> tuple[float, float]:
     x, n, r = (v.detach().double().cpu().numpy() for v in (points, counts, residuals))
     if n.sum() <= 0:
         return math.nan, math.nan
@@ -134,7 +138,8 @@ def _row_value(points: torch.Tensor, counts: torch.Tensor, residuals: torch.Tens
 
 def _result(values: list[tuple[float, float]]) -> dict[str, torch.Tensor]:
     per_row = torch.tensor([v for v, _ in values], dtype=torch.float64)
-    return {"smece": per_row.mean(), "smece_per_class": per_row, "sigma": torch.tensor([s for _, s in values], dtype=torch.float64)}
+    sigma = torch.tensor([s for _, s in values], dtype=torch.float64)
+    return {"smece": per_row.mean(), "smece_per_class": per_row, "sigma": sigma}
 
 
 def smooth_ece(
@@ -179,7 +184,10 @@ def smooth_ece(
 def fine_grids(scores: torch.Tensor, outcomes: torch.Tensor, n_nodes: int) -> torch.Tensor:
     """``(K, 2, n_nodes)`` linear roundings of the unit weights and the residuals ``f - y``."""
     return torch.stack(
-        [torch.stack([round_to_grid(s, torch.ones_like(s), n_nodes), round_to_grid(s, s - o, n_nodes)]) for s, o in zip(scores, outcomes)]
+        [
+            torch.stack([round_to_grid(s, torch.ones_like(s), n_nodes), round_to_grid(s, s - o, n_nodes)])
+            for s, o in zip(scores, outcomes)
+        ]
     )
 
 
