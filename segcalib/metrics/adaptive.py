@@ -92,12 +92,20 @@ def exact_atoms(scores: torch.Tensor, outcomes: torch.Tensor) -> torch.Tensor:
 
 def histogram_atoms(scores: torch.Tensor, outcomes: torch.Tensor, n_cells: int) -> torch.Tensor:
     """``(K, n_cells, 3)`` fine-histogram atoms of ``(K, N)`` samples (cells ``(j/L, (j+1)/L]``)."""
-    k, n = scores.shape
-    cell = bin_index(scores, n_cells) + torch.arange(k, device=scores.device).view(k, 1) * n_cells
-    values = torch.stack([torch.ones_like(scores, dtype=torch.float64), scores.double(), outcomes.double()], -1)
-    hist = torch.zeros(k * n_cells, 3, dtype=torch.float64, device=scores.device)
-    hist.index_add_(0, cell.reshape(-1), values.reshape(-1, 3))
-    return hist.view(k, n_cells, 3)
+    return torch.stack([weighted_bins(bin_index(s, n_cells), s, o, n_cells) for s, o in zip(scores, outcomes)])
+
+
+def weighted_bins(cell: torch.Tensor, scores: torch.Tensor, outcomes: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """``(n_bins, 3)`` count, sum of scores, sum of outcomes per bin index ``cell`` (float64),
+    with memory linear in the samples (no stacked per-sample copies)."""
+    return torch.stack(
+        [
+            torch.bincount(cell, minlength=n_bins).double(),
+            torch.bincount(cell, weights=scores.double(), minlength=n_bins),
+            torch.bincount(cell, weights=outcomes.double(), minlength=n_bins),
+        ],
+        -1,
+    )
 
 
 def _reduce_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from segcalib.metrics.adaptive import weighted_bins
 from segcalib.metrics.inputs import check_probs_target
 from segcalib.metrics.streaming import gathered_rows
 
@@ -52,15 +53,15 @@ def monai_bin_stats(
     """Per image, class and bin: count, sum of ``p_c``, sum of ``[y == c]`` (float64 ``(B, C', M, 3)``)."""
     b, c = probs.shape[:2]
     first = 0 if include_background else 1
-    p = probs.reshape(b, c, -1)[:, first:]
-    y = labels.reshape(b, 1, -1)
-    classes = torch.arange(first, c, device=p.device).view(1, -1, 1)
-    k = c - first
-    cell = monai_bins(p, num_bins, right) + torch.arange(b * k, device=p.device).view(b, k, 1) * num_bins
-    values = torch.stack([torch.ones_like(p, dtype=torch.float64), p.double(), (y == classes).double()], -1)
-    stats = torch.zeros(b * k * num_bins, 3, dtype=torch.float64, device=p.device)
-    stats.index_add_(0, cell.reshape(-1), values.reshape(-1, 3))
-    return stats.view(b, k, num_bins, 3)
+    p = probs.reshape(b, c, -1)
+    y = labels.reshape(b, -1)
+    rows = [
+        torch.stack(
+            [weighted_bins(monai_bins(p[i, k], num_bins, right), p[i, k], y[i] == k, num_bins) for k in range(first, c)]
+        )
+        for i in range(b)
+    ]
+    return torch.stack(rows) if rows else p.new_zeros((0, c - first, num_bins, 3), dtype=torch.float64)
 
 
 def calibration_from_bins(stats: torch.Tensor, calibration_reduction: str = "expected") -> torch.Tensor:
