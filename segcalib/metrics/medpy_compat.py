@@ -21,6 +21,14 @@ convention for absent classes:
 - ``"seed"`` (the medical seed papers' evaluation): class absent from the ground truth -> Dice 1
   and HD95 0 whatever was predicted; class present but predicted empty -> Dice 0 and HD95 0. This
   hides false positives and misses from the HD and is not the default.
+
+What the seed code (Bala93/MarginLoss, ``calibrate/evaluation/segment_evaluator.py``) computes
+differs again, and :func:`marginloss_hd` reproduces it for comparison with its tables: medpy's full
+``hd`` (not HD95) with unit spacing (voxels), per image (per 2D slice for 2D models), and 0 unless
+``count_pred & count_gt`` -- a *bitwise* AND of the two voxel counts -- is non-zero, so a class
+present in both with counts such as 4 and 8 also scores 0. Its Dice is pooled over the dataset
+(summed areas, ``+ 1e-10`` in the denominator), i.e. :class:`SegmentationMetric`'s ``dice_pooled``
+except that a class absent everywhere scores 0 instead of NaN.
 """
 
 from __future__ import annotations
@@ -132,3 +140,27 @@ def per_class_scores(
     ]
     values = torch.tensor(rows, dtype=torch.float64).view(labels.shape[0], num_classes - first, 2)
     return {"dice": values[..., 0], "hd95": values[..., 1]}
+
+
+def marginloss_hd(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """HD per case and class as the MarginLoss evaluator's ``shape_metrics`` (see the module).
+
+    Args:
+        pred: ``(B, C, *spatial)`` probabilities / one-hot, or labels ``(B, *spatial)`` /
+            ``(B, 1, *spatial)``.
+        target: integer labels ``(B, *spatial)`` or ``(B, 1, *spatial)``.
+        num_classes: ``C``.
+
+    Returns:
+        float64 ``(B, C)`` in voxels, background included (the seed code averages classes ``1..``).
+    """
+    labels, truth = prediction_labels(pred, target, num_classes)
+    rows = []
+    for b in range(labels.shape[0]):
+        row = []
+        for k in range(num_classes):
+            p, g = labels[b] == k, truth[b] == k
+            n_p, n_g = (int(v) for v in torch.stack([p.sum(), g.sum()]).tolist())
+            row.append(medpy_hd(p, g) if n_p & n_g else 0.0)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64).view(labels.shape[0], num_classes)

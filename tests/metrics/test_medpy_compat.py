@@ -10,7 +10,7 @@ import torch
 from medpy.metric import binary as medpy
 
 from segcalib.errors import ConfigError
-from segcalib.metrics.medpy_compat import medpy_assd, medpy_dc, medpy_hd, medpy_hd95, per_class_scores
+from segcalib.metrics.medpy_compat import marginloss_hd, medpy_assd, medpy_dc, medpy_hd, medpy_hd95, per_class_scores
 from tests.metrics._reference import blobs
 
 
@@ -64,3 +64,22 @@ def test_per_class_conventions() -> None:
     assert dice1 == pytest.approx(2 * 12 / 32) and math.isfinite(hd1)
     with pytest.raises(ConfigError, match="convention"):
         per_class_scores(torch.from_numpy(pred), torch.from_numpy(gt), 5, convention="medpy")
+
+
+def test_marginloss_hd_reproduces_the_bitwise_count_test() -> None:
+    # class 1: 3 and 5 voxels (3 & 5 = 1) -> medpy hd; class 2: 4 and 8 voxels (4 & 8 = 0) -> 0
+    # although both are present; class 3: only in the ground truth -> 0
+    gt = np.zeros((1, 12, 12), np.int64)
+    pred = np.zeros_like(gt)
+    pred[0, 1, 1:4] = 1
+    gt[0, 2, 1:6] = 1
+    pred[0, 6, 6:10] = 2
+    gt[0, 8:10, 5:9] = 2
+    gt[0, 11, 0] = 3
+    got = marginloss_hd(torch.from_numpy(pred), torch.from_numpy(gt), 4)
+    assert got.shape == (1, 4)
+    assert float(got[0, 1]) == pytest.approx(medpy.hd(pred[0] == 1, gt[0] == 1), abs=1e-12)
+    assert float(got[0, 1]) == pytest.approx(math.sqrt(1 + 4))  # gt voxel (2, 5) to pred voxel (1, 3)
+    assert float(got[0, 2]) == 0.0 and medpy.hd(pred[0] == 2, gt[0] == 2) > 0
+    assert float(got[0, 3]) == 0.0
+    assert float(got[0, 0]) == pytest.approx(medpy.hd(pred[0] == 0, gt[0] == 0), abs=1e-12)  # 137 & 130 = 128
