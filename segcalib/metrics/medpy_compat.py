@@ -46,16 +46,17 @@ from segcalib.spatial.morphology import bounding_box, mask_edges
 from segcalib.spatial.spacing import BatchSpacingLike, SpacingLike, normalize_spacing, spacing_per_case
 
 CONVENTIONS = ("segcalib", "seed")
+MaskLike = torch.Tensor | np.ndarray
 
 
-def _masks(result: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _masks(result: MaskLike, reference: MaskLike) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = torch.as_tensor(result).bool(), torch.as_tensor(reference).bool()
     if a.shape != b.shape:
         raise ValueError(f"result {tuple(a.shape)} and reference {tuple(b.shape)} differ in shape")
     return a, b.to(a.device)
 
 
-def medpy_dc(result: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray) -> float:
+def medpy_dc(result: MaskLike, reference: MaskLike) -> float:
     """``medpy.metric.binary.dc``: Dice of two binary masks; NaN when both are empty."""
     a, b = _masks(result, reference)
     counts = torch.stack([(a & b).sum(), a.sum(), b.sum()]).tolist()
@@ -64,7 +65,7 @@ def medpy_dc(result: torch.Tensor | np.ndarray, reference: torch.Tensor | np.nda
 
 
 def _directed(
-    result: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray, voxelspacing: SpacingLike, connectivity: int
+    result: MaskLike, reference: MaskLike, voxelspacing: SpacingLike, connectivity: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """medpy's ``__surface_distances`` both ways: (result -> reference, reference -> result) in mm."""
     if connectivity != 1:
@@ -80,19 +81,25 @@ def _directed(
     return d_ab, d_ba
 
 
-def medpy_hd(result, reference, voxelspacing: SpacingLike = None, connectivity: int = 1) -> float:
+def medpy_hd(
+    result: MaskLike, reference: MaskLike, voxelspacing: SpacingLike = None, connectivity: int = 1
+) -> float:
     """``medpy.metric.binary.hd``: max of the two directed maximum surface distances (mm)."""
     d_ab, d_ba = _directed(result, reference, voxelspacing, connectivity)
     return float(torch.maximum(d_ab.max(), d_ba.max()))
 
 
-def medpy_hd95(result, reference, voxelspacing: SpacingLike = None, connectivity: int = 1) -> float:
+def medpy_hd95(
+    result: MaskLike, reference: MaskLike, voxelspacing: SpacingLike = None, connectivity: int = 1
+) -> float:
     """``medpy.metric.binary.hd95``: 95th percentile (linear) of the pooled surface distances (mm)."""
     d_ab, d_ba = _directed(result, reference, voxelspacing, connectivity)
     return float(linear_percentile(torch.cat([d_ab, d_ba]), 95.0))
 
 
-def medpy_assd(result, reference, voxelspacing: SpacingLike = None, connectivity: int = 1) -> float:
+def medpy_assd(
+    result: MaskLike, reference: MaskLike, voxelspacing: SpacingLike = None, connectivity: int = 1
+) -> float:
     """``medpy.metric.binary.assd``: mean of the pooled surface distances of both directions (mm)."""
     d_ab, d_ba = _directed(result, reference, voxelspacing, connectivity)
     return float(torch.cat([d_ab, d_ba]).mean())
