@@ -22,6 +22,7 @@ fi
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$1" || exit 2
 OUTDIR=$(cd "$1" && pwd)
+if [ -n "${2:-}" ] && [ ! -d "$2" ]; then echo "gpu_check.sh: WHEELS_DIR $2 is not a folder" >&2; exit 2; fi
 WHEELS=${2:+$(cd "$2" && pwd)}
 cd "$ROOT" || exit 2
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON

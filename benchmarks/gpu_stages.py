@@ -176,7 +176,7 @@ def stage_losses(args: argparse.Namespace) -> dict:
         "train_step": [{"loss": n, "ms": ms, "overhead_pct": o} for n, ms, o in train],
     }
     overhead = {row["loss"]: row["overhead_pct"] for row in figures["train_step"]}
-    checks = [check(f"{n} overhead on a bf16 {s.size}³ U-Net step vs CE", overhead[n], "%", LOSS_OVERHEAD_PCT) for n in ("mbls", "cals")]
+    checks = [check(f"{n} overhead on a {'bf16' if s.autocast else 'float32'} {s.size}³ U-Net step vs CE", overhead[n], "%", LOSS_OVERHEAD_PCT) for n in ("mbls", "cals")]
     return result(checks, figures)
 
 

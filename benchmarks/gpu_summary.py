@@ -64,7 +64,7 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
 
 
@@ -84,7 +84,10 @@ def to_markdown(results: dict) -> str:
     if env.get("wheels_installed"):
         lines.append(f"- installed from wheels: {', '.join(env['wheels_installed'])}")
     lines += [f"- total {_fmt(results.get('seconds'))} s of a {results.get('budget_s')} s budget", "",
-              f"**Overall: {results['overall'].upper()}**", "",
+              f"**Overall: {results['overall'].upper()}**", ""]
+    if any(s.get("rehearsal") for s in results["stages"]):
+        lines += ["REHEARSAL (GPU_CHECK_REHEARSE=1): the stages ran on the CPU at tiny sizes; no figure is a GPU figure.", ""]
+    lines += [
               "| stage | status | s | check | measured | target | result |", "|---|---|---:|---|---:|---:|---|"]
     for s in results["stages"]:
         head = f"| {s['stage']} | {s['status']} | {_fmt(s.get('seconds'))} |"
@@ -107,6 +110,10 @@ def to_markdown(results: dict) -> str:
         lines += [f"- failed: `{t}`" for t in f.get("failed", []) + f.get("errors", [])]
         lines += [f"- skipped {n}x: {r}" for r, n in f.get("skipped", {}).items()]
         lines += [f"- not collected: `{m}` (needs {r})" for m, r in f.get("not_collected", {}).items()]
+    for s in results["stages"]:
+        if s["status"] in ("error", "timeout") and s.get("log_tail"):
+            tail = "\n".join(s["log_tail"].splitlines()[-15:])
+            lines += ["", f"## {s['stage']}: end of its log", "", "```", tail, "```"]
     if env.get("nvidia_smi"):
         lines += ["", "## nvidia-smi", "", "```", env["nvidia_smi"], "```"]
     return "\n".join(lines) + "\n"
