@@ -12,7 +12,8 @@
 # the whole budget, so one hang cannot eat the rest.
 #
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), GPU_CHECK_BUDGET_S
-# (default 480), GPU_CHECK_REHEARSE=1 (no CUDA: run the stages on the CPU at tiny sizes instead).
+# (default 480), GPU_CHECK_REHEARSE=1 (no CUDA: run the stages on the CPU at tiny sizes instead),
+# GPU_CHECK_KEEP=1 (keep the scratch folder: stage JSONs, logs, JUnit XML, installed wheels).
 set -uo pipefail
 
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
@@ -97,5 +98,6 @@ say "summary (total ${TOTAL} s)"
 timeout 60 "$PY" -m benchmarks.gpu_summary "$WORK" "$OUTDIR" "$BUDGET" "$TOTAL"
 rc=$?
 [ -f "$WORK/logs/wheels.log" ] && { echo "===== wheels ====="; cat "$WORK/logs/wheels.log"; } >> "$OUTDIR/gpu_check.log"
-say "wrote $OUTDIR/gpu_check.json, gpu_check.md, gpu_check.log (scratch left in $WORK)"
+if [ -n "${GPU_CHECK_KEEP:-}" ]; then say "scratch kept in $WORK"; else rm -rf "$WORK"; fi
+say "wrote $OUTDIR/gpu_check.json, gpu_check.md, gpu_check.log"
 exit $rc

@@ -167,7 +167,7 @@ def stage_losses(args: argparse.Namespace) -> dict:
         return {"status": "skipped", "reason": NO_CUDA, "checks": [], "figures": {}}
     quick = device == "cpu"
     s = Settings(device=torch.device(device), size=24 if quick else 96, classes=4, reps=2 if quick else 20,
-                 train_reps=2 if quick else 20, autocast=device == "cuda")
+                 train_reps=2 if quick else 30, autocast=device == "cuda")
     alone = bench_losses_alone(s, list_losses())
     train = bench_training_step(s, TRAIN_LOSSES)
     figures = {

@@ -90,7 +90,8 @@ def to_markdown(results: dict) -> str:
     lines += [
               "| stage | status | s | check | measured | target | result |", "|---|---|---:|---|---:|---:|---|"]
     for s in results["stages"]:
-        head = f"| {s['stage']} | {s['status']} | {_fmt(s.get('seconds'))} |"
+        secs = "–" if s.get("seconds") is None else f"{float(s['seconds']):.1f}"
+        head = f"| {s['stage']} | {s['status']} | {secs} |"
         if not s["checks"]:
             lines.append(f"{head} {s.get('reason') or '–'} | | | |")
         for i, c in enumerate(s["checks"]):

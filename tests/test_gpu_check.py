@@ -56,9 +56,9 @@ def test_summary_of_crafted_results(tmp_path: Path) -> None:
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "- machine: NVIDIA H200 (compute capability 9.0, 139.8 GiB)" in md
     assert "**Overall: FAIL**" in md
-    assert "| metrics | fail | 20 | calibration 256³ | 2.4 ms | <= 3 ms | pass |" in md
+    assert "| metrics | fail | 20.0 | calibration 256³ | 2.4 ms | <= 3 ms | pass |" in md
     assert "| | | | HD95 per class | 12.5 ms | <= 10 ms | **FAIL** |" in md
-    assert "| losses | timeout | 90 | killed after its 90 s limit | | | |" in md
+    assert "| losses | timeout | 90.0 | killed after its 90 s limit | | | |" in md
     assert "| NVIDIA H200  580.159 |" in md and "installed from wheels: monai-1.6.1-py3-none-any.whl" in md
     assert "## evaluate: end of its log\n\n```\nTraceback ...\nModuleNotFoundError: No module named 'monai'\n```" in md
     log = (tmp_path / "out" / "gpu_check.log").read_text()
