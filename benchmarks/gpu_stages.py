@@ -84,7 +84,8 @@ def stage_env(args: argparse.Namespace) -> dict:
         props = torch.cuda.get_device_properties(0)
         figures.update(device=props.name, capability=f"{props.major}.{props.minor}",
                        device_memory_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported())
-    smi = shutil.which("nvidia-smi")
+    smi = shutil.which("nvidia-smi") or next(
+        (p for p in ("/usr/local/nvidia/bin/nvidia-smi", "/usr/bin/nvidia-smi") if Path(p).exists()), None)
     if smi:
         out = subprocess.run([smi], capture_output=True, text=True, timeout=30)
         figures["nvidia_smi"] = (out.stdout + out.stderr).strip()
