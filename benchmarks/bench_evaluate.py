@@ -7,7 +7,7 @@ then computes the calibration statistics of three regions (all, foreground, boun
 Dice and HD / HD95 / ASSD for the three foreground classes, on the same device.
 
     python -m benchmarks.bench_evaluate --size 128          # CPU
-    python -m benchmarks.bench_evaluate --size 256 --repeat 5   # GPU target: <= 1.3x bare MONAI
+    python -m benchmarks.bench_evaluate --size 256 --repeat 5   # GPU (default when CUDA is available); target <= 1.3x bare MONAI
 """
 
 from __future__ import annotations
@@ -45,51 +45,67 @@ def _timed(fn, device: torch.device, repeat: int) -> tuple[float, object]:
     return sorted(times)[len(times) // 2], out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--roi", type=int, default=96)
-    parser.add_argument("--skip-monai-metrics", action="store_true")
-    args = parser.parse_args(argv)
-
+def _setup(size: int, classes: int, roi: int, device: torch.device):
+    """(bare, segcalib_full, label, bias): the two timed callables and their inputs."""
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import UNet
 
     from segcalib.metrics import CalibrationMetric, dice, surface_distances
     from segcalib.spatial.regions import default_regions
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    net = UNet(3, 1, args.classes, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2).to(device).eval()
-    label = _blobs(args.size, args.classes, device)
+    net = UNet(3, 1, classes, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2).to(device).eval()
+    label = _blobs(size, classes, device)
     image = (label.float() + 0.3 * torch.randn(label.shape, device=device))[:, None]
-    bias = 8.0 * F.one_hot(label, args.classes).permute(0, 4, 1, 2, 3).float()
+    bias = 8.0 * F.one_hot(label, classes).permute(0, 4, 1, 2, 3).float()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def bare():
         with torch.no_grad(), autocast:
-            return sliding_window_inference(image, [args.roi] * 3, 4, net, overlap=0.25, mode="gaussian")
+            return sliding_window_inference(image, [roi] * 3, 4, net, overlap=0.25, mode="gaussian")
 
     def segcalib_full():
         logits = bare().float() + bias
         probs = torch.softmax(logits, 1)
-        metric = CalibrationMetric(args.classes, regions=default_regions(), validate_args=False)
+        metric = CalibrationMetric(classes, regions=default_regions(), validate_args=False)
         metric.update(probs, label, spacing=(1.0, 1.0, 1.0))
         pred = probs.argmax(1)
-        scores = dice(pred, label, args.classes)
-        distances = [surface_distances(pred[0] == k, label[0] == k, (1.0, 1.0, 1.0)) for k in range(1, args.classes)]
+        scores = dice(pred, label, classes)
+        distances = [surface_distances(pred[0] == k, label[0] == k, (1.0, 1.0, 1.0)) for k in range(1, classes)]
         return metric.compute(), scores, distances
 
-    t_bare, _ = _timed(bare, device, args.repeat)
-    t_full, (report, _, distances) = _timed(segcalib_full, device, args.repeat)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; volume {args.size}^3, {args.classes} classes, ROI {args.roi}^3, overlap 0.25")
-    print(f"bare MONAI sliding_window_inference: {t_bare * 1000:9.1f} ms")
-    print(f"segcalib inference + all metrics:    {t_full * 1000:9.1f} ms  ({t_full / t_bare:.2f}x bare; target <= 1.3x)")
-    eces = ", ".join(f"{name} {region.ece:.4f}" for name, region in report.regions.items())
-    print(f"  ECE {eces}, HD95 class 1 {distances[0]['hd95']:.2f} mm")
+    return bare, segcalib_full, label, bias
+
+
+def measure(size: int = 128, classes: int = 4, repeat: int = 3, roi: int = 96, device: str | None = None) -> dict:
+    """Median ms of bare sliding-window inference and of inference + every segcalib metric."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bare, segcalib_full, _, _ = _setup(size, classes, roi, dev)
+    t_bare, _ = _timed(bare, dev, repeat)
+    t_full, (report, _, distances) = _timed(segcalib_full, dev, repeat)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return {"device": name, "size": size, "classes": classes, "roi": roi, "repeat": repeat,
+            "bare_ms": t_bare * 1e3, "full_ms": t_full * 1e3, "ratio": t_full / t_bare,
+            **{f"ece_{name}": region.ece for name, region in report.regions.items()},
+            "hd95_class1_mm": distances[0]["hd95"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--roi", type=int, default=96)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--skip-monai-metrics", action="store_true")
+    args = parser.parse_args(argv)
+
+    r = measure(args.size, args.classes, args.repeat, args.roi, args.device)
+    print(f"device: {r['device']}; volume {args.size}^3, {args.classes} classes, ROI {args.roi}^3, overlap 0.25")
+    print(f"bare MONAI sliding_window_inference: {r['bare_ms']:9.1f} ms")
+    print(f"segcalib inference + all metrics:    {r['full_ms']:9.1f} ms  ({r['ratio']:.2f}x bare; target <= 1.3x)")
+    eces = ", ".join(f"{k[4:]} {v:.4f}" for k, v in r.items() if k.startswith("ece_"))
+    print(f"  ECE {eces}, HD95 class 1 {r['hd95_class1_mm']:.2f} mm")
     if not args.skip_monai_metrics:
         from monai.metrics import (
             CalibrationErrorMetric,
@@ -98,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             SurfaceDistanceMetric,
         )
 
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        bare, _, label, bias = _setup(args.size, args.classes, args.roi, device)
         logits = bare().float() + bias
         probs = torch.softmax(logits, 1)
         pred = F.one_hot(probs.argmax(1), args.classes).permute(0, 4, 1, 2, 3).float()
@@ -111,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             CalibrationErrorMetric(num_bins=15, include_background=True)(probs, gt)
 
         t_monai, _ = _timed(monai_metrics, device, 1)
+        t_bare = r["bare_ms"] / 1e3
         print(f"MONAI's metrics alone (Dice, HD95, HD, ASSD, CECE; no regions): {t_monai * 1000:9.1f} ms "
               f"(inference + these: {(t_bare + t_monai) / t_bare:.2f}x bare)")
     return 0

@@ -7,6 +7,7 @@ resident memory (VmHWM) above the pre-export baseline is compared with the outpu
 (N^3 x K float32). Each size runs in a fresh process so the peaks do not mix.
 
     python -m benchmarks.bench_export --sizes 256 512
+    python -m benchmarks.bench_export --sizes 512 --device cuda   # inference and stitching on the GPU
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _reset_peak() -> None:
         pass
 
 
-def measure(size: int, classes: int, uncertainty: bool) -> dict:
+def measure(size: int, classes: int, uncertainty: bool, device: str = "cpu") -> dict:
+    """Peak host memory (MiB above the pre-export baseline) and seconds of exporting one N^3 case."""
     import nibabel as nib
     import torch
     from torch import nn
@@ -55,6 +57,8 @@ def measure(size: int, classes: int, uncertainty: bool) -> dict:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.cat([x * (k - classes / 2) for k in range(classes)], dim=1)
 
+    if device == "cuda":  # the CUDA context's host memory belongs to the baseline, not to the export
+        torch.zeros(1, device=device)
     folder = Path(tempfile.mkdtemp(prefix="segcalib-bench-export-"))
     image = folder / "case.nii.gz"
     rng = np.random.default_rng(0)
@@ -63,19 +67,30 @@ def measure(size: int, classes: int, uncertainty: bool) -> dict:
     cfg = load_config(repo / "configs" / "smoke.yaml", {"data.patch_size": [128, 128, 128], "model.strides": [2, 2, 2]})
     model = TrainedModel(cfg=cfg, net=Echo(), window=SlidingWindow(roi_size=[128, 128, 128], overlap=0.25, sw_batch_size=2),
                          checkpoint=folder, epoch=0, num_classes=classes, class_names=[str(k) for k in range(classes)],
-                         config_hash="bench", device=torch.device("cpu"))
+                         config_hash="bench", device=torch.device(device))
     case = Case("case", (image,), None, "test")
     paths = output_paths(folder / "out", "case", uncertainty)
     chain = preprocessing(cfg.data, with_label=False)
     baseline = _status("VmRSS")
     _reset_peak()
+    peak_reset = _status("VmHWM") - _status("VmRSS") < 64  # else VmHWM still holds an earlier peak
     started = time.perf_counter()
     export_case(model, case, chain, paths, temperature=1.5)
     seconds = time.perf_counter() - started
     peak = _status("VmHWM") - baseline
     output = size**3 * classes * 4 / 2**20
-    return {"size": size, "classes": classes, "output_mib": output, "peak_above_baseline_mib": peak,
-            "ratio": peak / output, "seconds": seconds}
+    return {"size": size, "classes": classes, "device": device, "output_mib": output,
+            "peak_above_baseline_mib": peak, "ratio": peak / output, "seconds": seconds,
+            "peak_reset": peak_reset}
+
+
+def measure_in_child(size: int, classes: int = 4, device: str = "cpu", timeout: float | None = None) -> dict:
+    """:func:`measure` in a fresh Python process, so that its peak is the export's alone."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_export", "--child", str(size), "--classes", str(classes), "--device", device]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench_export child ({size}^3, {device}) failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,16 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--uncertainty", action="store_true", default=True)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network and stitching run")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child, args.classes, args.uncertainty)))
+        print(json.dumps(measure(args.child, args.classes, args.uncertainty, args.device)))
         return 0
     print(f"{'size':>6} {'output MiB':>11} {'peak MiB':>9} {'peak/output':>12} {'seconds':>8}")
     for size in args.sizes:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_export", "--child", str(size), "--classes", str(args.classes)],
-                             capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = measure_in_child(size, args.classes, args.device)
         print(f"{r['size']:>5}³ {r['output_mib']:>11.0f} {r['peak_above_baseline_mib']:>9.0f} {r['ratio']:>11.2f}× {r['seconds']:>8.1f}")
     print("target: peak host memory <= 2x the output (probability map) size")
     return 0

@@ -1,8 +1,10 @@
-"""Shared test settings: deterministic seeds and a small thread count (CI has 2 cores)."""
+"""Shared test settings: deterministic seeds, a small thread count (CI has 2 cores), and the
+``cuda`` marker, set on every test whose skipif mentions CUDA or a GPU (``pytest -m cuda``)."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +14,27 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CUDA_WORDS = re.compile(r"\b(cuda|gpu)\b", re.IGNORECASE)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; set on every test whose skipif mentions CUDA/GPU")
+
+
+def needs_cuda(item: pytest.Item) -> bool:
+    """Whether a skipif of the test (its reason, or a string condition) mentions CUDA or a GPU."""
+    for mark in item.iter_markers("skipif"):
+        texts = [str(mark.kwargs.get("reason", ""))] + [a for a in mark.args if isinstance(a, str)]
+        if any(_CUDA_WORDS.search(text) for text in texts):
+            return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("cuda") is None and needs_cuda(item):
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.fixture(autouse=True)
