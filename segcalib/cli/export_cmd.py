@@ -27,22 +27,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from segcalib.export import ExportOptions, export
+    from segcalib.utils.locks import folder_lock
 
-    result = export(
-        args.run,
-        args.manifest,
-        args.output,
-        ExportOptions(
-            split=args.split,
-            temperature=args.temperature,
-            temperature_region=args.temperature_region,
-            checkpoint=args.checkpoint,
-            dtype=args.dtype,
-            uncertainty=args.uncertainty,
-            device=args.device,
-        ),
-    )
+    with folder_lock(args.output, command=f"export --run {args.run} --output {args.output}"):
+        from segcalib.export import ExportOptions, export
+
+        result = export(
+            args.run,
+            args.manifest,
+            args.output,
+            ExportOptions(
+                split=args.split,
+                temperature=args.temperature,
+                temperature_region=args.temperature_region,
+                checkpoint=args.checkpoint,
+                dtype=args.dtype,
+                uncertainty=args.uncertainty,
+                device=args.device,
+            ),
+        )
     skipped = f", {len(result.skipped)} already complete" if result.skipped else ""
     print(f"exported {len(result.cases)} case(s){skipped} to {result.output} (T = {result.temperature:.4g})")
     return 0
