@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segcalib.utils.files import remove_stale_temporaries
     from segcalib.utils.locks import folder_lock
 
     with folder_lock(args.output, command=f"evaluate --predictions {args.predictions} --output {args.output}"):
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
             main_process = is_main_process()
         finally:
             shutdown()
+        if main_process:
+            remove_stale_temporaries(args.output)  # left by a killed run; this one completed the folder
     if main_process:
         s = report["summary"]
         print(

@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segcalib.utils.files import remove_stale_temporaries
     from segcalib.utils.locks import folder_lock
 
     with folder_lock(args.output, command=f"export --run {args.run} --output {args.output}"):
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
                 device=args.device,
             ),
         )
+        remove_stale_temporaries(args.output)  # left by a killed run; this one completed the folder
     skipped = f", {len(result.skipped)} already complete" if result.skipped else ""
     print(f"exported {len(result.cases)} case(s){skipped} to {result.output} (T = {result.temperature:.4g})")
     return 0

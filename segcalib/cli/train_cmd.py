@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from segcalib.training import train
     from segcalib.utils.distributed import init_from_env, is_main_process, shutdown
+    from segcalib.utils.files import remove_stale_temporaries
     from segcalib.utils.locks import folder_lock
 
     config_path = args.config
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
             main_process = is_main_process()
         finally:
             shutdown()
+        if main_process:
+            remove_stale_temporaries(run_dir.root, recursive=True)  # left by a killed run (checkpoints too)
     if main_process:
         print(f"run folder: {summary.run_dir.root}  (best epoch {summary.best_epoch}, checkpoints/best.pt)")
     return 0
