@@ -18,12 +18,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--split-seed", type=int, default=SPLIT_SEED,
                        help=f"seed of the split made when the manifest has no validation/test lists (default {SPLIT_SEED}; "
                        "use the config's data.split_seed)")
+    check.add_argument("--allow-unlabelled", action="store_true",
+                       help="training/validation cases without a label are a warning (they are left out), not an error")
+    check.add_argument("--verbose", action="store_true", help="list every file behind a grouped warning")
     check.set_defaults(func=run_check)
 
 
 def run_check(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest, split_seed=args.split_seed)
+    manifest = load_manifest(args.manifest, split_seed=args.split_seed, allow_unlabelled=args.allow_unlabelled)
     summary = check_manifest(manifest)
-    print(summary.format())
+    print(summary.format(verbose=args.verbose))
     print("ok: all files load and agree")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from segcalib.cli._args import MAX_BINS, bin_count, positive_mm
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,9 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, help="manifest with the ground truth")
     p.add_argument("--split", default="test", choices=("training", "validation", "test"))
     p.add_argument("--output", required=True, help="report folder")
-    p.add_argument("--bins", type=int, default=15, help="reliability bins (default 15)")
-    p.add_argument("--boundary-mm", type=float, default=None,
-                   help="half-width of the boundary band in mm (default: the export's, else 2)")
+    p.add_argument("--bins", type=bin_count, default=15, help=f"reliability bins, 1..{MAX_BINS} (default 15)")
+    p.add_argument("--boundary-mm", type=positive_mm, default=None,
+                   help="half-width of the boundary band in mm, finite and > 0 (default: the export's, else 2)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
     p.add_argument("--split-seed", type=int, default=None,
                    help="seed of the split made when the manifest has no validation/test lists (default: the one "
@@ -27,21 +29,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from segcalib.errors import DataError
-    from segcalib.reports import evaluate
-    from segcalib.utils.distributed import init_from_env, is_main_process, shutdown
+    from segcalib.utils.files import remove_stale_temporaries
+    from segcalib.utils.locks import folder_lock
 
-    if args.bins < 1:
-        raise DataError(f"--bins: {args.bins} must be at least 1")
-    if args.boundary_mm is not None and not args.boundary_mm > 0:
-        raise DataError(f"--boundary-mm: {args.boundary_mm} must be positive")
-    init_from_env()
-    try:
-        report = evaluate(args.predictions, args.manifest, args.output, split=args.split, n_bins=args.bins,
-                          boundary_mm=args.boundary_mm, device=args.device, split_seed=args.split_seed)
-        main_process = is_main_process()
-    finally:
-        shutdown()
+    with folder_lock(args.output, command=f"evaluate --predictions {args.predictions} --output {args.output}"):
+        from segcalib.reports import evaluate
+        from segcalib.utils.distributed import init_from_env, is_main_process, shutdown
+
+        init_from_env()
+        try:
+            report = evaluate(args.predictions, args.manifest, args.output, split=args.split, n_bins=args.bins,
+                              boundary_mm=args.boundary_mm, device=args.device, split_seed=args.split_seed)
+            main_process = is_main_process()
+        finally:
+            shutdown()
+        if main_process:
+            remove_stale_temporaries(args.output)  # left by a killed run; this one completed the folder
     if main_process:
         s = report["summary"]
         print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from segcalib.cli._args import positive_mm
 from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, available_regions
 
 
@@ -21,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", default="none", help="none, fit (on the run's validation voxels) or a value T > 0")
     p.add_argument("--temperature-region", default=ALL, choices=available_regions(),
                    help="ground-truth voxels the temperature is fitted on (default: all)")
-    p.add_argument("--boundary-mm", type=float, default=DEFAULT_BOUNDARY_MM,
+    p.add_argument("--boundary-mm", type=positive_mm, default=DEFAULT_BOUNDARY_MM,
                    help="half-width in mm of the boundary region a temperature is fitted on (default 2); "
                    "recorded in export.json, and evaluate uses the same band")
     p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint path (default: best)")
@@ -33,27 +34,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segcalib.errors import DataError
-    from segcalib.export import ExportOptions, export
     from segcalib.inference.temperature import TemperatureRequest
+    from segcalib.utils.files import remove_stale_temporaries
+    from segcalib.utils.locks import folder_lock
 
     try:
         request = TemperatureRequest.parse(args.temperature, args.temperature_region)
     except ValueError as exc:
         raise DataError(f"--temperature: {exc}") from None
-    result = export(
-        args.run,
-        args.manifest,
-        args.output,
-        ExportOptions(
-            split=args.split,
-            temperature=request,
-            boundary_mm=args.boundary_mm,
-            checkpoint=args.checkpoint,
-            dtype=args.dtype,
-            uncertainty=args.uncertainty,
-            device=args.device,
-        ),
-    )
+    with folder_lock(args.output, command=f"export --run {args.run} --output {args.output}"):
+        from segcalib.export import ExportOptions, export
+
+        result = export(
+            args.run,
+            args.manifest,
+            args.output,
+            ExportOptions(
+                split=args.split,
+                temperature=request,
+                boundary_mm=args.boundary_mm,
+                checkpoint=args.checkpoint,
+                dtype=args.dtype,
+                uncertainty=args.uncertainty,
+                device=args.device,
+            ),
+        )
+        remove_stale_temporaries(args.output)  # left by a killed run; this one completed the folder
     skipped = f", {len(result.skipped)} already complete" if result.skipped else ""
     print(f"exported {len(result.cases)} case(s){skipped} to {result.output} (T = {result.temperature:.4g})")
     return 0

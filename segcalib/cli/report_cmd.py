@@ -18,7 +18,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segcalib.reports import compare
+    from segcalib.utils.files import remove_stale_temporaries
+    from segcalib.utils.locks import folder_lock
 
-    result = compare(args.inputs, args.output)
+    with folder_lock(args.output, command=f"report --output {args.output}"):
+        result = compare(args.inputs, args.output)
+        remove_stale_temporaries(args.output)  # left by a killed run; this one completed the folder
     print(f"compared {len(result['reports'])} report(s): {args.output}/comparison.html")
     return 0

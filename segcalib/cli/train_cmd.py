@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from segcalib.training import train
     from segcalib.utils.distributed import init_from_env, is_main_process, shutdown
+    from segcalib.utils.files import remove_stale_temporaries
+    from segcalib.utils.locks import folder_lock
 
     config_path = args.config
     if config_path is None:
@@ -37,12 +39,15 @@ def run(args: argparse.Namespace) -> int:
         config_path = str(Path(args.run_dir) / "config.yaml")
     cfg = load_config(config_path, args.overrides)
     run_dir = RunDir(Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name)
-    init_from_env()
-    try:
-        summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-        main_process = is_main_process()
-    finally:
-        shutdown()
+    with folder_lock(run_dir.root, command=f"train --run-dir {run_dir.root}"):
+        init_from_env()
+        try:
+            summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+            main_process = is_main_process()
+        finally:
+            shutdown()
+        if main_process:
+            remove_stale_temporaries(run_dir.root, recursive=True)  # left by a killed run (checkpoints too)
     if main_process:
         print(f"run folder: {summary.run_dir.root}  (best epoch {summary.best_epoch}, checkpoints/best.pt)")
     return 0

@@ -3,8 +3,10 @@
 For every case: each file exists and loads; multi-channel images agree in shape and affine;
 image and label have equal spatial shape and affine (tolerance :data:`AFFINE_TOL`); label values
 are among the declared labels; images are finite. A NIfTI header whose sform/qform scale
-disagrees with ``pixdim`` is a warning (it is read the ITK way, see :mod:`segcalib.data.volumes`).
+disagrees with ``pixdim`` is a warning (it is read the ITK way, see :mod:`segcalib.data.volumes`);
+many such files make one summary line (:class:`Notices`), the full list with ``--verbose``.
 All problems are collected and reported in one :class:`DataError` that names case and file.
+2D files are single-slice volumes ``(H, W, 1)`` here, so 2D and 3D cases mix.
 """
 
 from __future__ import annotations
@@ -22,6 +24,37 @@ from segcalib.errors import DataError
 
 AFFINE_TOL = 1e-4
 MAX_LISTED_PROBLEMS = 20
+HEADER_SPACING = "header spacing"
+_SUMMARIES = {
+    HEADER_SPACING: "{n} files have a sform/qform spacing that disagrees with pixdim; they are read with the "
+    "pixdim spacing (as ITK does) and maps exported for them get a self-consistent header (sform = qform, mm). "
+    "Example: {example}",
+}
+
+
+@dataclass
+class Notices:
+    """Warnings grouped by kind: a kind seen in many files makes one line (count, one example,
+    what was done); ``verbose`` lists every file as well."""
+
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, kind: str, message: str) -> None:
+        self.groups.setdefault(kind, []).append(message)
+
+    def lines(self, verbose: bool = False) -> list[str]:
+        out = []
+        for kind, messages in self.groups.items():
+            template = _SUMMARIES.get(kind)
+            if len(messages) == 1 or template is None:
+                out.extend(messages)
+                continue
+            out.append(template.format(n=len(messages), example=messages[0]))
+            if verbose:
+                out.extend(f"  {m}" for m in messages)
+            else:
+                out.append(f"  (run with --verbose for the list of {len(messages)} files)")
+        return out
 
 
 @dataclass
@@ -36,6 +69,8 @@ class CaseReport:
     dtypes: tuple[str, ...] = ()
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    header_fixes: list[str] = field(default_factory=list)  # sform/pixdim disagreements, one per file
+    ndim: int = 3
 
 
 @dataclass
@@ -45,10 +80,25 @@ class DatasetSummary:
 
     @property
     def warnings(self) -> list[str]:
-        return [w for r in self.reports for w in r.warnings]
+        """Every warning, one per file or case (ungrouped)."""
+        return [w for r in self.reports for w in r.header_fixes + r.warnings]
 
-    def format(self) -> str:
-        """A short human-readable summary (what ``segcalib data check`` prints)."""
+    def notices(self) -> Notices:
+        notices = Notices()
+        for r in self.reports:
+            for message in r.header_fixes:
+                notices.add(HEADER_SPACING, message)
+            for message in r.warnings:
+                notices.add("other", message)
+        if self.manifest.unlabelled:
+            listed = "; ".join(self.manifest.unlabelled[:5]) + ("; ..." if len(self.manifest.unlabelled) > 5 else "")
+            notices.add("unlabelled", f"{len(self.manifest.unlabelled)} training/validation case(s) have no label and "
+                        f"are left out of training and evaluation (--allow-unlabelled): {listed}")
+        return notices
+
+    def format(self, verbose: bool = False) -> str:
+        """A short human-readable summary (what ``segcalib data check`` prints); ``verbose``
+        lists every file behind a grouped warning."""
         m = self.manifest
         lines = [f"manifest: {m.path}", f"dataset:  {m.name}"]
         lines.append("labels:   " + ", ".join(f"{k}={v}" for k, v in m.labels.items()))
@@ -85,8 +135,11 @@ class DatasetSummary:
             unlabelled = sum(1 for r in self.reports if r.case.label is None)
             if unlabelled:
                 lines.append(f"unlabelled cases: {unlabelled} (nothing to evaluate against)")
-        for w in self.warnings:
-            lines.append(f"warning: {w}")
+            flat = sum(1 for r in self.reports if r.shape and r.ndim == 2)
+            if flat:
+                lines.append(f"2D cases: {flat} (single slices, shown as H x W x 1)")
+        for line in self.notices().lines(verbose):
+            lines.append(line if line.startswith("  ") else f"warning: {line}")
         return "\n".join(lines)
 
 
@@ -120,7 +173,7 @@ def check_case(case: Case, manifest: Manifest) -> CaseReport:
         headers.append(header)
         report.dtypes += (str(array.dtype),)
         if header.spacing_disagrees:
-            report.warnings.append(_spacing_warning(where, header))
+            report.header_fixes.append(_spacing_warning(where, header))
         if not np.issubdtype(array.dtype, np.number):
             report.problems.append(f"{where}: image {path}: voxel type {array.dtype} is not numeric")
             continue
@@ -146,6 +199,7 @@ def check_case(case: Case, manifest: Manifest) -> CaseReport:
             f"{where}: image {first.path}: {n_channels} channel(s) but the manifest declares {manifest.num_channels}"
         )
     report.shape = spatial
+    report.ndim = first.ndim
     report.spacing = first.spacing
     report.intensity = (min(lows), max(highs))
     if case.label is not None:
@@ -161,7 +215,7 @@ def _check_label(case: Case, manifest: Manifest, image: VolumeHeader, report: Ca
         report.problems.append(f"{where}: label {exc}")
         return
     if header.spacing_disagrees:
-        report.warnings.append(_spacing_warning(where, header))
+        report.header_fixes.append(_spacing_warning(where, header))
     if label.shape != image.shape[:3]:
         report.problems.append(
             f"{where}: label {case.label} has shape {label.shape}, image {image.path} has {image.shape[:3]}"
@@ -171,6 +225,7 @@ def _check_label(case: Case, manifest: Manifest, image: VolumeHeader, report: Ca
         diff = float(np.abs(header.affine - image.affine).max())
         report.problems.append(
             f"{where}: label {case.label} and image {image.path} have different affines (max difference {diff:.3g})"
+            + _same_space_note(header.affine, image.affine, image.shape[:3])
         )
         return
     if np.issubdtype(label.dtype, np.floating):
@@ -186,6 +241,31 @@ def _check_label(case: Case, manifest: Manifest, image: VolumeHeader, report: Ca
         )
         return
     report.label_counts = {int(v): int(n) for v, n in zip(values, counts)}
+
+
+def _same_space_note(label_affine: np.ndarray, image_affine: np.ndarray, shape: tuple[int, ...]) -> str:
+    """When the label's voxel grid is the image's up to axis flips/permutations (the same
+    physical space, voxels stored in another order), say so and which axes differ."""
+    relation = np.linalg.solve(image_affine, label_affine)  # label voxel index -> image voxel index
+    rotation, offset = relation[:3, :3], relation[:3, 3]
+    rounded = np.rint(rotation)
+    if not np.allclose(rotation, rounded, atol=1e-3) or not (np.abs(rounded).sum(0) == 1).all() \
+            or not (np.abs(rounded).sum(1) == 1).all():
+        return ""
+    steps = []
+    for axis in range(3):
+        source = int(np.flatnonzero(rounded[axis])[0])
+        flipped = rounded[axis, source] < 0
+        expected = shape[axis] - 1.0 if flipped else 0.0
+        if abs(offset[axis] - expected) > 1e-3 or shape[axis] != shape[source]:
+            return ""
+        if flipped or source != axis:
+            steps.append(f"image axis {axis} = label axis {source}{' reversed' if flipped else ''}")
+    return (
+        "; both describe the same physical space (the label stores its voxels in another order: "
+        + ", ".join(steps)
+        + "); write the label with the image's affine and voxel order"
+    )
 
 
 def _spacing_warning(where: str, header: VolumeHeader) -> str:

@@ -12,7 +12,15 @@ A manifest is JSON in the Medical Segmentation Decathlon layout, so an MSD / nnU
 - nnU-Net v2 ``dataset.json`` files (``channel_names``, ``labels`` as name -> value,
   ``file_ending``, no case list) are read by listing ``imagesTr`` / ``labelsTr`` / ``imagesTs``.
 - ``validation`` / ``test``, when absent, are made from ``training`` by a seeded split
-  (:data:`SPLIT_SEED`, :data:`SPLIT_FRACTION` each); an empty list means "no cases".
+  (:data:`SPLIT_SEED`, :data:`SPLIT_FRACTION` each); an empty list means "no cases". Only
+  training needs training cases (``require_training``): an external test set may be a
+  manifest with a ``test`` list alone.
+- ``training`` / ``validation`` cases need a label; one without (an nnU-Net v2 image whose
+  ``labelsTr`` file is missing, an entry without ``label``) is an error naming the case, or,
+  with ``allow_unlabelled``, a case recorded in :attr:`Manifest.unlabelled` and left out of
+  training and evaluation.
+- Case ids come from the (first) image file name, without nnU-Net's ``_0000`` channel suffix,
+  so label files named otherwise (ACDC's ``patient001_frame01_gt.nii.gz``) do not rename cases.
 
 Parsing checks structure only; :mod:`segcalib.data.check` opens the files.
 """
@@ -33,6 +41,8 @@ SPLIT_SEED = 12345
 SPLIT_FRACTION = 0.2
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 _SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+_NNUNET_FIRST_CHANNEL = "_0000"
+MAX_LISTED = 10
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class Manifest:
     channels: dict[int, str]
     splits: dict[str, tuple[Case, ...]]
     generated_splits: tuple[str, ...] = field(default=())
+    unlabelled: tuple[str, ...] = field(default=())  # "training[2] (case x)": allowed without a label
 
     @property
     def num_classes(self) -> int:
@@ -86,8 +97,19 @@ class Manifest:
         return [c for split in SPLITS for c in self.splits[split]]
 
 
-def load_manifest(path: str | Path, split_seed: int = SPLIT_SEED) -> Manifest:
-    """Parse and structurally validate a manifest; errors name the file and the entry."""
+def load_manifest(
+    path: str | Path,
+    split_seed: int = SPLIT_SEED,
+    require_training: bool = False,
+    allow_unlabelled: bool = False,
+) -> Manifest:
+    """Parse and structurally validate a manifest; errors name the file and the entry.
+
+    ``require_training``: an empty or missing ``training`` list is an error (training needs
+    it; export and evaluate of an external test set do not). ``allow_unlabelled``: training /
+    validation cases without a label are recorded in :attr:`Manifest.unlabelled` instead of
+    being an error.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: manifest does not exist")
@@ -104,10 +126,16 @@ def load_manifest(path: str | Path, split_seed: int = SPLIT_SEED) -> Manifest:
         raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
     if not isinstance(raw, dict):
         raise DataError(f"{path}: a manifest must be a JSON object, got {type(raw).__name__}")
-    return parse_manifest(raw, path, split_seed=split_seed)
+    return parse_manifest(raw, path, split_seed, require_training, allow_unlabelled)
 
 
-def parse_manifest(raw: dict[str, Any], path: Path, split_seed: int = SPLIT_SEED) -> Manifest:
+def parse_manifest(
+    raw: dict[str, Any],
+    path: Path,
+    split_seed: int = SPLIT_SEED,
+    require_training: bool = False,
+    allow_unlabelled: bool = False,
+) -> Manifest:
     """Build a :class:`Manifest` from already-decoded JSON (``path`` locates relative files)."""
     root = path.parent
     labels = _parse_labels(raw.get("labels"), path)
@@ -116,27 +144,40 @@ def parse_manifest(raw: dict[str, Any], path: Path, split_seed: int = SPLIT_SEED
     if not isinstance(name, str):
         raise DataError(f"{path}: 'name' must be a string")
 
-    if "training" not in raw and "file_ending" in raw:
-        entries = _discover_nnunet_v2(raw, root, path, channels)
+    expected_labels: dict[str, str] = {}
+    if not any(split in raw for split in SPLITS) and "file_ending" in raw:
+        entries = _discover_nnunet_v2(raw, root, path, channels, expected_labels)
     else:
         entries = {split: raw[split] for split in SPLITS if split in raw}
-    if "training" not in entries:
-        raise DataError(f"{path}: no 'training' list")
 
     splits: dict[str, list[Case]] = {}
     for split, items in entries.items():
         if not isinstance(items, list):
             raise DataError(f"{path}: '{split}' must be a list of cases, got {type(items).__name__}")
         splits[split] = [_parse_case(item, split, index, root, path) for index, item in enumerate(items)]
-    if not splits["training"]:
-        raise DataError(f"{path}: the 'training' list is empty")
+    if require_training and not splits.get("training"):
+        what = "is empty" if "training" in splits else "is missing"
+        raise DataError(f"{path}: the 'training' list {what} (training needs labelled training cases)")
+    if not any(splits.values()):
+        raise DataError(f"{path}: no cases (the 'training', 'validation' and 'test' lists are missing or empty)")
+    _check_unique_ids(splits, path)
+    unlabelled = _unlabelled(splits, expected_labels)
+    if unlabelled and not allow_unlabelled:
+        shown = "; ".join(unlabelled[:MAX_LISTED])
+        more = f"; ... and {len(unlabelled) - MAX_LISTED} more" if len(unlabelled) > MAX_LISTED else ""
+        raise DataError(
+            f"{path}: {len(unlabelled)} training/validation case(s) have no label: {shown}{more}; "
+            "add the label files, or accept them with --allow-unlabelled (they are then left out)"
+        )
+    splits.setdefault("training", [])
 
     generated: list[str] = []
     rng = random.Random(split_seed)
     pool = list(splits["training"])
     rng.shuffle(pool)
     for split in ("test", "validation"):
-        if split in splits:
+        if split in splits or not splits["training"]:
+            splits.setdefault(split, [])
             continue
         n = max(1, round(SPLIT_FRACTION * len(splits["training"]))) if len(pool) > 2 else 0
         if n == 0 and split == "validation" and len(pool) > 1:
@@ -148,7 +189,6 @@ def parse_manifest(raw: dict[str, Any], path: Path, split_seed: int = SPLIT_SEED
         kept = {c.case_id for c in pool}
         splits["training"] = [c for c in splits["training"] if c.case_id in kept]
 
-    _check_unique_ids(splits, path)
     return Manifest(
         path=path,
         name=name,
@@ -156,6 +196,7 @@ def parse_manifest(raw: dict[str, Any], path: Path, split_seed: int = SPLIT_SEED
         channels=channels,
         splits={split: tuple(splits[split]) for split in SPLITS},
         generated_splits=tuple(generated),
+        unlabelled=tuple(unlabelled),
     )
 
 
@@ -243,26 +284,59 @@ def _parse_case(item: Any, split: str, index: int, root: Path, manifest: Path) -
     else:
         raise DataError(f"{manifest}: {where} must be an object with 'image' (and 'label') or a path string")
     explicit = item.get("case_id", item.get("id")) if isinstance(item, dict) else None
-    source = str(explicit) if explicit is not None else (label.name if label is not None else images[0].name)
-    case_id = safe_case_id(source)
-    if explicit is None and label is None and case_id.endswith("_0000"):
-        case_id = case_id[: -len("_0000")]  # nnU-Net names the first channel <case>_0000
+    if explicit is not None:
+        case_id = safe_case_id(str(explicit))
+    else:
+        case_id = _image_case_id(images[0], label)
     return Case(case_id=case_id, images=images, label=label, split=split)
 
 
+def _image_case_id(image: Path, label: Path | None) -> str:
+    """The id from the image's name, without nnU-Net's first-channel suffix ``_0000``; when
+    one name extends the other at a separator (``a_t1`` / ``a``, ``p01`` / ``p01_gt``), the
+    shorter, shared one."""
+    case_id = safe_case_id(image.name)
+    label_id = safe_case_id(label.name) if label is not None else None
+    if case_id.endswith(_NNUNET_FIRST_CHANNEL) and label_id != case_id:
+        case_id = case_id[: -len(_NNUNET_FIRST_CHANNEL)] or case_id
+    if label_id is not None and label_id != case_id:
+        short, long = sorted((case_id, label_id), key=len)
+        if long.startswith(short) and long[len(short)] in "_.-":
+            return short
+    return case_id
+
+
 def _check_unique_ids(splits: dict[str, list[Case]], manifest: Path) -> None:
-    seen: dict[str, str] = {}
+    """Every case id once; a collision names both entries (split and index) and their images."""
+    seen: dict[str, tuple[str, Case]] = {}
     for split in SPLITS:
-        for case in splits.get(split, []):
+        for index, case in enumerate(splits.get(split, [])):
+            where = f"{split}[{index}]"
             if case.case_id in seen:
+                first, other = seen[case.case_id]
                 raise DataError(
-                    f"{manifest}: case id {case.case_id!r} appears twice ({seen[case.case_id]} and {split}); "
-                    "give one of them a 'case_id'"
+                    f"{manifest}: case id {case.case_id!r} appears twice: {first} (image {other.images[0]}) and "
+                    f"{where} (image {case.images[0]}); give one of them a 'case_id'"
                 )
-            seen[case.case_id] = split
+            seen[case.case_id] = (where, case)
 
 
-def _discover_nnunet_v2(raw: dict[str, Any], root: Path, manifest: Path, channels: dict[int, str]) -> dict[str, list]:
+def _unlabelled(splits: dict[str, list[Case]], expected_labels: dict[str, str]) -> list[str]:
+    """``split[index] (case id ...)`` for each training / validation case without a label."""
+    found = []
+    for split in ("training", "validation"):
+        for index, case in enumerate(splits.get(split, [])):
+            if case.label is None:
+                expected = expected_labels.get(case.case_id)
+                detail = f"no label file {expected}" if expected else "no 'label'"
+                found.append(f"{split}[{index}] (case {case.case_id}: {detail})")
+    return found
+
+
+def _discover_nnunet_v2(
+    raw: dict[str, Any], root: Path, manifest: Path, channels: dict[int, str], expected_labels: dict[str, str]
+) -> dict[str, list]:
+    """Cases from ``imagesTr`` / ``imagesTs``; a missing label file goes to ``expected_labels``."""
     ending = raw["file_ending"]
     if not isinstance(ending, str):
         raise DataError(f"{manifest}: 'file_ending' must be a string")
@@ -279,6 +353,8 @@ def _discover_nnunet_v2(raw: dict[str, Any], root: Path, manifest: Path, channel
             entry: dict[str, Any] = {"image": images, "case_id": case}
             if label.exists():
                 entry["label"] = f"{label_dir}/{case}{ending}"
+            else:
+                expected_labels[case] = str(label)
             items.append(entry)
         entries[split] = items
     return entries

@@ -8,6 +8,16 @@ export, metrics in mm) reads volumes through :func:`read_volume`, so they all ag
 
 Other formats that SimpleITK reads (``.mha``, ``.mhd``, ``.nrrd``) are read through SimpleITK and
 converted to the same RAS+ world affine that nibabel uses.
+
+A 2D file ``(H, W)`` is read as a single-slice volume ``(H, W, 1)``, so that 2D and 3D cases go
+through the same code; maps written for it (:func:`save_like`) have the input's own
+dimensionality again: ``(H, W)`` label and entropy maps, ``(H, W, 1, K)`` probabilities (the
+class axis stays NIfTI's fourth, as for every input: a ``(H, W, K)`` file would be read by every
+tool as K slices).
+
+Maps of an input whose sform/qform disagree with ``pixdim`` are written with a self-consistent
+header (sform and qform both the ITK-consistent affine, units mm), so that nibabel and MONAI
+users read the true spacing from the maps (:func:`header_rewritten` says when).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ class VolumeHeader:
     affine: np.ndarray
     dtype: np.dtype
     header_spacing: tuple[float, ...] | None = None  # the spacing nibabel's affine implies
+    ndim: int = 3  # spatial dimensions of the file itself (2 for a single slice read as (H, W, 1))
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -72,6 +83,12 @@ def read_header(path: str | Path) -> VolumeHeader:
     return _nifti_header(path, img)
 
 
+def header_rewritten(reference: str | Path) -> bool:
+    """True when maps written like ``reference`` get a rewritten, self-consistent header (its
+    sform/qform spacing disagrees with ``pixdim``); the exporter records it in export.json."""
+    return read_header(reference).spacing_disagrees
+
+
 def read_volume(path: str | Path, dtype: np.dtype | type | None = np.float32) -> tuple[np.ndarray, VolumeHeader]:
     """Load ``path`` as ``(array, header)``; the array is in file voxel order, ``(*spatial[, C])``.
 
@@ -88,6 +105,8 @@ def read_volume(path: str | Path, dtype: np.dtype | type | None = np.float32) ->
             array = np.asanyarray(img.dataobj)
         except (EOFError, OSError, zlib.error, ValueError) as exc:
             raise DataError(f"{path}: cannot read the voxel data (truncated or corrupt file: {exc})") from exc
+    if array.ndim == 2:
+        array = array[..., None]  # (H, W) -> (H, W, 1), as the header says
     if dtype is not None:
         array = np.asarray(array, dtype=dtype)
     return array, header
@@ -115,9 +134,12 @@ def save_like(
     dtype: np.dtype | type,
     slope: float | None = None,
 ) -> None:
-    """Write ``array`` (reference's spatial shape, optional trailing class axis) with the
-    reference file's own header (sform, qform, pixdim), so readers see the same geometry.
+    """Write ``array`` (reference's spatial shape as :func:`read_volume` gives it, optional
+    trailing class axis) with the reference file's own geometry, so readers see the input's.
 
+    The reference header (sform, qform with their codes, pixdim) is kept as it is, unless its
+    sform/qform disagree with ``pixdim``: then both are set to the ITK-consistent affine and
+    the units to mm. A 2D reference gets 2D label maps back (``(H, W, 1)`` -> ``(H, W)``).
     ``slope`` stores integer ``array`` values scaled by it (``scl_slope``): readers see floats.
     The caller makes ``path`` atomic (see :mod:`segcalib.utils.files`).
     """
@@ -125,19 +147,39 @@ def save_like(
     array = np.asarray(array, dtype=dtype)
     if str(reference).lower().endswith(ITK_SUFFIXES):
         header, _ = _read_itk(reference, with_data=False)
-        img = nib.Nifti1Image(array, header.affine)
+        img = nib.Nifti1Image(_own_dimensionality(array, header.ndim), header.affine)
+        img.header.set_xyzt_units("mm")
     else:
-        # A copy of the reference header keeps sform, qform (with their codes) and pixdim as they
-        # are, so nibabel and SimpleITK read the output with the input's own geometry.
-        hdr = _open_nifti(reference).header.copy()
+        source = _open_nifti(reference)
+        header = _nifti_header(reference, source)
+        hdr = source.header.copy()
+        array = _own_dimensionality(array, header.ndim)
         hdr.set_data_dtype(array.dtype)
         hdr.set_data_shape(array.shape)
         hdr["scl_slope"] = np.nan
         hdr["scl_inter"] = np.nan
         img = nib.Nifti1Image(array, None, header=hdr)
+        if header.spacing_disagrees:
+            _make_self_consistent(img, header.affine, source.header)
     if slope is not None:
         img.header.set_slope_inter(slope, 0.0)
     nib.save(img, str(path))
+
+
+def _own_dimensionality(array: np.ndarray, ndim: int) -> np.ndarray:
+    """Drop the single-slice axis that :func:`read_volume` added to a 2D input from a label map."""
+    if ndim == 2 and array.ndim == 3 and array.shape[2] == 1:
+        return array[:, :, 0]
+    return array
+
+
+def _make_self_consistent(img: nib.Nifti1Image, affine: np.ndarray, source: nib.Nifti1Header) -> None:
+    """sform and qform both ``affine`` (codes kept, unknown ones made scanner), units mm."""
+    sform_code = int(source["sform_code"]) or 1
+    qform_code = int(source["qform_code"]) or sform_code
+    img.set_sform(affine, code=sform_code)
+    img.set_qform(affine, code=qform_code)
+    img.header.set_xyzt_units(xyz="mm", t=source.get_xyzt_units()[1])
 
 
 # -- internals ---------------------------------------------------------------------------------
@@ -165,12 +207,14 @@ def _open_nifti(path: Path) -> nib.Nifti1Image:
 def _nifti_header(path: Path, img: nib.Nifti1Image) -> VolumeHeader:
     affine = itk_consistent_affine(img)
     header_spacing = spacing_from_affine(img.affine)
+    shape = tuple(int(s) for s in img.shape)
     return VolumeHeader(
         path=path,
-        shape=tuple(int(s) for s in img.shape),
+        shape=shape + (1,) if len(shape) == 2 else shape,
         affine=affine,
         dtype=img.get_data_dtype(),
         header_spacing=header_spacing,
+        ndim=min(len(shape), 3),
     )
 
 
@@ -196,13 +240,15 @@ def _read_itk(path: Path, with_data: bool) -> tuple[VolumeHeader, np.ndarray | N
     lps[:dim, 3] = origin
     affine = _LPS_TO_RAS @ lps
     size = tuple(int(s) for s in image.GetSize())
-    components = image.GetNumberOfComponentsPerPixel()
-    shape = size + ((components,) if components > 1 else ())
+    # an Image says GetNumberOfComponentsPerPixel, a header-only reader GetNumberOfComponents
+    components = image.GetNumberOfComponentsPerPixel() if with_data else image.GetNumberOfComponents()
+    spatial_size = size + (1,) * (3 - dim)  # a 2D image is a single slice
+    shape = spatial_size + ((components,) if components > 1 else ())
     array = None
     if with_data:
         # SimpleITK arrays are (z, y, x[, c]); nibabel's are (x, y, z[, c]).
         array = sitk.GetArrayFromImage(image)
         spatial = np.transpose(array, tuple(range(dim - 1, -1, -1)) + ((dim,) if components > 1 else ()))
-        array = np.ascontiguousarray(spatial)
+        array = np.ascontiguousarray(spatial).reshape(shape)
     dtype = np.dtype(array.dtype) if array is not None else np.dtype(np.float32)
-    return VolumeHeader(path=path, shape=shape, affine=affine, dtype=dtype), array
+    return VolumeHeader(path=path, shape=shape, affine=affine, dtype=dtype, ndim=dim), array

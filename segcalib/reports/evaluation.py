@@ -64,6 +64,7 @@ def evaluate(
     if boundary_mm is None:  # the band the export's calibration was fitted on: one setting
         boundary_mm = float(export_info.get("boundary_mm", DEFAULT_BOUNDARY_MM))
     manifest = load_manifest(manifest_path, split_seed=split_seed)
+    warn_if_other_manifest(export_info, manifest.path, predictions)
     cases = manifest.labelled(split)
     num_classes = manifest.num_classes
     started = time.time()
@@ -233,12 +234,48 @@ def _finite_json(value: Any) -> Any:
 
 
 def read_report(path: str | Path) -> dict[str, Any]:
-    """Load a report.json, turning the "nan"/"inf" strings back into floats."""
+    """Load a report.json, turning the "nan"/"inf" strings back into floats; anything that is not
+    a segcalib evaluation report (an export.json, ``{}``, ``[]``) is a DataError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a report.json")
     try:
-        return _floats(json.loads(path.read_text()))
+        report = _floats(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable report ({exc})") from None
+    missing = _missing_report_parts(report)
+    if missing:
+        hint = " (it is an export record: run segcalib evaluate on its folder)" if _looks_like_export(report) else ""
+        raise DataError(f"{path}: not a segcalib evaluation report{hint}: {missing}")
+    return report
+
+
+def _missing_report_parts(report: Any) -> str:
+    """What a report.json lacks (empty if nothing): the parts compare and summarise read."""
+    if not isinstance(report, dict):
+        return f"a JSON {type(report).__name__}, not an object"
+    meta = report.get("metadata")
+    if not isinstance(meta, dict) or isinstance(meta.get("n_bins"), bool) or not isinstance(meta.get("n_bins"), int):
+        return "no 'metadata' with 'n_bins'"
+    calibration = report.get("calibration")
+    if not isinstance(calibration, dict) or not all(isinstance(calibration.get(r), dict) for r in REGIONS):
+        return f"no 'calibration' for the regions {', '.join(REGIONS)}"
+    for region in REGIONS:
+        absent = [k for k in ("ece", "mce", "cece", "nll", "brier", "reliability") if k not in calibration[region]]
+        if absent:
+            return f"'calibration.{region}' lacks {', '.join(absent)}"
+        bins = calibration[region]["reliability"]
+        if not isinstance(bins, dict) or not all(isinstance(bins.get(k), list) for k in ("confidence", "accuracy", "count")):
+            return f"'calibration.{region}.reliability' lacks the confidence, accuracy and count lists"
+    segmentation = report.get("segmentation")
+    if not isinstance(segmentation, dict) or not isinstance(segmentation.get("mean_foreground"), dict):
+        return "no 'segmentation.mean_foreground'"
+    absent = [k for k in ("dice", "hd95", "assd") if k not in segmentation["mean_foreground"]]
+    return f"'segmentation.mean_foreground' lacks {', '.join(absent)}" if absent else ""
+
+
+def _looks_like_export(record: Any) -> bool:
+    return isinstance(record, dict) and "temperature_request" in record and "checkpoint" in record
 
 
 def _floats(value: Any) -> Any:
@@ -252,10 +289,33 @@ def _floats(value: Any) -> Any:
 
 
 def _export_info(predictions: Path) -> dict[str, Any]:
+    """The export's own record (``{}`` when there is none); a DataError naming the file when
+    ``export.json`` is not a JSON object (a list, a folder, unreadable)."""
     path = predictions / EXPORT_JSON
     if not path.exists():
         return {}
+    if not path.is_file():
+        raise DataError(f"{path}: is not a file; an export record is a JSON object (remove it or export again)")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DataError(f"{path}: unreadable export record") from None
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: unreadable export record ({exc})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: not an export record (a JSON {type(record).__name__}, expected an object)")
+    return record
+
+
+def warn_if_other_manifest(export_info: dict[str, Any], manifest: Path, predictions: Path) -> str | None:
+    """Warn (and return the message) when the export was made from another manifest than the
+    one evaluated against: the cases may share ids and still be other images."""
+    recorded = export_info.get("manifest")
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    if Path(recorded).expanduser().resolve() == Path(manifest).expanduser().resolve():
+        return None
+    message = (
+        f"{predictions}: exported from the manifest {recorded}, evaluated against {Path(manifest).resolve()}; "
+        "the labels are those of the second one (check that the cases are the same images)"
+    )
+    log.warning("warning: %s", message)
+    return message

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from segcalib.errors import RunError
+from segcalib.utils.locks import folder_entries
 
 CONFIG_NAME = "config.yaml"
 
@@ -43,7 +44,8 @@ class RunDir:
         return self.root / "tensorboard"
 
     def is_empty(self) -> bool:
-        return not self.root.exists() or not any(self.root.iterdir())
+        """No entry but the lock of the command now holding the folder."""
+        return not folder_entries(self.root)
 
     def check(self, resume: bool) -> None:
         """Check (without writing) that a new run may start here, or that there is one to resume."""

@@ -9,11 +9,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 from segcalib.errors import ResourceError
+
+# what atomic_path's mkstemp names look like: ".<stem>.<8 random characters>.tmp<suffixes>"
+_TEMPORARY = re.compile(r"^\.[^/]*\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?$")
 
 
 @contextlib.contextmanager
@@ -56,6 +60,30 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None], suffix: 
     """Call ``writer(tmp_path)`` and move the result onto ``path`` atomically."""
     with atomic_path(path, suffix=suffix) as tmp:
         writer(tmp)
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """True for a name that :func:`atomic_path` gives its temporary files."""
+    return bool(_TEMPORARY.match(Path(path).name))
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Remove the hidden temporary files that a killed run left in ``folder``; return them.
+
+    Call it only while holding the folder's lock (:mod:`segcalib.utils.locks`), once the
+    folder is complete: a temporary file of a live writer would be removed too.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    candidates = folder.rglob(".*") if recursive else folder.glob(".*")
+    removed = []
+    for path in candidates:
+        if path.is_file() and not path.is_symlink() and is_temporary(path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return sorted(removed)
 
 
 def _umask() -> int:

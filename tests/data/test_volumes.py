@@ -101,7 +101,8 @@ def test_save_like_keeps_the_input_geometry_for_both_readers(tmp_path: Path, mak
     save_like(probs, reference, out, np.float32)
     ref_img, out_img = nib.load(str(reference)), nib.load(str(out))
     assert out_img.shape == (12, 10, 6, 3)
-    assert np.allclose(out_img.affine, ref_img.affine)
+    # nibabel reads the ITK geometry from the map (an ACDC-style header is rewritten self-consistent)
+    assert np.allclose(out_img.affine, read_header(reference).affine)
     assert out_img.header.get_zooms()[:3] == ref_img.header.get_zooms()[:3]
     assert np.allclose(read_header(out).affine, read_header(reference).affine)
     ref_s, out_s = sitk.ReadImage(str(reference)), sitk.ReadImage(str(out))

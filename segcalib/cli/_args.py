@@ -1,0 +1,42 @@
+"""Argument types that refuse bad numbers at the command line (argparse: exit 2, one message)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+from segcalib.metrics.calibration_functional import MAX_BINS  # the metric's own bound
+
+
+def bounded(kind: type, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse ``type`` parsing ``kind`` (int or float) that must be finite and within
+    ``[low, high]`` (``(low, high]`` when ``low_open``); otherwise argparse's usage error."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            left = f"({low:g}" if low_open else f"[{low:g}" if low is not None else "(-inf"
+            right = f"{high:g}]" if high is not None else "inf)"
+            raise argparse.ArgumentTypeError(f"{text!r} is outside {left}, {right}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid <name> value" messages
+    return parse
+
+
+def positive_mm(text: str) -> float:
+    """A finite length in mm, > 0."""
+    return bounded(float, low=0.0, low_open=True)(text)
+
+
+def bin_count(text: str) -> int:
+    """A number of reliability bins, 1..:data:`MAX_BINS`."""
+    return bounded(int, low=1, high=MAX_BINS)(text)
