@@ -39,7 +39,7 @@ def test_segcalib_export_folder(tmp_path: Path, dtype: str) -> None:
     cfg = load_config(SMOKE_CONFIG, {"data.manifest": str(manifest.path), "data.patch_size": [8, 8, 8], "model.strides": [2, 2, 2]})
     case = manifest.cases("test")[0]
     out = tmp_path / "out"
-    paths = output_paths(out, case.case_id, uncertainty=True)
+    paths = output_paths(out, case.case_id, ["uncertainty"])
     export_case(_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=1.0, dtype=dtype)
     (out / EXPORT_JSON).write_text(json.dumps({"status": "complete", "temperature": 1.0}))
 
