@@ -157,6 +157,8 @@ class SampledCalibrator(Calibrator):
         logits, labels, weights = self.sample.data()
         if logits.shape[0] == 0:
             raise DataError(f"calibrator '{self.name}': no voxels to fit on (is the fit region empty?)")
+        if not torch.isfinite(logits).all():
+            raise DataError(f"calibrator '{self.name}': the fit region holds non-finite logits (NaN or inf)")
         self._fit_sample(logits, labels, weights)
 
     @abc.abstractmethod
