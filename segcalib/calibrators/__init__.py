@@ -24,6 +24,7 @@ from segcalib.calibrators.registry import (
     register_calibrator,
 )
 from segcalib.calibrators.sample import SampledCalibrator, StratifiedSample
+from segcalib.calibrators.serialization import load_calibrator, read_calibrator_json, save_calibrator
 
 _FRAMEWORK = {"base", "registry", "sample", "serialization"}
 for _module in pkgutil.iter_modules(__path__):
@@ -38,5 +39,8 @@ __all__ = [
     "calibrator_class",
     "calibrator_parameters",
     "list_calibrators",
+    "load_calibrator",
+    "read_calibrator_json",
     "register_calibrator",
+    "save_calibrator",
 ]
