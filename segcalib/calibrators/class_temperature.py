@@ -22,7 +22,7 @@ class ClassTemperatureScaling(SampledCalibrator):
 
     Does NOT preserve the argmax: different temperatures rescale classes differently, so
     ``z = (2, 1)``, ``T = (2, 0.5)`` gives ``(1, 2)``. It equals vector scaling with positive scales
-    and no bias. Each ``T_k`` is kept within [0.01, 100] like the global temperature.
+    and no bias: raising ``z_k`` with the other logits fixed never lowers ``p_k``. Each ``T_k`` is kept within [0.01, 100] like the global temperature.
 
     Args:
         max_iter: L-BFGS iterations. seed, max_voxels: the voxel sample.

@@ -12,8 +12,8 @@ class VectorScaling(AffineCalibrator):
     """``softmax(w * z + b)`` with ``w, b`` of shape ``(C,)``, fitted by float64 L-BFGS from ``w = 1, b = 0``.
 
     Does not preserve the argmax or the class order: unequal scales or biases can swap two classes
-    (``w = (1, 3), z = (2, 1)`` gives ``(2, 3)``), whatever the signs of ``w``. For a fixed class k,
-    ``p_k`` is not even monotone in ``z_k`` across voxels unless the other logits are fixed.
+    (``w = (1, 3), z = (2, 1)`` gives ``(2, 3)``), even with every ``w_k > 0``. What ``w_k > 0`` does
+    keep: raising ``z_k`` with the other logits fixed never lowers ``p_k``.
 
     Args:
         lambda_reg: weight of ``mean (w - 1)^2`` (0: none, as in Guo et al.).
