@@ -1,9 +1,10 @@
 """Local temperature scaling (LTS; Ding, Lieberman, Ma & Wang, "Local Temperature Scaling for
 Probability Calibration", ICCV 2021), 2D and 3D.
 
-A small convolutional network maps the logits (shifted so that each voxel's maximum is 0, which
-leaves the softmax unchanged) -- optionally concatenated with the image, standardised per case --
-to one temperature per voxel, ``T = softplus(net(x)) + t_floor > 0``, and ``p = softmax(z / T)``.
+A small convolutional network maps the uncalibrated softmax probabilities (bounded inputs: raw
+logits, up to tens in magnitude, made the net overfit and its ReLUs die in our tests) -- optionally
+concatenated with the image, standardised per case -- to one temperature per voxel,
+``T = softplus(net(x)) + t_floor > 0``, and ``p = softmax(z / T)``.
 Since ``T > 0`` at every voxel, the argmax and the per-voxel class order are preserved.
 
 Bounded fitting: :meth:`update` keeps only random crops (``crop`` voxels per axis, ``crops_per_case``
@@ -211,9 +212,8 @@ class LocalTemperatureScaling(Calibrator):
         self.spatial_dims, self.image_channels = dims, channels
 
     def _features(self, logits: Tensor, image: Tensor | None) -> Tensor:
-        """Network input ``(B, C [+ Cin], *S)``: logits minus their per-voxel maximum [+ image]."""
-        z = logits.detach().float()
-        x = z - z.amax(dim=1, keepdim=True)
+        """Network input ``(B, C [+ Cin], *S)``: the softmax probabilities [+ the standardised image]."""
+        x = torch.softmax(logits.detach().float(), dim=1)
         if self.use_image:
             assert image is not None
             x = torch.cat([x, _standardise(image.to(x.device))], dim=1)
