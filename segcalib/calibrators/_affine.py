@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators._lbfgs import minimize_nll
-from segcalib.calibrators.base import Spacing, read_array
+from segcalib.calibrators.base import Spacing, check_positive_int, read_array
 from segcalib.calibrators.sample import SampledCalibrator
 from segcalib.errors import ConfigError
 from segcalib.inference.temperature import DEFAULT_MAX_VOXELS
@@ -48,8 +48,7 @@ class AffineCalibrator(SampledCalibrator):
         for key, value in (("lambda_reg", lambda_reg), ("mu_reg", mu_reg)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ConfigError(f"calibrator '{self.name}': {key} must be a finite number >= 0, got {value!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ConfigError(f"calibrator '{self.name}': max_iter must be an integer >= 1, got {max_iter!r}")
+        check_positive_int(self.name, "max_iter", max_iter)
         super().__init__(
             num_classes, seed=seed, max_voxels=max_voxels, lambda_reg=float(lambda_reg), mu_reg=float(mu_reg),
             max_iter=max_iter,

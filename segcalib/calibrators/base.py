@@ -172,6 +172,13 @@ class Calibrator(abc.ABC):
             )
 
 
+def check_positive_int(owner: str, key: str, value: Any) -> int:
+    """``value`` if it is an integer >= 1 (ConfigError naming ``key`` otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"calibrator '{owner}': {key} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def read_float(owner: str, state: dict[str, Any], key: str, *, positive: bool = False) -> float:
     """``state[key]`` as a finite float (DataError naming ``key`` otherwise)."""
     value = state.get(key)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators._lbfgs import minimize_nll
-from segcalib.calibrators.base import Spacing, read_array
+from segcalib.calibrators.base import Spacing, check_positive_int, read_array
 from segcalib.calibrators.registry import register_calibrator
 from segcalib.calibrators.sample import SampledCalibrator
 from segcalib.calibrators.temperature import clamp_temperature
@@ -32,7 +32,7 @@ class ClassTemperatureScaling(SampledCalibrator):
         self, num_classes: int, *, seed: int = 0, max_voxels: int = DEFAULT_MAX_VOXELS, max_iter: int = 200
     ) -> None:
         super().__init__(num_classes, seed=seed, max_voxels=max_voxels, max_iter=max_iter)
-        self.max_iter = max_iter
+        self.max_iter = check_positive_int(self.name, "max_iter", max_iter)
         self.temperatures = torch.ones(num_classes, dtype=torch.float64)
 
     def _fit_sample(self, logits: Tensor, labels: Tensor, weights: Tensor) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators._lbfgs import minimize_nll
-from segcalib.calibrators.base import Spacing, read_float
+from segcalib.calibrators.base import Spacing, check_positive_int, read_float
 from segcalib.calibrators.registry import register_calibrator
 from segcalib.calibrators.sample import SampledCalibrator
 from segcalib.inference.temperature import DEFAULT_MAX_VOXELS, T_BOUNDS, apply_temperature
@@ -56,7 +56,7 @@ class TemperatureScaling(SampledCalibrator):
         self, num_classes: int, *, seed: int = 0, max_voxels: int = DEFAULT_MAX_VOXELS, max_iter: int = 100
     ) -> None:
         super().__init__(num_classes, seed=seed, max_voxels=max_voxels, max_iter=max_iter)
-        self.max_iter = max_iter
+        self.max_iter = check_positive_int(self.name, "max_iter", max_iter)
         self.temperature = 1.0
 
     def _fit_sample(self, logits: Tensor, labels: Tensor, weights: Tensor) -> None:

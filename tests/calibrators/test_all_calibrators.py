@@ -74,6 +74,11 @@ def test_unknown_name_and_parameter_are_config_errors() -> None:
         build_calibrator("temperature", 3, bins=4)
     with pytest.raises(ConfigError, match="num_classes"):
         build_calibrator("temperature", 1)
+    for name in ("temperature", "class_temperature", "vector", "matrix", "dirichlet"):
+        with pytest.raises(ConfigError, match=f"calibrator '{name}': max_iter must be an integer >= 1"):
+            build_calibrator(name, 3, max_iter=0)
+    with pytest.raises(ConfigError, match="calibrator 'matrix': lambda_reg must be a finite number >= 0"):
+        build_calibrator("matrix", 3, lambda_reg=float("nan"))
 
 
 @pytest.mark.parametrize("dims", sorted(SHAPES))
