@@ -20,7 +20,7 @@ from segcalib.calibrators._lbfgs import minimize_nll
 from segcalib.calibrators.base import Spacing, check_positive_int, read_array
 from segcalib.calibrators.sample import SampledCalibrator
 from segcalib.errors import ConfigError
-from segcalib.inference.temperature import DEFAULT_MAX_VOXELS
+from segcalib.inference.temperature import DEFAULT_MAX_VOXELS, apply_temperature_
 
 
 class AffineCalibrator(SampledCalibrator):
@@ -105,7 +105,7 @@ class AffineCalibrator(SampledCalibrator):
         weight = self.weight.to(device=logits.device, dtype=torch.float32)
         bias = self.bias.to(device=logits.device, dtype=torch.float32).reshape(shape)
         out = x * weight.reshape(shape) if self.diagonal else torch.einsum("kc,bc...->bk...", weight, x)
-        return torch.softmax(out.add_(bias), dim=1)
+        return apply_temperature_(out.add_(bias), 1.0)  # in-place softmax: no third volume
 
     # ----- fitted state -----------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from segcalib.calibrators.registry import register_calibrator
 from segcalib.calibrators.sample import SampledCalibrator
 from segcalib.calibrators.temperature import clamp_temperature
 from segcalib.errors import DataError
-from segcalib.inference.temperature import DEFAULT_MAX_VOXELS
+from segcalib.inference.temperature import DEFAULT_MAX_VOXELS, apply_temperature_
 
 
 @register_calibrator("class_temperature")
@@ -44,7 +44,7 @@ class ClassTemperatureScaling(SampledCalibrator):
     def _transform(self, logits: Tensor, *, spacing: Spacing, image: Tensor | None) -> Tensor:
         shape = (1, -1) + (1,) * (logits.dim() - 2)
         t = self.temperatures.to(device=logits.device, dtype=torch.float32).reshape(shape)
-        return torch.softmax(logits / t, dim=1)
+        return apply_temperature_(logits / t, 1.0)  # in-place softmax of the fresh quotient
 
     def _state(self) -> dict[str, Any]:
         return {"temperatures": self.temperatures.tolist()}
