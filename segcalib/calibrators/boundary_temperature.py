@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators._lbfgs import minimize_nll
-from segcalib.calibrators.base import Spacing, read_float
+from segcalib.calibrators.base import Spacing, check_positive_int, read_float
 from segcalib.calibrators.registry import register_calibrator
 from segcalib.calibrators.sample import SampledCalibrator, StratifiedSample, _labels_and_mask
 from segcalib.errors import ConfigError, DataError
@@ -97,7 +97,7 @@ class BoundaryTemperatureScaling(SampledCalibrator):
         if isinstance(scale_mm, bool) or not isinstance(scale_mm, (int, float)) or not 0 < scale_mm < FAR_MM:
             raise ConfigError(f"calibrator 'boundary_temperature': scale_mm must be a number in (0, {FAR_MM:g}), got {scale_mm!r}")
         self.scale_mm = float(scale_mm)
-        self.max_iter = max_iter
+        self.max_iter = check_positive_int(self.name, "max_iter", max_iter)
         self.sample = self._new_sample()
         self.coefficients = {"a": 0.0, "b": 0.0, "c": 0.0, "s": self.scale_mm}
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators._lbfgs import minimize_nll
-from segcalib.calibrators.base import Spacing, read_array, read_float
+from segcalib.calibrators.base import Spacing, check_positive_int, read_array, read_float
 from segcalib.calibrators.registry import register_calibrator
 from segcalib.calibrators.sample import SampledCalibrator
 from segcalib.calibrators.temperature import clamp_temperature
@@ -62,7 +62,7 @@ class EnsembleTemperatureScaling(SampledCalibrator):
         self, num_classes: int, *, seed: int = 0, max_voxels: int = DEFAULT_MAX_VOXELS, max_iter: int = 100
     ) -> None:
         super().__init__(num_classes, seed=seed, max_voxels=max_voxels, max_iter=max_iter)
-        self.max_iter = max_iter
+        self.max_iter = check_positive_int(self.name, "max_iter", max_iter)
         self.temperature = 1.0
         self.weights = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
 

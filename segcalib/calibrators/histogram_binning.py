@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators._class_histograms import ClassHistograms, bin_index, class_probabilities, renormalise
-from segcalib.calibrators.base import Calibrator, Spacing, read_array
+from segcalib.calibrators.base import Calibrator, Spacing, check_positive_int, read_array
 from segcalib.calibrators.registry import register_calibrator
-from segcalib.errors import ConfigError, DataError
+from segcalib.errors import DataError
 from segcalib.inference.temperature import DEFAULT_MAX_VOXELS
 
 
@@ -40,9 +40,7 @@ class HistogramBinning(Calibrator):
         self, num_classes: int, *, seed: int = 0, max_voxels: int = DEFAULT_MAX_VOXELS, n_bins: int = 15
     ) -> None:
         super().__init__(num_classes, seed=seed, max_voxels=max_voxels, n_bins=n_bins)
-        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-            raise ConfigError(f"calibrator 'histogram_binning': n_bins must be an integer >= 1, got {n_bins!r}")
-        self.n_bins = n_bins
+        self.n_bins = check_positive_int(self.name, "n_bins", n_bins)
         self.histograms = ClassHistograms(num_classes, n_bins)
         self.bin_values: Tensor | None = None
 
