@@ -95,7 +95,9 @@ class BoundaryTemperatureScaling(SampledCalibrator):
     ) -> None:
         super().__init__(num_classes, seed=seed, max_voxels=max_voxels, scale_mm=scale_mm, max_iter=max_iter)
         if isinstance(scale_mm, bool) or not isinstance(scale_mm, (int, float)) or not 0 < scale_mm < FAR_MM:
-            raise ConfigError(f"calibrator 'boundary_temperature': scale_mm must be a number in (0, {FAR_MM:g}), got {scale_mm!r}")
+            raise ConfigError(
+                f"calibrator 'boundary_temperature': scale_mm must be a number in (0, {FAR_MM:g}), got {scale_mm!r}"
+            )
         self.scale_mm = float(scale_mm)
         self.max_iter = check_positive_int(self.name, "max_iter", max_iter)
         self.sample = self._new_sample()

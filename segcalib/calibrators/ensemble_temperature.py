@@ -68,7 +68,9 @@ class EnsembleTemperatureScaling(SampledCalibrator):
 
     def _fit_sample(self, logits: Tensor, labels: Tensor, weights: Tensor) -> None:
         log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        minimize_nll([log_t], lambda z: z / log_t.exp(), logits, labels, weights, max_iter=self.max_iter, owner=self.name)
+        minimize_nll(
+            [log_t], lambda z: z / log_t.exp(), logits, labels, weights, max_iter=self.max_iter, owner=self.name
+        )
         t = float(log_t.detach().exp())
         if not math.isfinite(t):
             raise DataError(f"calibrator '{self.name}': temperature fit diverged (T = {t})")
@@ -93,5 +95,7 @@ class EnsembleTemperatureScaling(SampledCalibrator):
         self.temperature = read_float(self.name, state, "temperature", positive=True)
         w = read_array(self.name, state, "weights", (3,))
         if bool((w < 0).any()) or abs(float(w.sum()) - 1.0) > 1e-6:
-            raise DataError(f"calibrator '{self.name}': parameter 'weights' must be 3 non-negative numbers summing to 1")
+            raise DataError(
+                f"calibrator '{self.name}': parameter 'weights' must be 3 non-negative numbers summing to 1"
+            )
         self.weights = w

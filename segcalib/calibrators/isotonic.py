@@ -153,7 +153,9 @@ class Isotonic(Calibrator):
                 x = torch.tensor(xk, dtype=torch.float64)
                 y = torch.tensor(yk, dtype=torch.float64)
             except (TypeError, ValueError, RuntimeError):
-                raise DataError(f"calibrator 'isotonic': parameters 'x[{k}]' / 'y[{k}]' must be lists of numbers") from None
+                raise DataError(
+                    f"calibrator 'isotonic': parameters 'x[{k}]' / 'y[{k}]' must be lists of numbers"
+                ) from None
             valid = (
                 x.dim() == 1 and x.shape == y.shape and x.numel() > 0
                 and bool(torch.isfinite(x).all() and torch.isfinite(y).all())

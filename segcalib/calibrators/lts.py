@@ -195,12 +195,16 @@ class LocalTemperatureScaling(Calibrator):
     def _check_geometry(self, logits: Tensor, image: Tensor | None) -> None:
         dims = logits.dim() - 2
         if dims not in (2, 3):
-            raise DataError(f"calibrator 'lts': logits must be 2D or 3D (B, C, *spatial), got shape {tuple(logits.shape)}")
+            raise DataError(
+                f"calibrator 'lts': logits must be 2D or 3D (B, C, *spatial), got shape {tuple(logits.shape)}"
+            )
         channels = 0
         if self.use_image:
-            if image is None or image.dim() != logits.dim() or image.shape[0] != logits.shape[0] or image.shape[2:] != logits.shape[2:]:
+            matching = image is not None and image.dim() == logits.dim() and image.shape[0] == logits.shape[0]
+            if not matching or image.shape[2:] != logits.shape[2:]:
                 raise DataError(
-                    f"calibrator 'lts': use_image needs an image (B, Cin, *spatial) matching logits {tuple(logits.shape)}, "
+                    "calibrator 'lts': use_image needs an image (B, Cin, *spatial) matching logits "
+                    f"{tuple(logits.shape)}, "
                     f"got {None if image is None else tuple(image.shape)}"
                 )
             channels = image.shape[1]
@@ -280,7 +284,9 @@ class LocalTemperatureScaling(Calibrator):
     def _load_state(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         dims, channels = state.get("spatial_dims"), state.get("image_channels")
         if dims not in (2, 3) or isinstance(channels, bool) or not isinstance(channels, int) or channels < 0:
-            raise DataError("calibrator 'lts': parameters 'spatial_dims' (2 or 3) and 'image_channels' (>= 0) are required")
+            raise DataError(
+                "calibrator 'lts': parameters 'spatial_dims' (2 or 3) and 'image_channels' (>= 0) are required"
+            )
         if (channels > 0) != self.use_image:
             raise DataError(f"calibrator 'lts': image_channels = {channels} contradicts use_image = {self.use_image}")
         self.spatial_dims, self.image_channels = dims, channels

@@ -158,7 +158,9 @@ def _stream(cases: CaseSource, fold_of: Mapping[str, int], num_classes: int) -> 
     seen: set[str] = set()
     for item in cases():
         if len(item) != 5:
-            raise DataError(f"a case source must yield (case_id, logits, target, spacing, image), got {len(item)} items")
+            raise DataError(
+                f"a case source must yield (case_id, logits, target, spacing, image), got {len(item)} items"
+            )
         case_id, logits, target, spacing, image = item
         if case_id not in fold_of:
             raise DataError(f"case '{case_id}' was yielded but is not among the case ids")
@@ -213,7 +215,10 @@ def _summary(scores: list[HeldOutScores]) -> dict[str, Any]:
         values = [v[metric] for v in per_fold]
         finite = [v for v in values if math.isfinite(v)]
         mean = sum(finite) / len(finite) if finite else math.nan
-        std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else (0.0 if finite else math.nan)
+        if len(finite) > 1:
+            std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+        else:
+            std = 0.0 if finite else math.nan
         row[metric] = {"mean": mean, "std": std, "folds": values}
     pooled = HeldOutScores(scores[0].num_classes, scores[0].n_bins)
     for s in scores:
