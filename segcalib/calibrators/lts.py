@@ -44,6 +44,9 @@ def temperature_net(in_channels: int, spatial_dims: int, hidden: int, layers: in
     return nn.Sequential(*modules)
 
 
+_T0_VOXELS = 2**18
+
+
 def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
@@ -146,7 +149,8 @@ class LocalTemperatureScaling(Calibrator):
         self._check_geometry(logits, image)
         spatial = logits.shape[2:]
         labels, keep = labels.view(logits.shape[0], *spatial), keep.view(logits.shape[0], *spatial)
-        features = self._features(logits, image)
+        image = _standardise(image).cpu() if self.use_image and image is not None else None
+        label_dtype = torch.int16 if self.num_classes <= 2**15 else torch.int64
         size = [min(self.crop, n) for n in spatial]
         for b in range(logits.shape[0]):
             inside = keep[b].reshape(-1).nonzero().squeeze(1)
@@ -163,11 +167,12 @@ class LocalTemperatureScaling(Calibrator):
                     )
                 )
                 crop = {
-                    "x": features[(b, slice(None), *box)].cpu().clone(),
                     "z": logits[(b, slice(None), *box)].detach().float().cpu().clone(),
-                    "y": labels[(b, *box)].clone(),
+                    "y": labels[(b, *box)].to(label_dtype),
                     "m": keep[(b, *box)].clone(),
                 }
+                if image is not None:
+                    crop["i"] = image[(b, slice(None), *box)].clone()
                 self._insert([crop], key.reshape(1))
             self.offered += self.crops_per_case
 
@@ -216,12 +221,9 @@ class LocalTemperatureScaling(Calibrator):
         self.spatial_dims, self.image_channels = dims, channels
 
     def _features(self, logits: Tensor, image: Tensor | None) -> Tensor:
-        """Network input ``(B, C [+ Cin], *S)``: the softmax probabilities [+ the standardised image]."""
+        """Network input ``(B, C [+ Cin], *S)``: softmax probabilities [+ the image, already standardised]."""
         x = torch.softmax(logits.detach().float(), dim=1)
-        if self.use_image:
-            assert image is not None
-            x = torch.cat([x, _standardise(image.to(x.device))], dim=1)
-        return x
+        return x if image is None else torch.cat([x, image.to(x.device, torch.float32)], dim=1)
 
     # ----- fitting and applying -------------------------------------------------------------
     def _build_net(self) -> nn.Sequential:
@@ -238,9 +240,13 @@ class LocalTemperatureScaling(Calibrator):
             raise DataError("calibrator 'lts': no voxels were offered (empty fit region?)")
         if not all(torch.isfinite(c["z"]).all() for c in self.crops):
             raise DataError("calibrator 'lts': the fit region holds non-finite logits (NaN or inf)")
+        # the starting constant: T on at most _T0_VOXELS region voxels of the buffer (evenly strided)
+        n_region = sum(int(c["m"].sum()) for c in self.crops)
+        stride = max(1, math.ceil(n_region / _T0_VOXELS))
         z = torch.cat([c["z"].reshape(self.num_classes, -1)[:, c["m"].reshape(-1)] for c in self.crops], dim=1)
-        y = torch.cat([c["y"][c["m"]] for c in self.crops])
-        t0 = min(max(fit_temperature(z.T, y), T_BOUNDS[0]), T_BOUNDS[1])
+        y = torch.cat([c["y"][c["m"]].long() for c in self.crops])
+        t0 = min(max(fit_temperature(z[:, ::stride].T, y[::stride]), T_BOUNDS[0]), T_BOUNDS[1])
+        del z, y
         net = self._build_net()
         last = net[-1]
         assert isinstance(last, (nn.Conv2d, nn.Conv3d))
@@ -255,8 +261,9 @@ class LocalTemperatureScaling(Calibrator):
             region = sum(int(self.crops[i]["m"].sum()) for i in pick)
             for i in pick:
                 c = self.crops[i]
-                t = self._temperature(net, c["x"].unsqueeze(0))
-                nll = F.cross_entropy(c["z"].unsqueeze(0) / t, c["y"].unsqueeze(0), reduction="none")
+                z = c["z"].unsqueeze(0)
+                t = self._temperature(net, self._features(z, c["i"].unsqueeze(0) if "i" in c else None))
+                nll = F.cross_entropy(z / t, c["y"].unsqueeze(0).long(), reduction="none")
                 (nll[0][c["m"]].sum() / region).backward()
             optimiser.step()
         self.net = net.eval()
@@ -268,7 +275,8 @@ class LocalTemperatureScaling(Calibrator):
         assert self.net is not None
         net = self.net.to(logits.device)
         with torch.no_grad():
-            return self._temperature(net, self._features(logits, image))
+            standardised = _standardise(image) if self.use_image and image is not None else None
+            return self._temperature(net, self._features(logits, standardised))
 
     def _transform(self, logits: Tensor, *, spacing: Spacing, image: Tensor | None) -> Tensor:
         return torch.softmax(logits / self.temperature_map(logits, image), dim=1)
