@@ -45,11 +45,12 @@ class StratifiedSample:
     def add(self, logits: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
         """Offer the voxels of ``logits (B, C, *S)`` / ``target (B, *S)`` where ``mask (B, *S)`` is true.
 
-        Only voxels that can enter a reservoir (key above its current smallest when full) are copied,
-        so one call holds about one extra class channel of the batch besides the sample.
+        Candidates are chosen on the logits' device; only voxels that can enter a reservoir (key above
+        its current smallest when full) are copied to the host, with one float32 key per voxel.
         """
-        labels, keep = _labels_and_mask(logits, target, mask, self.num_classes)
-        keys = torch.rand(labels.shape[0], generator=self._generator)
+        labels, keep = _region_labels(logits, target, mask, self.num_classes)  # on the logits' device
+        keys = torch.rand(labels.shape[0], generator=self._generator)  # CPU: the same sample on any device
+        device_keys = keys.to(labels.device)
         flat = logits.detach().reshape(logits.shape[0], self.num_classes, -1)  # a view: (B, C, S)
         per_case = flat.shape[2]
         for k in range(self.num_classes):
@@ -60,13 +61,12 @@ class StratifiedSample:
             self.offered[k] += count
             candidates = in_class
             if self.keys[k].shape[0] >= self.capacity:
-                candidates = in_class & (keys > self.keys[k].min())
+                candidates = in_class & (device_keys > float(self.keys[k].min()))
             index = candidates.nonzero().squeeze(1)
             if index.numel() > self.capacity:  # only the largest keys can survive
-                index = index[torch.topk(keys[index], self.capacity, sorted=False).indices.sort().values]
-            device_index = index.to(flat.device)
-            rows = flat[device_index // per_case, :, device_index % per_case].float().cpu()
-            self._insert(k, rows, keys[index])
+                index = index[torch.topk(device_keys[index], self.capacity, sorted=False).indices.sort().values]
+            rows = flat[index // per_case, :, index % per_case].float().cpu()
+            self._insert(k, rows, keys[index.cpu()])
 
     def _insert(self, k: int, rows: Tensor, keys: Tensor) -> None:
         z = torch.cat([self.logits[k], rows])
@@ -98,6 +98,12 @@ class StratifiedSample:
 
 def _labels_and_mask(logits: Tensor, target: Tensor, mask: Tensor | None, num_classes: int) -> tuple[Tensor, Tensor]:
     """Flat CPU labels ``(B*S,)`` and fit-region mask ``(B*S,)`` with the checks every update needs."""
+    labels, keep = _region_labels(logits, target, mask, num_classes)
+    return labels.cpu(), keep.cpu()
+
+
+def _region_labels(logits: Tensor, target: Tensor, mask: Tensor | None, num_classes: int) -> tuple[Tensor, Tensor]:
+    """As :func:`_labels_and_mask`, on the logits' device (no label map copied to the host)."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 3:
         raise DataError(f"logits must be a float tensor (B, C, *spatial), got shape {tuple(getattr(logits, 'shape', ()))}")
     if logits.shape[1] != num_classes:
@@ -106,16 +112,16 @@ def _labels_and_mask(logits: Tensor, target: Tensor, mask: Tensor | None, num_cl
         labels = as_label_map(target, logits)
     except ValueError as exc:
         raise DataError(str(exc)) from None
-    labels = labels.reshape(-1).cpu()
+    labels = labels.reshape(-1).to(logits.device)
     if mask is None:
         keep = torch.ones_like(labels, dtype=torch.bool)
     else:
         if tuple(mask.shape) != (logits.shape[0], *logits.shape[2:]):
             raise DataError(f"mask shape {tuple(mask.shape)} does not match (B, *spatial) of logits {tuple(logits.shape)}")
-        keep = mask.reshape(-1).cpu().bool()
+        keep = mask.reshape(-1).to(logits.device).bool()
     outside = keep & ((labels < 0) | (labels >= num_classes))
     if outside.any():
-        bad = sorted(set(labels[outside].unique().tolist()))[:5]
+        bad = labels[outside].unique()[:5].tolist()
         raise DataError(
             f"target holds labels {bad} outside 0..{num_classes - 1} inside the fit region; exclude them with the mask"
         )
