@@ -24,15 +24,17 @@ def weighted_nll(
 ) -> float:
     """``sum w * NLL / sum w`` of ``calibrated(z)`` (float64 logits ``(n, C)``) over the sample.
 
+    ``labels`` may be any integer dtype and ``weights`` any float dtype: each chunk is promoted.
+
     With ``backward=True`` the gradient of that value is accumulated into the parameters' ``.grad``.
     """
-    total_weight = float(weights.sum())
+    total_weight = float(weights.sum(dtype=torch.float64))
     value = 0.0
     for start in range(0, logits.shape[0], CHUNK_VOXELS):
         stop = start + CHUNK_VOXELS
         z = logits[start:stop].double()
-        nll = F.cross_entropy(calibrated(z), labels[start:stop], reduction="none")
-        part = (nll * weights[start:stop]).sum() / total_weight
+        nll = F.cross_entropy(calibrated(z), labels[start:stop].long(), reduction="none")
+        part = (nll * weights[start:stop].double()).sum() / total_weight
         if backward:
             part.backward()
         value += float(part.detach())

@@ -85,13 +85,17 @@ class StratifiedSample:
         self.offered += other.offered
 
     def data(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits (N, C) float32, labels (N,) int64, weights (N,) float64)``, weights = offered_k / kept_k."""
+        """``(logits (N, C) float32, labels (N,) int16 (int64 from 2^15 classes), weights (N,) float32)``,
+        weights = offered_k / kept_k. The reservoirs become views of the returned logits, so the sample
+        is not held twice while a fit runs."""
         kept = [int(z.shape[0]) for z in self.logits]
         logits = torch.cat(self.logits)
-        labels = torch.cat([torch.full((n,), k, dtype=torch.int64) for k, n in enumerate(kept)])
+        self.logits = list(logits.split(kept))
+        label_dtype = torch.int16 if self.num_classes < 2**15 else torch.int64
+        labels = torch.cat([torch.full((n,), k, dtype=label_dtype) for k, n in enumerate(kept)])
         weights = torch.cat(
-            [torch.full((n,), float(self.offered[k]) / n, dtype=torch.float64) for k, n in enumerate(kept) if n]
-            or [torch.empty(0, dtype=torch.float64)]
+            [torch.full((n,), float(self.offered[k]) / n, dtype=torch.float32) for k, n in enumerate(kept) if n]
+            or [torch.empty(0)]
         )
         return logits, labels, weights
 
@@ -169,4 +173,5 @@ class SampledCalibrator(Calibrator):
 
     @abc.abstractmethod
     def _fit_sample(self, logits: Tensor, labels: Tensor, weights: Tensor) -> None:
-        """Fit on ``logits (N, C)`` float32, ``labels (N,)``, ``weights (N,)`` float64 (weighted mean NLL)."""
+        """Fit on ``logits (N, C)`` float32, ``labels (N,)`` int16, ``weights (N,)`` float32 (weighted mean
+        NLL; :func:`~segcalib.calibrators._lbfgs.minimize_nll` takes them as they are)."""

@@ -152,6 +152,7 @@ def test_weighted_fit_matches_reference_on_the_same_sample() -> None:
     cal.update(logits, target)
     cal.fit()
     z, y, w = cal.sample.data()
+    y, w = y.long(), w.double()
     assert len(torch.unique(w)) > 1  # the classes are kept at different rates
     ref = Reference("matrix", z.double().numpy(), y.numpy())
     theta = minimize(
@@ -194,6 +195,8 @@ def test_stratified_sample_weights_estimate_the_population_nll() -> None:
     for b in range(logits.shape[0]):
         sample.add(logits[b : b + 1], target[b : b + 1])
     z, y, w = sample.data()
+    assert y.dtype == torch.int16 and w.dtype == torch.float32  # compact: the fit promotes chunk by chunk
+    y, w = y.long(), w.double()
     counts = torch.bincount(target.reshape(-1), minlength=C)
     assert torch.equal(sample.offered, counts)
     kept = torch.bincount(y, minlength=C)
