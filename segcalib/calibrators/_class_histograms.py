@@ -16,9 +16,8 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators.sample import _labels_and_mask
-from segcalib.utils.tensors import flatten_classes
 
-_CHUNK_VOXELS = 2**18  # voxels per scatter (bounded temporaries: ~C * 2 MiB of int64 indices)
+_CHUNK_VOXELS = 2**16  # voxels per scatter (bounded temporaries: ~C * 0.5 MiB of int64 indices)
 
 
 def class_probabilities(logits: Tensor) -> Tensor:
@@ -64,22 +63,27 @@ class ClassHistograms:
             DataError: bad shapes, or labels outside ``0..C-1`` inside the mask.
         """
         labels, keep = _labels_and_mask(logits, target, mask, self.num_classes)
-        z = flatten_classes(logits.detach())
-        keep = keep.to(z.device)
-        z, y = z[keep], labels.to(z.device)[keep]
-        offsets = torch.arange(self.num_classes, device=z.device) * self.n_bins
+        flat = logits.detach().reshape(logits.shape[0], self.num_classes, -1)  # a view: (B, C, S)
+        per_case = flat.shape[2]
+        device = flat.device
+        offsets = torch.arange(self.num_classes, device=device) * self.n_bins
         size = self.num_classes * self.n_bins
-        counts = torch.zeros(size, dtype=torch.float64, device=z.device)
+        counts = torch.zeros(size, dtype=torch.float64, device=device)
         positives = torch.zeros_like(counts)
         sums = torch.zeros_like(counts)
-        for start in range(0, z.shape[0], _CHUNK_VOXELS):
-            p = torch.softmax(z[start : start + _CHUNK_VOXELS].float().double(), dim=1)
-            labels = y[start : start + _CHUNK_VOXELS]
-            index = bin_index(p, self.n_bins) + offsets  # (n, C)
-            counts += torch.bincount(index.reshape(-1), minlength=size).double()
-            sums += torch.bincount(index.reshape(-1), weights=p.reshape(-1), minlength=size)
-            own = index.gather(1, labels.unsqueeze(1)).reshape(-1)
-            positives += torch.bincount(own, minlength=size).double()
+        # chunks of one case's voxels: temporaries stay a few MiB whatever the volume
+        for b in range(flat.shape[0]):
+            for start in range(0, per_case, _CHUNK_VOXELS):
+                stop = min(start + _CHUNK_VOXELS, per_case)
+                inside = keep[b * per_case + start : b * per_case + stop].to(device)
+                z = flat[b, :, start:stop].T[inside]
+                y = labels[b * per_case + start : b * per_case + stop].to(device)[inside]
+                p = torch.softmax(z.float().double(), dim=1)
+                index = bin_index(p, self.n_bins) + offsets  # (n, C)
+                counts += torch.bincount(index.reshape(-1), minlength=size).double()
+                sums += torch.bincount(index.reshape(-1), weights=p.reshape(-1), minlength=size)
+                own = index.gather(1, y.unsqueeze(1)).reshape(-1)
+                positives += torch.bincount(own, minlength=size).double()
         self.counts += counts.view(self.num_classes, self.n_bins).cpu()
         self.positives += positives.view(self.num_classes, self.n_bins).cpu()
         self.prob_sums += sums.view(self.num_classes, self.n_bins).cpu()
