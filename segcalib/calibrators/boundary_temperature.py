@@ -52,11 +52,13 @@ def signed_boundary_distance(logits: Tensor, spacing: Spacing = None) -> Tensor:
     per_case = spacing_per_case(spacing, pred.shape[0], pred.dim() - 1)
     out = torch.empty(pred.shape, dtype=torch.float32, device=logits.device)
     for b in range(pred.shape[0]):
-        u = torch.full(pred.shape[1:], FAR_MM, dtype=torch.float64, device=logits.device)
-        for k in pred[b].unique().tolist():
-            own = pred[b] == k
-            u = torch.where(own, distance_transform(own, per_case[b]).to(u.device), u)
-        out[b] = torch.where(pred[b] != 0, -u, u).clamp_(-FAR_MM, FAR_MM).float()
+        u = out[b].fill_(FAR_MM)  # filled in place: one float32 volume besides one class's transform
+        classes = pred[b].unique().tolist()
+        if len(classes) > 1:
+            for k in classes:
+                own = pred[b] == k
+                u[own] = distance_transform(own, per_case[b]).to(u.device)[own].float()
+        u[pred[b] != 0] *= -1
     return out
 
 
