@@ -87,7 +87,7 @@ def calibrate_member(
             raise DataError(
                 f"{calibrator_dir}: a calibrator of {calibrator.num_classes} classes; {model.run_dir} predicts {model.num_classes}"
             )
-        if getattr(calibrator, "uses_image", False):
+        if getattr(calibrator, "use_image", False):
             raise ConfigError(
                 f"{calibrator_dir}: the '{calibrator.name}' calibrator reads the image as the raw files hold it; "
                 "export maps (--logits) and use segcalib calibrate apply --manifest instead"
