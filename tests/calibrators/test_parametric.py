@@ -13,6 +13,7 @@ from scipy.optimize import minimize
 
 from segcalib.calibrators import build_calibrator, calibrator_class
 from segcalib.calibrators.sample import StratifiedSample
+from segcalib.errors import DataError
 from segcalib.inference.temperature import fit_temperature
 from segcalib.utils.tensors import flatten_classes
 from tests.calibrators._helpers import mean_nll, miscalibrated
@@ -323,3 +324,18 @@ def _fitted(method: str):
         cal.update(*_data(seed=6))
         _FITTED[method] = cal.fit()
     return _FITTED[method]
+
+
+@pytest.mark.parametrize("method", ["temperature", "class_temperature", "vector", "matrix", "matrix_ti", "dirichlet"])
+def test_non_finite_logits_in_the_region_are_a_data_error(method: str) -> None:
+    logits, target = _data(seed=7)
+    logits[0, 1, 2, 3, 4] = float("nan")
+    cal = build_calibrator(method, C)
+    cal.update(logits, target)
+    with pytest.raises(DataError, match=f"calibrator '{method}': the fit region holds non-finite logits"):
+        cal.fit()
+    mask = torch.ones_like(target, dtype=torch.bool)
+    mask[0, 2, 3, 4] = False  # the same voxel outside the region: fine
+    cal.reset()
+    cal.update(logits, target, mask)
+    assert torch.isfinite(cal.fit().transform(logits[1:])).all()
