@@ -77,7 +77,11 @@ class StratifiedSample:
         self.logits[k], self.keys[k] = z, key
 
     def merge(self, other: "StratifiedSample") -> None:
-        """Add ``other``'s reservoirs and counts: the union's largest keys form a sample of the union."""
+        """Add ``other``'s reservoirs and counts: the union's largest keys form a sample of the union.
+
+        Samples filled in different processes should use different seeds (e.g. ``seed + rank``): with
+        equal seeds their keys repeat, which keeps every voxel's chance equal (the weighted NLL stays
+        unbiased) but makes the kept voxels of the two processes correlated."""
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge a {other.num_classes}-class sample into a {self.num_classes}-class one")
         for k in range(self.num_classes):
