@@ -341,3 +341,22 @@ def test_non_finite_logits_in_the_region_are_a_data_error(method: str) -> None:
     cal.reset()
     cal.update(logits, target, mask)
     assert torch.isfinite(cal.fit().transform(logits[1:])).all()
+
+
+def test_weights_keep_a_class_stratified_fit_close_to_the_full_fit() -> None:
+    """85 % background with large, honest margins, foreground over-confident: the sample keeps 200 voxels
+    per class, so unweighted it over-represents the foreground 5-fold; the weights undo that."""
+    gen = torch.Generator().manual_seed(0)
+    n = 40_000
+    y = torch.multinomial(torch.tensor([0.85, 0.10, 0.05]), n, replacement=True, generator=gen)
+    u = torch.randn(n, C, generator=gen)
+    u[torch.arange(n), y] += torch.where(y == 0, 4.0, 1.0)
+    z = u * torch.where(y == 0, 1.0, 3.0)[:, None]
+    full = fit_temperature(z.double(), y)
+    cal = build_calibrator("temperature", C, max_voxels=600)
+    cal.update(z.T.reshape(1, C, n), y.reshape(1, n))
+    sampled = cal.fit().get_params()["temperature"]
+    kept, labels, _ = cal.sample.data()
+    unweighted = fit_temperature(kept.double(), labels.long())
+    assert sampled == pytest.approx(full, rel=0.03)
+    assert abs(unweighted - full) > 0.5  # what the weights are for
