@@ -64,7 +64,8 @@ def test_own_calibrators_are_registered_with_consistent_claims() -> None:
         assert isinstance(cls.preserves_argmax, bool) and isinstance(cls.preserves_order, bool)
         assert cls.preserves_argmax or not cls.preserves_order, f"{name}: order preserved implies argmax preserved"
     assert calibrator_class("temperature").preserves_order
-    assert not any(calibrator_class(n).preserves_argmax for n in ("class_temperature", "vector", "matrix", "matrix_ti", "dirichlet"))
+    affine = ("class_temperature", "vector", "matrix", "matrix_ti", "dirichlet")
+    assert not any(calibrator_class(n).preserves_argmax for n in affine)
 
 
 def test_unknown_name_and_parameter_are_config_errors() -> None:

@@ -71,7 +71,8 @@ class Reference:
         off = ~np.eye(C, dtype=bool)
         if self.method == "vector":
             d = np.diag(w) - 1
-            return self.lam * np.mean(d**2) + self.mu * np.mean(b**2), np.diag(2 * self.lam * d / C), 2 * self.mu * b / C
+            value = self.lam * np.mean(d**2) + self.mu * np.mean(b**2)
+            return value, np.diag(2 * self.lam * d / C), 2 * self.mu * b / C
         gw = np.where(off, 2 * self.lam * w / (C * (C - 1)), 0.0)
         return self.lam * np.mean(w[off] ** 2) + self.mu * np.mean(b**2), gw, 2 * self.mu * b / C
 
@@ -81,7 +82,8 @@ class Reference:
         n = self.x.shape[0]
         nll = -np.mean(_log_softmax(out)[np.arange(n), self.y])
         g = (_softmax(out) - self.onehot) / n  # d mean NLL / d out
-        pen, pw, pb = self.penalty(w, b) if self.method in ("vector", "matrix", "matrix_ti", "dirichlet") else (0.0, 0 * w, 0 * b)
+        regularised = self.method in ("vector", "matrix", "matrix_ti", "dirichlet")
+        pen, pw, pb = self.penalty(w, b) if regularised else (0.0, 0 * w, 0 * b)
         gw, gb = g.T @ self.x + pw, g.sum(axis=0) + pb
         m = self.method
         if m == "temperature":
@@ -135,7 +137,8 @@ def _data(seed: int = 0):
 )
 def test_fit_matches_float64_reference(method: str, reg: dict) -> None:
     logits, target = _data()
-    params = reg if reg else ({"lambda_reg": 0.0, "mu_reg": 0.0} if method in ("matrix", "matrix_ti", "dirichlet") else {})
+    zero = {"lambda_reg": 0.0, "mu_reg": 0.0} if method in ("matrix", "matrix_ti", "dirichlet") else {}
+    params = reg or zero
     cal = build_calibrator(method, C, **params)
     cal.update(logits, target)
     cal.fit()
