@@ -46,7 +46,8 @@ class Calibrator(abc.ABC):
             raise ConfigError(f"calibrator '{self.name}': seed must be an integer, got {seed!r}")
         if isinstance(max_voxels, bool) or not isinstance(max_voxels, int) or max_voxels < num_classes:
             raise ConfigError(
-                f"calibrator '{self.name}': max_voxels must be an integer >= num_classes ({num_classes}), got {max_voxels!r}"
+                f"calibrator '{self.name}': max_voxels must be an integer >= num_classes ({num_classes}), "
+                f"got {max_voxels!r}"
             )
         self.num_classes = num_classes
         self.seed = seed
@@ -186,7 +187,8 @@ def read_float(owner: str, state: dict[str, Any], key: str, *, positive: bool = 
         raise DataError(f"calibrator '{owner}': parameter '{key}' must be a number, got {value!r}")
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")) or (positive and value <= 0):
-        raise DataError(f"calibrator '{owner}': parameter '{key}' must be a finite{' positive' if positive else ''} number, got {value!r}")
+        kind = "finite positive" if positive else "finite"
+        raise DataError(f"calibrator '{owner}': parameter '{key}' must be a {kind} number, got {value!r}")
     return value
 
 

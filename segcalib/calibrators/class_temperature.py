@@ -22,7 +22,8 @@ class ClassTemperatureScaling(SampledCalibrator):
 
     Does NOT preserve the argmax: different temperatures rescale classes differently, so
     ``z = (2, 1)``, ``T = (2, 0.5)`` gives ``(1, 2)``. It equals vector scaling with positive scales
-    and no bias: raising ``z_k`` with the other logits fixed never lowers ``p_k``. Each ``T_k`` is kept within [0.01, 100] like the global temperature.
+    and no bias: raising ``z_k`` with the other logits fixed never lowers ``p_k``. Each ``T_k`` is kept
+    within [0.01, 100] like the global temperature.
 
     Args:
         max_iter: L-BFGS iterations. seed, max_voxels: the voxel sample.
@@ -37,7 +38,9 @@ class ClassTemperatureScaling(SampledCalibrator):
 
     def _fit_sample(self, logits: Tensor, labels: Tensor, weights: Tensor) -> None:
         log_t = torch.zeros(self.num_classes, dtype=torch.float64, requires_grad=True)
-        minimize_nll([log_t], lambda z: z / log_t.exp(), logits, labels, weights, max_iter=self.max_iter, owner=self.name)
+        minimize_nll(
+            [log_t], lambda z: z / log_t.exp(), logits, labels, weights, max_iter=self.max_iter, owner=self.name
+        )
         values = [clamp_temperature(self.name, float(t)) for t in log_t.detach().exp()]
         self.temperatures = torch.tensor(values, dtype=torch.float64)
 
@@ -52,5 +55,7 @@ class ClassTemperatureScaling(SampledCalibrator):
     def _load_state(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         values = read_array(self.name, state, "temperatures", (self.num_classes,))
         if not (values > 0).all():
-            raise DataError(f"calibrator '{self.name}': parameter 'temperatures' must be positive, got {values.tolist()}")
+            raise DataError(
+                f"calibrator '{self.name}': parameter 'temperatures' must be positive, got {values.tolist()}"
+            )
         self.temperatures = values

@@ -75,6 +75,8 @@ class LocalTemperatureScaling(Calibrator):
         steps: Adam steps.
         batch_crops: crops per step.
         lr: Adam learning rate.
+        device: where the network trains: ``cpu``, ``cuda`` or ``auto`` (CUDA when available); the
+            buffer stays on the CPU and one mini-batch at a time moves. Transform runs on the logits' device.
     """
 
     preserves_argmax = True
@@ -95,11 +97,12 @@ class LocalTemperatureScaling(Calibrator):
         steps: int = 200,
         batch_crops: int = 4,
         lr: float = 0.01,
+        device: str = "cpu",
     ) -> None:
         super().__init__(
             num_classes, seed=seed, max_voxels=max_voxels, crop=crop, crops_per_case=crops_per_case,
             use_image=use_image, hidden=hidden, layers=layers, t_floor=t_floor, steps=steps,
-            batch_crops=batch_crops, lr=lr,
+            batch_crops=batch_crops, lr=lr, device=device,
         )
         for key, value, low in (("crop", crop, 1), ("crops_per_case", crops_per_case, 1), ("hidden", hidden, 1),
                                 ("layers", layers, 1), ("steps", steps, 0), ("batch_crops", batch_crops, 1)):
@@ -113,6 +116,9 @@ class LocalTemperatureScaling(Calibrator):
         self.crop, self.crops_per_case, self.use_image = crop, crops_per_case, use_image
         self.hidden, self.layers, self.t_floor = hidden, layers, float(t_floor)
         self.steps, self.batch_crops, self.lr = steps, batch_crops, float(lr)
+        if device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"calibrator 'lts': device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+        self.device = device
         self.net: nn.Sequential | None = None
         self.spatial_dims: int | None = None
         self.image_channels = 0
@@ -253,6 +259,8 @@ class LocalTemperatureScaling(Calibrator):
         with torch.no_grad():
             last.weight.zero_()
             last.bias.fill_(_inverse_softplus(max(t0 - self.t_floor, 1e-6)))
+        device = self._train_device()
+        net = net.to(device)
         optimiser = torch.optim.Adam(net.parameters(), lr=self.lr)
         order = torch.Generator().manual_seed(self.seed + 1)
         for _ in range(self.steps):
@@ -260,13 +268,19 @@ class LocalTemperatureScaling(Calibrator):
             optimiser.zero_grad()
             region = sum(int(self.crops[i]["m"].sum()) for i in pick)
             for i in pick:
-                c = self.crops[i]
-                z = c["z"].unsqueeze(0)
-                t = self._temperature(net, self._features(z, c["i"].unsqueeze(0) if "i" in c else None))
-                nll = F.cross_entropy(z / t, c["y"].unsqueeze(0).long(), reduction="none")
-                (nll[0][c["m"]].sum() / region).backward()
+                c = {key: value.to(device).unsqueeze(0) for key, value in self.crops[i].items()}
+                t = self._temperature(net, self._features(c["z"], c.get("i")))
+                nll = F.cross_entropy(c["z"] / t, c["y"].long(), reduction="none")
+                (nll[c["m"]].sum() / region).backward()
             optimiser.step()
-        self.net = net.eval()
+        self.net = net.cpu().eval()
+
+    def _train_device(self) -> torch.device:
+        if self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available()):
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise ConfigError("calibrator 'lts': device 'cuda' was asked for but no CUDA GPU is available")
+        return torch.device("cuda")
 
     def temperature_map(self, logits: Tensor, image: Tensor | None = None) -> Tensor:
         """The per-voxel temperature ``(B, 1, *S)`` (float32, on ``logits``' device)."""

@@ -30,7 +30,9 @@ class MatrixScaling(AffineCalibrator):
         mu_reg: float = 1e-4,
         max_iter: int = 200,
     ) -> None:
-        super().__init__(num_classes, seed=seed, max_voxels=max_voxels, lambda_reg=lambda_reg, mu_reg=mu_reg, max_iter=max_iter)
+        super().__init__(
+            num_classes, seed=seed, max_voxels=max_voxels, lambda_reg=lambda_reg, mu_reg=mu_reg, max_iter=max_iter
+        )
 
 
 @register_calibrator("matrix_ti")

@@ -77,7 +77,11 @@ class StratifiedSample:
         self.logits[k], self.keys[k] = z, key
 
     def merge(self, other: "StratifiedSample") -> None:
-        """Add ``other``'s reservoirs and counts: the union's largest keys form a sample of the union."""
+        """Add ``other``'s reservoirs and counts: the union's largest keys form a sample of the union.
+
+        Samples filled in different processes should use different seeds (e.g. ``seed + rank``): with
+        equal seeds their keys repeat, which keeps every voxel's chance equal (the weighted NLL stays
+        unbiased) but makes the kept voxels of the two processes correlated."""
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge a {other.num_classes}-class sample into a {self.num_classes}-class one")
         for k in range(self.num_classes):
@@ -109,7 +113,8 @@ def _labels_and_mask(logits: Tensor, target: Tensor, mask: Tensor | None, num_cl
 def _region_labels(logits: Tensor, target: Tensor, mask: Tensor | None, num_classes: int) -> tuple[Tensor, Tensor]:
     """As :func:`_labels_and_mask`, on the logits' device (no label map copied to the host)."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 3:
-        raise DataError(f"logits must be a float tensor (B, C, *spatial), got shape {tuple(getattr(logits, 'shape', ()))}")
+        shape = tuple(getattr(logits, "shape", ()))
+        raise DataError(f"logits must be a float tensor (B, C, *spatial), got shape {shape}")
     if logits.shape[1] != num_classes:
         raise DataError(f"logits have {logits.shape[1]} classes on axis 1, the calibrator {num_classes}")
     try:
@@ -121,7 +126,9 @@ def _region_labels(logits: Tensor, target: Tensor, mask: Tensor | None, num_clas
         keep = torch.ones_like(labels, dtype=torch.bool)
     else:
         if tuple(mask.shape) != (logits.shape[0], *logits.shape[2:]):
-            raise DataError(f"mask shape {tuple(mask.shape)} does not match (B, *spatial) of logits {tuple(logits.shape)}")
+            raise DataError(
+                f"mask shape {tuple(mask.shape)} does not match (B, *spatial) of logits {tuple(logits.shape)}"
+            )
         keep = mask.reshape(-1).to(logits.device).bool()
     outside = keep & ((labels < 0) | (labels >= num_classes))
     if outside.any():

@@ -18,7 +18,9 @@ Memory holds one case plus each candidate's k bounded states. The table gives pe
 metric the mean and sample standard deviation over folds (plus each fold's value); the winner has
 the lowest mean of the criterion (``nll``, ``ece_all``, ``ece_foreground`` or ``ece_boundary``) and
 is refitted on all cases -- the merge of its k fold states, which needs no third pass. ``preserve``
-keeps only candidates that preserve the argmax (``argmax``) or the class order (``order``).
+keeps only candidates that preserve the argmax (``argmax``) or the class order (``order``). A candidate
+that fails on the data (DataError / ValueError in update, fit or transform, e.g. LTS with ``use_image``
+and no image) drops out; its table row is ``{"error": reason}``.
 """
 
 from __future__ import annotations
@@ -121,14 +123,23 @@ def cross_validate(
     k = max(fold_of.values()) + 1
     per_fold = max(num_classes, max_voxels // (k - 1))
     states = {name: [build(per_fold) for _ in range(k)] for name, build in builders.items()}
+    errors: dict[str, str] = {}  # a candidate that fails (e.g. needs an image) drops out, named in the table
     for case_id, logits, target, spacing, image in _stream(cases, fold_of, num_classes):
         mask = _masks(target, spacing, num_classes, boundary_mm, (fit_region,))[fit_region]
         for name in builders:
-            states[name][fold_of[case_id]].update(logits, target, mask, spacing=[spacing], image=image)
+            if name not in errors:
+                try:
+                    states[name][fold_of[case_id]].update(logits, target, mask, spacing=[spacing], image=image)
+                except (DataError, ValueError) as exc:
+                    errors[name] = f"case '{case_id}': {type(exc).__name__}: {exc}"
+    if builders and len(errors) == len(builders):
+        reasons = "; ".join(f"{name}: {message}" for name, message in errors.items())
+        raise DataError(f"every candidate calibrator failed on the cases: {reasons}")
 
     fitted: dict[str, list[Calibrator]] = {}
-    errors: dict[str, str] = {}
     for name, build in builders.items():
+        if name in errors:
+            continue
         try:
             fitted[name] = [_fit_without(build(max_voxels), states[name], f) for f in range(k)]
         except (DataError, ValueError, RuntimeError) as exc:
@@ -143,8 +154,13 @@ def cross_validate(
         before = raw.argmax(dim=1)
         reference[f].update(raw, target, regions, regions["all"], before)
         del raw
-        for name, calibrators in fitted.items():
-            probs = calibrators[f].transform(logits, spacing=[spacing], image=image)
+        for name, calibrators in list(fitted.items()):
+            try:
+                probs = calibrators[f].transform(logits, spacing=[spacing], image=image)
+            except (DataError, ValueError) as exc:
+                errors[name] = f"case '{case_id}': {type(exc).__name__}: {exc}"
+                del fitted[name]
+                continue
             scores[name][f].update(probs, target, regions, regions["all"], before)
             del probs
 

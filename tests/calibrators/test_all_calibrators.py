@@ -11,6 +11,7 @@ the logits outside the region, through the predicted boundary or a convolution, 
 from __future__ import annotations
 
 import functools
+import sys
 
 import pytest
 import torch
@@ -63,8 +64,11 @@ def test_own_calibrators_are_registered_with_consistent_claims() -> None:
         assert cls.name == name and issubclass(cls, Calibrator)
         assert isinstance(cls.preserves_argmax, bool) and isinstance(cls.preserves_order, bool)
         assert cls.preserves_argmax or not cls.preserves_order, f"{name}: order preserved implies argmax preserved"
+        doc = (cls.__doc__ or "") + (sys.modules[cls.__module__].__doc__ or "")
+        assert "preserv" in doc.lower(), f"{name}: the docstring must state what the map preserves"
     assert calibrator_class("temperature").preserves_order
-    assert not any(calibrator_class(n).preserves_argmax for n in ("class_temperature", "vector", "matrix", "matrix_ti", "dirichlet"))
+    affine = ("class_temperature", "vector", "matrix", "matrix_ti", "dirichlet")
+    assert not any(calibrator_class(n).preserves_argmax for n in affine)
 
 
 def test_unknown_name_and_parameter_are_config_errors() -> None:

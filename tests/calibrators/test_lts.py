@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from segcalib.calibrators import build_calibrator, load_calibrator, save_calibrator
 from segcalib.calibrators.lts import LocalTemperatureScaling
-from segcalib.errors import DataError
+from segcalib.errors import ConfigError, DataError
 from tests.calibrators._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 SMALL = {"hidden": 4, "layers": 2}
@@ -141,3 +141,30 @@ def test_weights_round_trip_and_bad_weights(tmp_path) -> None:
         LocalTemperatureScaling.from_params(3, cal.get_params(), broken)
     with pytest.raises(DataError, match="fitted for 2D"):
         cal.transform(torch.randn(1, 3, 4, 4, 4))
+
+
+def test_device_option() -> None:
+    with pytest.raises(ConfigError, match="device"):
+        build_calibrator("lts", 3, device="tpu")
+    if not torch.cuda.is_available():
+        cal = build_calibrator("lts", 3, crop=8, steps=1, device="cuda", **SMALL)
+        z, y = _random_case(torch.Generator().manual_seed(7), (9, 8))
+        cal.update(z, y)
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            cal.fit()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_and_transform_match_cpu() -> None:
+    g = torch.Generator().manual_seed(8)
+    cases = [_random_case(g, (12, 10, 8)) for _ in range(3)]
+    fitted = {}
+    for device in ("cpu", "cuda"):
+        cal = build_calibrator("lts", 3, crop=8, steps=20, device=device, **SMALL)
+        for z, y in cases:
+            cal.update(z.to(device), y.to(device))
+        fitted[device] = cal.fit()
+    z = cases[0][0]
+    on_cpu = fitted["cpu"].temperature_map(z)
+    assert torch.allclose(fitted["cuda"].temperature_map(z), on_cpu, rtol=1e-3)
+    assert torch.allclose(fitted["cpu"].transform(z.cuda()).cpu(), fitted["cpu"].transform(z), atol=1e-5)

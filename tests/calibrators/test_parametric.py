@@ -13,6 +13,7 @@ from scipy.optimize import minimize
 
 from segcalib.calibrators import build_calibrator, calibrator_class
 from segcalib.calibrators.sample import StratifiedSample
+from segcalib.errors import DataError
 from segcalib.inference.temperature import fit_temperature
 from segcalib.utils.tensors import flatten_classes
 from tests.calibrators._helpers import mean_nll, miscalibrated
@@ -70,7 +71,8 @@ class Reference:
         off = ~np.eye(C, dtype=bool)
         if self.method == "vector":
             d = np.diag(w) - 1
-            return self.lam * np.mean(d**2) + self.mu * np.mean(b**2), np.diag(2 * self.lam * d / C), 2 * self.mu * b / C
+            value = self.lam * np.mean(d**2) + self.mu * np.mean(b**2)
+            return value, np.diag(2 * self.lam * d / C), 2 * self.mu * b / C
         gw = np.where(off, 2 * self.lam * w / (C * (C - 1)), 0.0)
         return self.lam * np.mean(w[off] ** 2) + self.mu * np.mean(b**2), gw, 2 * self.mu * b / C
 
@@ -80,7 +82,8 @@ class Reference:
         n = self.x.shape[0]
         nll = -np.mean(_log_softmax(out)[np.arange(n), self.y])
         g = (_softmax(out) - self.onehot) / n  # d mean NLL / d out
-        pen, pw, pb = self.penalty(w, b) if self.method in ("vector", "matrix", "matrix_ti", "dirichlet") else (0.0, 0 * w, 0 * b)
+        regularised = self.method in ("vector", "matrix", "matrix_ti", "dirichlet")
+        pen, pw, pb = self.penalty(w, b) if regularised else (0.0, 0 * w, 0 * b)
         gw, gb = g.T @ self.x + pw, g.sum(axis=0) + pb
         m = self.method
         if m == "temperature":
@@ -126,13 +129,16 @@ def _data(seed: int = 0):
     return logits, target
 
 
-@pytest.mark.parametrize("reg", [{}, ODIR], ids=["noreg", "odir"])
-@pytest.mark.parametrize("method", ["temperature", "class_temperature", "vector", "matrix", "matrix_ti", "dirichlet"])
+@pytest.mark.parametrize(
+    ("method", "reg"),
+    [(m, {}) for m in ("temperature", "class_temperature", "vector", "matrix", "matrix_ti", "dirichlet")]
+    + [(m, ODIR) for m in ("vector", "matrix", "matrix_ti", "dirichlet")],
+    ids=lambda v: ("odir" if v else "noreg") if isinstance(v, dict) else v,
+)
 def test_fit_matches_float64_reference(method: str, reg: dict) -> None:
-    if reg and method in ("temperature", "class_temperature"):
-        pytest.skip("no regulariser")
     logits, target = _data()
-    params = reg if reg else ({"lambda_reg": 0.0, "mu_reg": 0.0} if method in ("matrix", "matrix_ti", "dirichlet") else {})
+    zero = {"lambda_reg": 0.0, "mu_reg": 0.0} if method in ("matrix", "matrix_ti", "dirichlet") else {}
+    params = reg or zero
     cal = build_calibrator(method, C, **params)
     cal.update(logits, target)
     cal.fit()
@@ -323,3 +329,37 @@ def _fitted(method: str):
         cal.update(*_data(seed=6))
         _FITTED[method] = cal.fit()
     return _FITTED[method]
+
+
+@pytest.mark.parametrize("method", ["temperature", "class_temperature", "vector", "matrix", "matrix_ti", "dirichlet"])
+def test_non_finite_logits_in_the_region_are_a_data_error(method: str) -> None:
+    logits, target = _data(seed=7)
+    logits[0, 1, 2, 3, 4] = float("nan")
+    cal = build_calibrator(method, C)
+    cal.update(logits, target)
+    with pytest.raises(DataError, match=f"calibrator '{method}': the fit region holds non-finite logits"):
+        cal.fit()
+    mask = torch.ones_like(target, dtype=torch.bool)
+    mask[0, 2, 3, 4] = False  # the same voxel outside the region: fine
+    cal.reset()
+    cal.update(logits, target, mask)
+    assert torch.isfinite(cal.fit().transform(logits[1:])).all()
+
+
+def test_weights_keep_a_class_stratified_fit_close_to_the_full_fit() -> None:
+    """85 % background with large, honest margins, foreground over-confident: the sample keeps 200 voxels
+    per class, so unweighted it over-represents the foreground 5-fold; the weights undo that."""
+    gen = torch.Generator().manual_seed(0)
+    n = 40_000
+    y = torch.multinomial(torch.tensor([0.85, 0.10, 0.05]), n, replacement=True, generator=gen)
+    u = torch.randn(n, C, generator=gen)
+    u[torch.arange(n), y] += torch.where(y == 0, 4.0, 1.0)
+    z = u * torch.where(y == 0, 1.0, 3.0)[:, None]
+    full = fit_temperature(z.double(), y)
+    cal = build_calibrator("temperature", C, max_voxels=600)
+    cal.update(z.T.reshape(1, C, n), y.reshape(1, n))
+    sampled = cal.fit().get_params()["temperature"]
+    kept, labels, _ = cal.sample.data()
+    unweighted = fit_temperature(kept.double(), labels.long())
+    assert sampled == pytest.approx(full, rel=0.03)
+    assert abs(unweighted - full) > 0.5  # what the weights are for

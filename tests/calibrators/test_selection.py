@@ -204,3 +204,15 @@ def test_preserve_filter_and_bad_options() -> None:
         select_calibrator(_source(cases), list(cases), 3, candidates=["nope"])
     with pytest.raises(DataError, match="case02"):
         select_calibrator(_source(cases), ["case00", "case01", "case02"], 3, candidates=["temperature"])
+
+
+def test_a_failing_candidate_drops_out_with_its_reason() -> None:
+    cases = _class_temperature_cases(3)
+    lts = {"use_image": True, "crop": 4, "steps": 1, "hidden": 2, "layers": 1}
+    selection = select_calibrator(
+        _source(cases), list(cases), 3, candidates=["temperature", "lts"], candidate_params={"lts": lts}, folds=3
+    )
+    assert selection.method == "temperature"
+    assert "image" in selection.table["lts"]["error"] and "case00" in selection.table["lts"]["error"]
+    with pytest.raises(DataError, match="every candidate"):
+        select_calibrator(_source(cases), list(cases), 3, candidates=["lts"], candidate_params={"lts": lts}, folds=3)

@@ -17,7 +17,7 @@ from tests.calibrators._helpers import NUM_CLASSES, SHAPES, miscalibrated
 
 
 def _fitted(name: str = "matrix"):
-    cal = build_calibrator(name, NUM_CLASSES, lambda_reg=0.01) if name == "matrix" else build_calibrator(name, NUM_CLASSES)
+    cal = build_calibrator(name, NUM_CLASSES, **({"lambda_reg": 0.01} if name == "matrix" else {}))
     logits, target, _ = miscalibrated(SHAPES["3d"], seed=0)
     cal.update(logits, target)
     return cal.fit()
