@@ -151,4 +151,4 @@ def test_a_2d_case_keeps_its_singleton_axis_out(tmp_path: Path) -> None:
     np.testing.assert_allclose(pred.values[..., 0], probs[:, 0].transpose(0, 2, 1), atol=2e-6)
     assert np.array_equal(pred.values.argmax(0), read_volume(label, dtype=np.int64)[0])
     check_geometry(pred, read_header(label), num_classes=3)
-    assert pred.spacing == pytest.approx(SPACING[:2], abs=1e-6)
+    assert pred.spacing[:2] == pytest.approx(SPACING[:2], abs=1e-6) and len(pred.spacing) == 3  # (x, y, 1) reading
