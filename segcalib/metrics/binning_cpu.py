@@ -77,7 +77,6 @@ def tuned_case_histograms(
     """
     top, classwise, scores = request.top, request.classwise, request.scores
     num_classes, n_vox = probs.shape
-    device = probs.device
     chunk = max(1, request.chunk_size or _CPU_CHUNK_ENTRIES // max(num_classes, 1))
     plan = _Plan(
         num_classes=num_classes,
