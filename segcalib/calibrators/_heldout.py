@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators._class_histograms import bin_index
+from segcalib.spatial.regions import default_regions
 
-REGIONS = ("all", "foreground", "boundary")
+REGIONS = default_regions()
 NLL_EPS = 1e-12
 
 

@@ -39,13 +39,14 @@ from segcalib.calibrators.registry import build_calibrator, calibrator_class, li
 from segcalib.errors import ConfigError, DataError
 from segcalib.inference.temperature import DEFAULT_MAX_VOXELS
 from segcalib.spatial import RegionContext, available_regions, region_mask
+from segcalib.spatial.regions import ALL
 from segcalib.utils.tensors import as_label_map
 
 CaseItem = tuple[str, Tensor, Tensor, "Sequence[float] | None", "Tensor | None"]
 CaseSource = Callable[[], Iterable[CaseItem]]
 Builder = Callable[[int], Calibrator]  # max_voxels -> an unfitted calibrator
 
-CRITERIA = ("nll", "ece_all", "ece_foreground", "ece_boundary")
+CRITERIA = ("nll", *(f"ece_{region}" for region in REGIONS))
 METRICS = (*CRITERIA, "flip_rate", "dice_change")
 PRESERVE = ("none", "argmax", "order")
 DEFAULT_EXCLUDED = ("lts",)  # a trained network per fold: offered only when named
@@ -94,7 +95,7 @@ def cross_validate(
     *,
     folds: int = 5,
     seed: int = 0,
-    fit_region: str = "all",
+    fit_region: str = ALL,
     boundary_mm: float = 2.0,
     n_bins: int = 15,
     max_voxels: int = DEFAULT_MAX_VOXELS,
@@ -152,7 +153,7 @@ def cross_validate(
         regions = _masks(target, spacing, num_classes, boundary_mm, REGIONS)
         raw = torch.softmax(logits.detach().float(), dim=1)
         before = raw.argmax(dim=1)
-        reference[f].update(raw, target, regions, regions["all"], before)
+        reference[f].update(raw, target, regions, regions[ALL], before)
         del raw
         for name, calibrators in list(fitted.items()):
             try:
@@ -161,7 +162,7 @@ def cross_validate(
                 errors[name] = f"case '{case_id}': {type(exc).__name__}: {exc}"
                 del fitted[name]
                 continue
-            scores[name][f].update(probs, target, regions, regions["all"], before)
+            scores[name][f].update(probs, target, regions, regions[ALL], before)
             del probs
 
     table = {name: _summary(scores[name]) for name in fitted}
@@ -296,7 +297,7 @@ def select_calibrator(
     preserve: str = "none",
     folds: int = 5,
     seed: int = 0,
-    fit_region: str = "all",
+    fit_region: str = ALL,
     boundary_mm: float = 2.0,
     max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> Selection:

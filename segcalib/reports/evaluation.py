@@ -258,9 +258,10 @@ def _missing_report_parts(report: Any) -> str:
     if not isinstance(meta, dict) or isinstance(meta.get("n_bins"), bool) or not isinstance(meta.get("n_bins"), int):
         return "no 'metadata' with 'n_bins'"
     calibration = report.get("calibration")
-    if not isinstance(calibration, dict) or not all(isinstance(calibration.get(r), dict) for r in REGIONS):
-        return f"no 'calibration' for the regions {', '.join(REGIONS)}"
-    for region in REGIONS:
+    regions = default_regions()
+    if not isinstance(calibration, dict) or not all(isinstance(calibration.get(r), dict) for r in regions):
+        return f"no 'calibration' for the regions {', '.join(regions)}"
+    for region in regions:
         absent = [k for k in ("ece", "mce", "cece", "nll", "brier", "reliability") if k not in calibration[region]]
         if absent:
             return f"'calibration.{region}' lacks {', '.join(absent)}"
