@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from segcalib.config import load_config
 from segcalib.errors import RunError
 from segcalib.export import ExportOptions, export
+from segcalib.export.posthoc import FitOptions, apply_to_predictions, fit_on_predictions
 from segcalib.inference.temperature import TemperatureRequest
 from segcalib.reports import compare, evaluate, read_report
 from segcalib.spatial.regions import ALL, default_regions
@@ -42,9 +43,13 @@ class ExperimentResult:
             lines.append(
                 f"  {variant:<18} Dice fg {s['dice_fg']:.4f}  HD95 {s['hd95']:.2f} mm  "
                 + "  ".join(f"ECE {r} {s[f'ece_{r}']:.4f}" for r in default_regions())
-                + f"  NLL {s['nll']:.4f}  T {s['temperature']:.3f}"
+                + f"  NLL {s['nll']:.4f}  T {_t(s['temperature'])}"
             )
         return "\n".join(lines)
+
+
+def _t(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def train_or_reuse(config: str | Path, run_dir: Path, overrides: Sequence[str] = (), progress: bool = True) -> int:
@@ -77,9 +82,13 @@ def run_experiment(
     split: str = "test",
     temperature_region: str = ALL,
     temperature_regions: Sequence[str] | None = None,
+    calibrator: str | None = None,
     progress: bool = True,
 ) -> ExperimentResult:
-    """Train (or reuse), export ``split`` with T = 1 and with fitted temperatures, evaluate, compare."""
+    """Train (or reuse), export ``split`` with T = 1 and with fitted temperatures, evaluate, compare.
+
+    ``calibrator`` (a registered method or ``auto``) adds a post-hoc calibrator fitted on the
+    validation maps (``segcalib calibrate fit``) and applied to the ``split`` maps."""
     run_dir = Path(run_dir)
     result = ExperimentResult(run_dir=run_dir)
     result.trained_epochs = train_or_reuse(config, run_dir, overrides, progress)
@@ -88,17 +97,37 @@ def run_experiment(
     variants = [("T1", TemperatureRequest())]
     for region in temperature_regions or (temperature_region,):
         variants.append((f"Tfit_{region}", TemperatureRequest("fit", region=region)))
+    folders = {}
     for name, request in variants:
-        predictions = run_dir / "exports" / f"{split}_{name}"
-        report_dir = run_dir / "reports" / f"{split}_{name}"
-        options = ExportOptions(split=split, temperature=request, progress=progress)
-        export(run_dir, manifest, predictions, options)
-        report_json = report_dir / "report.json"
-        if not (report_json.exists() and report_json.stat().st_mtime >= (predictions / "export.json").stat().st_mtime):
-            evaluate(predictions, manifest, report_dir, split=split)
+        folders[name] = run_dir / "exports" / f"{split}_{name}"
+        logits = calibrator is not None and request.mode == "none"  # the calibrator's input
+        export(run_dir, manifest, folders[name], ExportOptions(split=split, temperature=request, logits=logits, progress=progress))
+    if calibrator is not None:
+        name = f"cal_{calibrator}"
+        folders[name] = _calibrated(run_dir, manifest, split, calibrator, folders["T1"], progress)
+    for name, predictions in folders.items():
+        report_json = run_dir / "reports" / f"{split}_{name}" / "report.json"
+        if not _newer(report_json, predictions / "export.json"):
+            evaluate(predictions, manifest, report_json.parent, split=split)
         result.reports[name] = report_json
         result.summaries[name] = read_report(report_json)["summary"]
     comparison_dir = run_dir / "reports"
     compare([str(p) for p in result.reports.values()], comparison_dir)
     result.comparison_html = comparison_dir / "comparison.html"
     return result
+
+
+def _newer(path: Path, than: Path) -> bool:
+    return path.exists() and path.stat().st_mtime >= than.stat().st_mtime
+
+
+def _calibrated(run_dir: Path, manifest: Path, split: str, method: str, source: Path, progress: bool) -> Path:
+    """``segcalib calibrate fit`` on the validation maps, then ``apply`` to ``source`` (rerun: reused)."""
+    fit_maps = run_dir / "exports" / "validation_T1"
+    export(run_dir, manifest, fit_maps, ExportOptions(split="validation", logits=True, progress=progress))
+    cal_dir = run_dir / "calibrators" / method
+    if not _newer(cal_dir / "calibrator.json", fit_maps / "export.json"):
+        fit_on_predictions(fit_maps, manifest, cal_dir, FitOptions(method=method, split="validation"))
+    output = run_dir / "exports" / f"{split}_cal_{method}"
+    apply_to_predictions(cal_dir, source, output, progress=progress)
+    return output

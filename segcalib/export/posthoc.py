@@ -28,7 +28,7 @@ from segcalib.calibrators.selection import select_calibrator
 from segcalib.data import load_manifest, read_volume
 from segcalib.data.manifest import SPLIT_SEED
 from segcalib.errors import DataError
-from segcalib.export.record import EXPORT_JSON, claim_output, finish, now, previous_record, versions
+from segcalib.export.record import EXPORT_JSON, claim_output, differences, finish, now, previous_record, versions
 from segcalib.export.writers import all_written, check_dtype, output_paths, write_probability_maps
 from segcalib.predictions import PredictionMap, check_geometry, match_cases, open_predictions
 from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, RegionContext, region_mask
@@ -190,8 +190,15 @@ def apply_to_predictions(
     settings = _apply_settings(record, calibrator_dir, folder, dtype, uncertainty)
     previous = previous_record(output)
     extra = ["uncertainty"] if uncertainty else []
+    keys = ("source", "calibrator", "dtype", "uncertainty")
+    if (
+        previous is not None and previous.get("status") == "complete" and not differences(previous, settings, keys)
+        and previous.get("cases") == case_ids and all(all_written(output_paths(output, c, extra)) for c in case_ids)
+    ):
+        log.info("%s: complete with this calibrator; nothing to do", output)
+        return previous
     if is_main_process():
-        claim_output(output, settings, previous, ("source", "calibrator", "dtype", "uncertainty"))
+        claim_output(output, settings, previous, keys)
     bar = progress_bar(len(case_ids), "calibrate", progress and is_main_process())
     for case_id in case_ids[rank() :: world_size()]:
         paths = output_paths(output, case_id, extra)
