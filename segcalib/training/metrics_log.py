@@ -12,6 +12,7 @@ import csv
 import errno
 import io
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ class MetricsLog:
             except ImportError:  # tensorboard is a dependency, but logging must never stop training
                 self._tb_dir = None
                 return None
+            _quiet_writer_threads()
             with self._events_errors():
                 self._writer = SummaryWriter(log_dir=str(self._tb_dir))
         return self._writer
@@ -90,6 +92,22 @@ class MetricsLog:
                     "the checkpoints of finished epochs are intact: free some space and continue with --resume"
                 ) from exc
             raise RunError(f"{self._tb_dir}: cannot write the TensorBoard events ({reason})") from exc
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard's writer thread prints the traceback of a failed write, then hands the error
+    to the main thread's next write or flush, which names it: print nothing for it here."""
+    previous = threading.excepthook
+    if getattr(previous, "segcalib_quiet", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook.segcalib_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def _format(value: Any) -> Any:
