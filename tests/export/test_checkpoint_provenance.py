@@ -70,7 +70,7 @@ def test_a_checkpoint_of_another_run_is_refused_unless_allowed(smoke_run: Path, 
     assert model.cfg.loss.name == "ls" and model.window.overlap == 0.5  # the checkpoint's own settings
     assert _export(smoke_run, out, "--checkpoint", str(foreign), "--allow-foreign-checkpoint") == 0
     info = json.loads((out / "export.json").read_text())
-    assert info["status"] == "complete" and info["foreign_checkpoint"] is True
+    assert info["status"] == "complete" and info["foreign_checkpoint"] is True and info["members"][0]["foreign_checkpoint"] is True
     assert info["loss"] == "ls" and info["config_hash"] == other_cfg.config_hash()
     assert info["checkpoint_config"] == other_cfg.to_dict() and info["checkpoint"] == str(foreign.resolve())
 
@@ -85,6 +85,7 @@ def test_own_checkpoints_are_not_foreign_after_a_resume_changed_the_epochs(smoke
     assert f"{run}: the run is unfinished (last checkpoint at epoch 1 of 3); exporting best.pt from epoch 1" in caplog.text
     info = json.loads((out / "export.json").read_text())
     assert info["run_finished"] is False and info["checkpoint_epoch"] == 1 and info["foreign_checkpoint"] is False
+    assert info["members"][0]["run_finished"] is False
     assert "checkpoint_config" not in info
 
 
