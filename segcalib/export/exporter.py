@@ -79,7 +79,9 @@ def export(
     run_list = [runs] if isinstance(runs, (str, Path)) else list(runs)
     if not run_list:
         raise ConfigError("--run: give at least one run folder")
-    models = [load_trained_model(r, options.checkpoint, options.device, options.allow_foreign_checkpoint) for r in run_list]
+    models = [
+        load_trained_model(r, options.checkpoint, options.device, options.allow_foreign_checkpoint) for r in run_list
+    ]
     _check_same_classes(models)
     first = models[0]
     manifest = load_manifest(manifest_path, split_seed=first.cfg.data.split_seed)

@@ -115,7 +115,8 @@ def checkpoint_epoch(path: str | Path) -> int:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise RunError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunError(f"{path}: not a readable checkpoint ({reason})") from exc
     if not isinstance(payload, dict):
         raise RunError(f"{path}: not a segcalib checkpoint")
     check_payload(payload, path, "export", {"epoch": EXPORT_KEYS["epoch"]})
@@ -211,7 +212,9 @@ RESUME_KEYS: dict[str, Any] = {
     "best_epoch": _is_int(0),
     "rng": {
         "python": _LIST,
-        "numpy": {"kind": _TEXT, "keys": _TENSOR, "pos": _is_int(0), "has_gauss": _is_int(0), "cached_gaussian": _NUMBER},
+        "numpy": {
+            "kind": _TEXT, "keys": _TENSOR, "pos": _is_int(0), "has_gauss": _is_int(0), "cached_gaussian": _NUMBER,
+        },
         "torch": _TENSOR,
     },
 }
@@ -220,13 +223,16 @@ RESUME_KEYS: dict[str, Any] = {
 _SCHEMAS = {"export": EXPORT_KEYS, "resume": RESUME_KEYS}
 
 
-def check_payload(payload: dict[str, Any], path: str | Path, purpose: str, schema: dict[str, Any] | None = None) -> None:
+def check_payload(
+    payload: dict[str, Any], path: str | Path, purpose: str, schema: dict[str, Any] | None = None
+) -> None:
     """:class:`RunError` naming ``path`` and the (dotted) key that ``purpose`` needs but
     ``payload`` lacks or holds with the wrong type."""
     problem = _first_problem(payload, _SCHEMAS[purpose] if schema is None else schema, "")
     if problem is None and "class_names" in payload and "num_classes" in payload and schema is None:
         if len(payload["class_names"]) != payload["num_classes"]:
-            problem = f"'class_names' has {len(payload['class_names'])} names but 'num_classes' is {payload['num_classes']}"
+            names, classes = len(payload["class_names"]), payload["num_classes"]
+            problem = f"'class_names' has {names} names but 'num_classes' is {classes}"
     if problem is not None:
         raise RunError(f"{path}: not a usable segcalib checkpoint for {purpose}: {problem}")
 
