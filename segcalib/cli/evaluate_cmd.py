@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from segcalib.utils.files import remove_stale_temporaries
     from segcalib.utils.locks import folder_lock
 
-    with folder_lock(args.output, command=f"evaluate --predictions {args.predictions} --output {args.output}"):
+    command = f"evaluate --predictions {args.predictions} --output {args.output}"
+    with folder_lock(args.output, command=command, what="--output"):
         from segcalib.reports import evaluate
         from segcalib.utils.distributed import init_from_env, is_main_process, shutdown
 

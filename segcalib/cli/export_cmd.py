@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logits", action="store_true",
                    help="also write <case>_logits.nii.gz (one model), for segcalib calibrate fit")
     p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint path (default: best)")
+    p.add_argument("--allow-foreign-checkpoint", action="store_true",
+                   help="accept a --checkpoint of another config than the run's and export it with the config it "
+                   "carries (recorded in export.json)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="probability map type")
     p.add_argument("--uncertainty", action="store_true", help="also write <case>_uncertainty.nii.gz (entropy)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mc_dropout < 0:
         raise DataError(f"--mc-dropout: {args.mc_dropout} must be >= 0")
     runs = " ".join(f"--run {r}" for r in args.run)
-    with folder_lock(args.output, command=f"export {runs} --output {args.output}"):
+    with folder_lock(args.output, command=f"export {runs} --output {args.output}", what="--output"):
         from segcalib.export import ExportOptions, export
 
         result = export(
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
                 uncertainty=args.uncertainty,
                 device=args.device,
+                allow_foreign_checkpoint=args.allow_foreign_checkpoint,
             ),
         )
         remove_stale_temporaries(args.output)  # left by a killed run; this one completed the folder

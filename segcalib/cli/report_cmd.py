@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from segcalib.utils.files import remove_stale_temporaries
     from segcalib.utils.locks import folder_lock
 
-    with folder_lock(args.output, command=f"report --output {args.output}"):
+    with folder_lock(args.output, command=f"report --output {args.output}", what="--output"):
         result = compare(args.inputs, args.output)
         remove_stale_temporaries(args.output)  # left by a killed run; this one completed the folder
     print(f"compared {len(result['reports'])} report(s): {args.output}/comparison.html")

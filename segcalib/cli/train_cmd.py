@@ -39,11 +39,14 @@ def run(args: argparse.Namespace) -> int:
         config_path = str(Path(args.run_dir) / "config.yaml")
     cfg = load_config(config_path, args.overrides)
     run_dir = RunDir(Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name)
-    with folder_lock(run_dir.root, command=f"train --run-dir {run_dir.root}"):
+    what = "--run-dir" if args.run_dir else "run folder"
+    with folder_lock(run_dir.root, command=f"train --run-dir {run_dir.root}", what=what):
         init_from_env()
         try:
             summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
             main_process = is_main_process()
+        except ConfigError as exc:  # a loss/model parameter the registries refuse when building
+            raise ConfigError(_naming(config_path, exc)) from None
         finally:
             shutdown()
         if main_process:
@@ -51,3 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if main_process:
         print(f"run folder: {summary.run_dir.root}  (best epoch {summary.best_epoch}, checkpoints/best.pt)")
     return 0
+
+
+def _naming(config_path: str, exc: ConfigError) -> str:
+    """The message of ``exc`` with the config file in front (once)."""
+    message = str(exc)
+    return message if message.startswith(str(config_path)) else f"{config_path}: {message}"

@@ -57,6 +57,7 @@ class ExportOptions:
     boundary_mm: float = DEFAULT_BOUNDARY_MM  # of the boundary region a temperature is fitted on
     device: str | None = None
     progress: bool = True
+    allow_foreign_checkpoint: bool = False  # a checkpoint of another config: use the config it carries
 
 
 @dataclass
@@ -78,12 +79,16 @@ def export(
     run_list = [runs] if isinstance(runs, (str, Path)) else list(runs)
     if not run_list:
         raise ConfigError("--run: give at least one run folder")
-    models = [load_trained_model(r, options.checkpoint, options.device) for r in run_list]
+    models = [
+        load_trained_model(r, options.checkpoint, options.device, options.allow_foreign_checkpoint) for r in run_list
+    ]
     _check_same_classes(models)
     first = models[0]
     manifest = load_manifest(manifest_path, split_seed=first.cfg.data.split_seed)
     if manifest.num_classes != first.num_classes:
         raise DataError(f"{manifest.path}: declares {manifest.num_classes} classes but the model predicts {first.num_classes}")
+    for model in models:
+        model.check_inputs(manifest)  # channels, before export.json says "running"
     cases = manifest.cases(options.split)
     if not cases:
         raise DataError(f"{manifest.path}: split {options.split!r} has no cases")
@@ -222,6 +227,8 @@ def _settings(models, manifest: Path, options: ExportOptions, request: dict[str,
         "loss": first.cfg.loss.name,
         "checkpoint": str(Path(first.checkpoint).resolve()),
         "checkpoint_epoch": first.epoch,
+        **first.record(),  # foreign_checkpoint (and its own config); each member's own: in "members"
+        "run_finished": all(m.run_finished for m in models),
         "config_hash": first.config_hash,
         "checkpoints": [[str(Path(m.checkpoint).resolve()), m.epoch, m.config_hash] for m in models],
         "manifest": str(Path(manifest).resolve()),

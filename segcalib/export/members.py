@@ -63,6 +63,7 @@ class Member:
             "loss": model.cfg.loss.name,
             "checkpoint": str(Path(model.checkpoint).resolve()),
             "checkpoint_epoch": model.epoch,
+            **model.record(),  # run_finished, foreign_checkpoint (and its own config)
             "config_hash": model.config_hash,
             "temperature": self.temperature if self.calibrator is None else None,
             "temperature_fit": self.fit_info if self.calibrator is None else None,

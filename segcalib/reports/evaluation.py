@@ -30,7 +30,7 @@ from segcalib.utils.devices import select_device
 from segcalib.reports.calibration_json import calibration_json
 from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, default_regions, region_description
 from segcalib.utils.distributed import gather_objects, is_main_process, rank, world_size
-from segcalib.utils.files import write_text_atomic
+from segcalib.utils.files import check_output_folder, write_text_atomic
 
 log = logging.getLogger("segcalib")
 PROB_SUM_TOL = 1e-4  # float32 maps sum to 1 within 1e-5; 16-bit ones within K * 7.6e-6
@@ -54,7 +54,7 @@ def evaluate(
     band's half-width): by default the ones the export recorded, so that the cases and the band
     are the ones the export used.
     """
-    predictions, output = Path(predictions), Path(output)
+    predictions, output = Path(predictions), check_output_folder(output, "report folder")  # before any work
     if not predictions.is_dir():
         raise DataError(f"{predictions}: predictions folder does not exist")
     device = select_device(device)

@@ -1,13 +1,22 @@
-"""Per-epoch training log: ``metrics.csv`` (rewritten atomically each epoch) and TensorBoard."""
+"""Per-epoch training log: ``metrics.csv`` (rewritten atomically each epoch) and TensorBoard.
+
+TensorBoard's writer reports a full disk or an unwritable folder as a bare ``OSError`` (from
+its constructor, or from a later write or flush by its background thread); these become a
+:class:`ResourceError` / :class:`RunError` naming the events folder (exit code 2).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
+from segcalib.errors import ResourceError, RunError
 from segcalib.utils.files import write_text_atomic
 
 
@@ -33,15 +42,17 @@ class MetricsLog:
         writer = self._tensorboard()
         if writer is not None:
             epoch = int(row["epoch"])
-            for key, value in row.items():
-                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
-                    writer.add_scalar(key.replace("val_", "val/").replace("train_", "train/"), value, epoch)
-            writer.flush()
+            with self._events_errors():
+                for key, value in row.items():
+                    if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                        writer.add_scalar(key.replace("val_", "val/").replace("train_", "train/"), value, epoch)
+                writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            with self._events_errors():
+                writer.close()
 
     def _write_csv(self) -> None:
         columns: list[str] = []
@@ -63,8 +74,40 @@ class MetricsLog:
             except ImportError:  # tensorboard is a dependency, but logging must never stop training
                 self._tb_dir = None
                 return None
-            self._writer = SummaryWriter(log_dir=str(self._tb_dir))
+            _quiet_writer_threads()
+            with self._events_errors():
+                self._writer = SummaryWriter(log_dir=str(self._tb_dir))
         return self._writer
+
+    @contextlib.contextmanager
+    def _events_errors(self):
+        """TensorBoard's ``OSError`` as an error naming the events folder."""
+        try:
+            yield
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
+                raise ResourceError(
+                    f"{self._tb_dir}: no space left on the device for the TensorBoard events ({reason}); "
+                    "the checkpoints of finished epochs are intact: free some space and continue with --resume"
+                ) from exc
+            raise RunError(f"{self._tb_dir}: cannot write the TensorBoard events ({reason})") from exc
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard's writer thread prints the traceback of a failed write, then hands the error
+    to the main thread's next write or flush, which names it: print nothing for it here."""
+    previous = threading.excepthook
+    if getattr(previous, "segcalib_quiet", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook.segcalib_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def _format(value: Any) -> Any:

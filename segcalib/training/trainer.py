@@ -78,7 +78,7 @@ class Trainer:
         self.device = select_device(cfg.train.device, setting="train.device")
         self._configure_determinism()
 
-        self.manifest = load_manifest(cfg.data.manifest, split_seed=cfg.data.split_seed)
+        self.manifest = load_manifest(cfg.data.manifest, split_seed=cfg.data.split_seed, require_training=True)
         check_manifest(self.manifest, splits=("training", "validation"))
         self.num_classes = self.manifest.num_classes
         self.class_names = self.manifest.class_names
@@ -251,13 +251,17 @@ class Trainer:
             write_text_atomic(self.run_dir.config, self.cfg.to_yaml())
 
     def _load_resume_state(self) -> None:
-        state = load_checkpoint(self.run_dir.last, map_location=self.device)
-        self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.loss_fn.load_state_dict(state["loss"])
+        state = load_checkpoint(self.run_dir.last, map_location=self.device, purpose="resume")
+        try:
+            self.net.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.loss_fn.load_state_dict(state["loss"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RunError(f"{self.run_dir.last}: its states do not fit this run's model, optimiser or loss ({first})") from None
         self.start_epoch = self.saved_epoch = int(state["epoch"])
         self.best_score = float(state["best_score"])
         self.best_epoch = int(state["best_epoch"])

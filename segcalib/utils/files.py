@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from segcalib.errors import ResourceError
+from segcalib.errors import ResourceError, RunError
 
 # what atomic_path's mkstemp names look like: ".<stem>.<8 random characters>.tmp<suffixes>"
 _TEMPORARY = re.compile(r"^\.[^/]*\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?$")
@@ -62,6 +62,27 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None], suffix: 
         writer(tmp)
 
 
+def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Refuse, before any work, an output folder that cannot be one; return it as a Path.
+
+    ``path`` must not be a file nor lie under one, and the folder (or, if it does not exist yet,
+    its nearest existing parent, where it will be made) must be writable: not on a read-only
+    file system, not without write permission. ``what`` names it for the user (``--output``).
+    """
+    path = Path(path)
+    existing = None
+    for folder in [path, *path.parents]:
+        if folder.exists() and not folder.is_dir():
+            raise RunError(f"{what} {path}: {folder} exists and is not a folder; choose another {what}")
+        if existing is None and folder.is_dir():
+            existing = folder
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        reason = "a read-only file system" if _read_only(existing) else "no write permission"
+        state = "" if existing == path else f" (it would be made in {existing})"
+        raise RunError(f"{what} {path}: cannot write there{state}: {reason}; choose another {what}")
+    return path
+
+
 def is_temporary(path: str | os.PathLike) -> bool:
     """True for a name that :func:`atomic_path` gives its temporary files."""
     return bool(_TEMPORARY.match(Path(path).name))
@@ -84,6 +105,13 @@ def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = False)
                 path.unlink()
                 removed.append(path)
     return sorted(removed)
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _umask() -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from segcalib.errors import RunError
+from segcalib.utils.files import check_output_folder
 
 LOCK_NAME = ".segcalib.lock"
 
@@ -40,18 +41,19 @@ def folder_entries(folder: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, command: str, what: str = "output folder") -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (created if needed) for the block; yield the folder.
 
     Raises :class:`RunError` naming the folder and the holder (pid, command, start time) when
-    another process holds it, or when ``folder`` is (or lies under) a file. On exit the lock
+    another process holds it, or when ``folder`` cannot be an output folder (``what`` names it:
+    :func:`~segcalib.utils.files.check_output_folder`). On exit the lock
     file is removed, and so are the folders this call created if they are still empty.
     """
     folder = Path(folder)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 writes, and locks, for everyone
         yield folder
         return
-    created = _make_folder(folder)
+    created = _make_folder(folder, what)
     try:
         fd = _acquire(folder, command)
     except BaseException:
@@ -79,11 +81,9 @@ def lock_holder(folder: str | os.PathLike) -> dict:
 # -- internals ---------------------------------------------------------------------------------
 
 
-def _make_folder(folder: Path) -> list[Path]:
+def _make_folder(folder: Path, what: str) -> list[Path]:
     """Create ``folder`` and missing parents; return the ones created (deepest last)."""
-    for parent in [folder, *folder.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise RunError(f"{folder}: {parent} exists and is not a folder; choose another output folder")
+    check_output_folder(folder, what)
     missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
     try:
         folder.mkdir(parents=True, exist_ok=True)
