@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND
 from scipy import stats
 
 from segcalib.metrics.qu_brats import (
@@ -90,7 +92,7 @@ class UncertaintyMetric(SummableState):
         n_bins: int = DEFAULT_BINS,
         ueo_threshold: float | None = None,
         qu_thresholds: Sequence[float] = QU_BRATS_THRESHOLDS,
-        include_background: bool = False,
+        include_background: bool = INCLUDE_BACKGROUND,
     ) -> None:
         super().__init__()
         lo, hi = (float(v) for v in value_range)
