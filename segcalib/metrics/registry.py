@@ -42,7 +42,6 @@ from segcalib.metrics.smooth_ece import SmoothECE, smooth_ece
 from segcalib.metrics.surface import compute_surface_distances
 from segcalib.metrics.uncertainty import UncertaintyMetric, max_uncertainty
 from segcalib.spatial.regions import ALL
-from segcalib.inference.ensemble import entropy
 
 CALIBRATION, SEGMENTATION, UNCERTAINTY = "calibration", "segmentation", "uncertainty"
 N_BINS = 15  # SPEC §3
@@ -266,7 +265,7 @@ def _uncertainty_metric(c: int, ib: bool) -> UncertaintyMetric:
 
 def _feed_entropy(metric: UncertaintyMetric, probs: torch.Tensor, target: torch.Tensor, spacing: Any) -> None:
     probs, labels = check_probs_target(probs, target, metric.num_classes)
-    metric.update(entropy(probs, dim=1), probs.argmax(1), labels)
+    metric.update(torch.special.entr(probs).sum(1), probs.argmax(1), labels)  # entropy in nats
 
 
 _UNCERTAINTY_VALUES: dict[str, tuple[str, Callable[[dict], Any]]] = {
