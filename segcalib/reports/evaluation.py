@@ -212,7 +212,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     out["temperature"] = report["metadata"].get("temperature")
     section = report.get("protocol") or {}
     out["protocol"] = section.get("name", DEFAULT_PROTOCOL)
-    out.update({f"{out['protocol']}_{k}": v for k, v in (section.get("values") or {}).items() if isinstance(v, (int, float))})
+    out.update({k: v for k, v in (section.get("values") or {}).items() if isinstance(v, (int, float))})
     for name, by_region in ((report.get("uncertainty") or {}).get("metrics") or {}).items():
         out[f"aurc_{name}"] = by_region.get(ALL, {}).get("aurc")
     return out
