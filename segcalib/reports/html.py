@@ -87,8 +87,11 @@ def render_report(report: dict[str, Any], views: Mapping[str, str] | None = None
         ("computed", f"{meta['time']} on {meta['device']} in {meta['seconds']} s, segcalib {meta['versions']['segcalib']}"),
     ]
     parts.append('<table class="meta">' + "".join(f"<tr><td>{k}</td><td>{fmt(v)}</td></tr>" for k, v in meta_rows) + "</table>")
+    links = [("summary", "summary"), ("protocol", "protocol"), ("uncertainty", "uncertainty"), ("reliability", "reliability"),
+             ("per-case", "per-case table"), ("cases", "case views")]
+    parts.append('<p class="note">Go to: ' + " · ".join(f'<a href="#{a}">{t}</a>' for a, t in links) + "</p>")
 
-    parts.append("<h2>Summary (dataset-level pooling)</h2>")
+    parts.append('<h2 id="summary">Summary (dataset-level pooling)</h2>')
     rows = []
     for region, r in cal.items():
         rows.append([region, r["n_voxels"], r["ece"], r["mce"], r["cece"], r["nll"], r["brier"]])
@@ -115,7 +118,7 @@ def render_report(report: dict[str, Any], views: Mapping[str, str] | None = None
         parts.append(f'<p class="note">Equal-mass (adaptive) top-label ECE, all voxels: {fmt(equal_mass["all"]["ece"])}.</p>')
     parts.append(protocol_html(report, table))
     parts.append(uncertainty_html(report, table, fmt, figure_uri))
-    parts.append("<h2>Reliability diagrams (top-label confidence)</h2><div class=\"figs\">")
+    parts.append("<h2 id=\"reliability\">Reliability diagrams (top-label confidence)</h2><div class=\"figs\">")
     for region, r in cal.items():
         png = reliability_png([_curve(f"ECE {fmt(r['ece'], 3)}", r["reliability"])], f"{region} voxels", n_bins)
         parts.append(figure(png, f"{region}: ECE {fmt(r['ece'])}, {r['n_voxels']} voxels"))
@@ -132,7 +135,7 @@ def render_report(report: dict[str, Any], views: Mapping[str, str] | None = None
             parts.append(figure(png, f"{name}: class-wise ECE {fmt(cece_k)}"))
         parts.append("</div>")
 
-    parts.append("<h2>Per case</h2>")
+    parts.append('<h2 id="per-case">Per case</h2>')
     header = ["case"]
     for name in names[1:]:
         header += [f"Dice {name}", f"HD95 {name}"]

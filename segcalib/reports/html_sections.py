@@ -28,7 +28,7 @@ def protocol_html(report: dict[str, Any], table: Table) -> str:
     if not section:
         return ""
     parts = [
-        f"<h2>Protocol: {html.escape(str(section['name']))}</h2>",
+        f"<h2 id=\"protocol\">Protocol: {html.escape(str(section['name']))}</h2>",
         f'<p class="note">{html.escape(str(section["title"]))}. Source: {html.escape(str(section["source"]))}.</p>',
     ]
     values = section.get("values") or {}
@@ -44,7 +44,7 @@ def uncertainty_html(report: dict[str, Any], table: Table, fmt: Fmt, figure_uri:
     if not section:
         return ""
     parts = [
-        "<h2>Uncertainty: does it point at the errors?</h2>",
+        '<h2 id="uncertainty">Uncertainty: does it point at the errors?</h2>',
         '<p class="note">Error = argmax ≠ ground truth. AURC: mean error rate of the k most certain voxels over '
         "k = 1..N (lower is better; ± its histogram bound). AUROC: uncertainty as a detector of errors (0.5 = chance). "
         "UEO: Dice of the thresholded uncertainty with the error mask, best threshold and fixed threshold. "
@@ -104,7 +104,7 @@ def case_gallery_html(report: dict[str, Any], views: Mapping[str, str]) -> str:
             details["mean entropy"] = u
         items.append(CaseView(case["case"], _case_dice(case), views[case["case"]], details))
     return (
-        "<h2>Cases (worst mean foreground Dice first)</h2>"
+        '<h2 id="cases">Cases (worst mean foreground Dice first)</h2>'
         '<p class="note">Per case, the sagittal, coronal and axial slices with the most ground-truth foreground: '
         "the image with the ground-truth (cyan) and predicted (magenta) outlines, the foreground probability "
         "1 − p(background), and the predictive entropy. Click a line to unfold it.</p>"
