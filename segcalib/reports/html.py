@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from segcalib.reports.figures import Curve, data_uri, reliability_png
 from segcalib.reports.html_sections import case_gallery_html, protocol_html, uncertainty_html
+from segcalib.spatial.regions import ALL
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;max-width:1200px}
@@ -115,7 +116,7 @@ def render_report(report: dict[str, Any], views: Mapping[str, str] | None = None
 
     equal_mass = report.get("calibration_equal_mass")
     if equal_mass:
-        parts.append(f'<p class="note">Equal-mass (adaptive) top-label ECE, all voxels: {fmt(equal_mass["all"]["ece"])}.</p>')
+        parts.append(f'<p class="note">Equal-mass (adaptive) top-label ECE, all voxels: {fmt(equal_mass[ALL]["ece"])}.</p>')
     parts.append(protocol_html(report, table))
     parts.append(uncertainty_html(report, table, fmt, figure_uri))
     parts.append("<h2 id=\"reliability\">Reliability diagrams (top-label confidence)</h2><div class=\"figs\">")
