@@ -87,7 +87,10 @@ class UncertaintyReport:
         means = {}
         for name, values in maps.items():
             for region, mask in masks.items():
-                self.metrics[(name, region)].update(values, pred, label, mask)
+                metric = self.metrics[(name, region)]
+                if metric.device != values.device:  # on the evaluation's device (NCCL reduces CUDA tensors)
+                    metric.to(values.device)
+                metric.update(values, pred, label, mask)
             means[name] = float(values[union].double().mean()) if bool(union.any()) else math.nan
         return means
 
