@@ -69,7 +69,7 @@ def measure(size: int, classes: int, uncertainty: bool, device: str = "cpu") -> 
                          checkpoint=folder, epoch=0, num_classes=classes, class_names=[str(k) for k in range(classes)],
                          config_hash="bench", device=torch.device(device))
     case = Case("case", (image,), None, "test")
-    paths = output_paths(folder / "out", "case", uncertainty)
+    paths = output_paths(folder / "out", "case", ["uncertainty"] if uncertainty else ())
     chain = preprocessing(cfg.data, with_label=False)
     baseline = _status("VmRSS")
     _reset_peak()

@@ -1,4 +1,5 @@
-"""``segcalib export --run RUN_DIR --manifest M [--split test] --output DIR [--temperature none|fit|VALUE]``."""
+"""``segcalib export --run RUN_DIR [--run RUN_DIR2 ...] --manifest M [--split test] --output DIR
+[--temperature none|fit|VALUE | --calibrator CAL_DIR] [--tta flips] [--mc-dropout N]``."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="write calibrated probability maps (NIfTI, the input's own geometry)",
-        description="Sliding-window inference of a split, logits / T, softmax, back to each input's "
-        "geometry: <case>_probs.nii.gz (class last), <case>_seg.nii.gz, optional <case>_uncertainty.nii.gz.",
+        description="Sliding-window inference of a split, post-hoc calibration (a temperature or a calibrator), "
+        "back to each input's geometry: <case>_probs.nii.gz (class last), <case>_seg.nii.gz, optional "
+        "<case>_uncertainty.nii.gz. Several --run, --tta and --mc-dropout make an ensemble, averaged in "
+        "probability space after each member's calibration, with <case>_entropy, _mutual_info and "
+        "_expected_entropy maps.",
     )
-    p.add_argument("--run", required=True, help="run folder written by segcalib train")
+    p.add_argument("--run", required=True, action="append",
+                   help="run folder written by segcalib train; give it several times for an ensemble")
     p.add_argument("--manifest", required=True, help="manifest with the cases to export")
     p.add_argument("--split", default="test", choices=("training", "validation", "test"))
     p.add_argument("--output", required=True, help="output folder")
@@ -25,6 +30,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--boundary-mm", type=positive_mm, default=DEFAULT_BOUNDARY_MM,
                    help="half-width in mm of the boundary region a temperature is fitted on (default 2); "
                    "recorded in export.json, and evaluate uses the same band")
+    p.add_argument("--calibrator", default=None,
+                   help="a folder written by segcalib calibrate fit, applied to each member instead of a temperature")
+    p.add_argument("--tta", default=None, choices=("flips",),
+                   help="test-time augmentation: every flip of the axes the model was trained to be invariant to")
+    p.add_argument("--tta-axes", type=int, nargs="+", default=None, metavar="AXIS",
+                   help="test-time augmentation: every flip of these spatial axes instead")
+    p.add_argument("--mc-dropout", type=int, default=0, metavar="N",
+                   help="N Monte-Carlo dropout passes per member (the model needs dropout)")
+    p.add_argument("--variance", action="store_true", help="ensembles: also write <case>_variance.nii.gz (per class)")
+    p.add_argument("--logits", action="store_true",
+                   help="also write <case>_logits.nii.gz (one model), for segcalib calibrate fit")
     p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint path (default: best)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="probability map type")
     p.add_argument("--uncertainty", action="store_true", help="also write <case>_uncertainty.nii.gz (entropy)")
@@ -42,7 +58,14 @@ def run(args: argparse.Namespace) -> int:
         request = TemperatureRequest.parse(args.temperature, args.temperature_region)
     except ValueError as exc:
         raise DataError(f"--temperature: {exc}") from None
-    with folder_lock(args.output, command=f"export --run {args.run} --output {args.output}"):
+    if args.calibrator is not None and request.mode != "none":
+        raise DataError("--calibrator and --temperature are two post-hoc steps: give one")
+    if args.tta and args.tta_axes:
+        raise DataError("--tta flips and --tta-axes: give one")
+    if args.mc_dropout < 0:
+        raise DataError(f"--mc-dropout: {args.mc_dropout} must be >= 0")
+    runs = " ".join(f"--run {r}" for r in args.run)
+    with folder_lock(args.output, command=f"export {runs} --output {args.output}"):
         from segcalib.export import ExportOptions, export
 
         result = export(
@@ -52,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
             ExportOptions(
                 split=args.split,
                 temperature=request,
+                calibrator=args.calibrator,
+                tta=args.tta or args.tta_axes,
+                mc_dropout=args.mc_dropout,
+                variance=args.variance,
+                logits=args.logits,
                 boundary_mm=args.boundary_mm,
                 checkpoint=args.checkpoint,
                 dtype=args.dtype,
@@ -61,5 +89,6 @@ def run(args: argparse.Namespace) -> int:
         )
         remove_stale_temporaries(args.output)  # left by a killed run; this one completed the folder
     skipped = f", {len(result.skipped)} already complete" if result.skipped else ""
-    print(f"exported {len(result.cases)} case(s){skipped} to {result.output} (T = {result.temperature:.4g})")
+    post = f"T = {result.temperature:.4g}" if result.temperature is not None else f"calibrator {args.calibrator}"
+    print(f"exported {len(result.cases)} case(s){skipped} to {result.output} ({post})")
     return 0

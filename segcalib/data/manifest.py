@@ -93,9 +93,6 @@ class Manifest:
             raise DataError(f"{self.path}: split {split!r} has {what}")
         return labelled
 
-    def all_cases(self) -> list[Case]:
-        return [c for split in SPLITS for c in self.splits[split]]
-
 
 def load_manifest(
     path: str | Path,

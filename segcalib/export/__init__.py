@@ -1,5 +1,8 @@
-"""Export: calibrated probability maps as NIfTI in each input's own geometry."""
+"""Export: calibrated probability maps (one model or an ensemble) as NIfTI in each input's own
+geometry; ``export.json`` records what produced them."""
 
-from segcalib.export.exporter import ExportOptions, ExportResult, export, output_paths
+from segcalib.export.exporter import ExportOptions, ExportResult, export, export_case
+from segcalib.export.record import EXPORT_JSON
+from segcalib.export.writers import output_paths
 
-__all__ = ["ExportOptions", "ExportResult", "export", "output_paths"]
+__all__ = ["EXPORT_JSON", "ExportOptions", "ExportResult", "export", "export_case", "output_paths"]

@@ -23,11 +23,14 @@ from segcalib.errors import DataError
 AFFINE_TOL = 1e-3
 
 
-def to_file_geometry(maps: torch.Tensor, image: MetaTensor, chain: Compose) -> np.ndarray:
+def to_file_geometry(
+    maps: torch.Tensor, image: MetaTensor, chain: Compose, probabilities: bool = True
+) -> np.ndarray:
     """``maps (K, *spatial_preprocessed)`` -> ``(K, *spatial_file)`` in the file's voxel order.
 
     ``image`` is the preprocessed image that ``chain`` produced (it carries the applied
-    operations and the file's affine). The result may be a view of ``maps``.
+    operations and the file's affine). The result may be a view of ``maps``. Resampled
+    probabilities are renormalised (``probabilities``); other maps (logits) are not.
     """
     original = np.asarray(image.meta["original_affine"], dtype=np.float64)
     file_shape = tuple(int(s) for s in image.meta["spatial_shape"])
@@ -44,7 +47,8 @@ def to_file_geometry(maps: torch.Tensor, image: MetaTensor, chain: Compose) -> n
             f"{image.meta.get('filename_or_obj')}: could not map the prediction back to the input grid "
             f"(affine {restored.tolist()} vs {original.tolist()})"
         )
-    return renormalise(inverted.as_tensor().float()).numpy()
+    restored_maps = inverted.as_tensor().float()
+    return (renormalise(restored_maps) if probabilities else restored_maps).numpy()
 
 
 def _axis_view(maps: torch.Tensor, affine: np.ndarray, original: np.ndarray, file_shape: tuple[int, ...]) -> np.ndarray | None:

@@ -18,20 +18,9 @@ from segcalib.losses.registry import (
     loss_parameters,
     register_loss,
 )
+from segcalib.utils.plugins import import_submodules
 
-# Importing the modules registers their losses.
-from segcalib.losses import (  # noqa: E402,F401  isort: skip
-    cals,
-    cross_entropy,
-    dice,
-    entropy_penalty,
-    focal,
-    label_smoothing,
-    logit_penalty,
-    margin,
-    nacl,
-    svls,
-)
+import_submodules(__name__, __path__, framework={"base", "registry"})  # registers every loss
 
 __all__ = [
     "REQUIRED",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -13,7 +15,6 @@ from segcalib.losses.base import AdaptiveLoss
 from segcalib.losses.registry import register_loss
 from segcalib.utils.distributed import all_reduce_sum
 from segcalib.utils.tensors import HALF_DTYPES
-
 
 
 @register_loss("cals")
@@ -152,39 +153,8 @@ class HeuristicClassAdaptiveLoss(ClassAdaptiveLoss):
     Components: ``ce``, ``penalty``.
     """
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        margin: float = 10.0,
-        penalty: str = "phr",
-        normalize: bool = True,
-        lambda_init: float = 1.0,
-        lambda_min: float = 1e-6,
-        lambda_max: float = 1e6,
-        lambda_step: int = 1,
-        rho_init: float = 1.0,
-        rho_max: float = 10.0,
-        rho_step: int = 10,
-        gamma: float = 1.2,
-        tau: float = 0.9,
-        ignore_index: int = -100,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            margin=margin,
-            penalty=penalty,
-            normalize=normalize,
-            lambda_min=lambda_min,
-            lambda_max=lambda_max,
-            lambda_step=lambda_step,
-            rho_init=rho_init,
-            rho_max=rho_max,
-            rho_step=rho_step,
-            gamma=gamma,
-            tau=tau,
-            ignore_index=ignore_index,
-        )
+    def __init__(self, *, lambda_init: float = 1.0, **params: Any) -> None:
+        super().__init__(**params)
         self.lambda_init = check_float(self.name, "lambda_init", lambda_init, low=self.lambda_min, high=self.lambda_max)
         self.lambdas.fill_(self.lambda_init)
         self.register_buffer("previous_violation", torch.zeros(self.num_classes, dtype=torch.float64))

@@ -65,12 +65,23 @@ def _loss_class(name: str) -> type[nn.Module]:
 
 def loss_parameters(name: str) -> dict[str, Any]:
     """The keyword parameters of loss ``name`` and their defaults (:data:`REQUIRED` when there is none)."""
-    signature = inspect.signature(_loss_class(name).__init__)
-    return {
+    return _constructor_parameters(_loss_class(name))
+
+
+def _constructor_parameters(cls: type[nn.Module]) -> dict[str, Any]:
+    """Keyword parameters of ``cls.__init__``; a constructor with ``**params`` passes them on to
+    its base class, whose parameters count too (a subclass lists only what it adds)."""
+    if cls is nn.Module:
+        return {}
+    signature = inspect.signature(cls.__init__)
+    own = {
         p.name: REQUIRED if p.default is inspect.Parameter.empty else p.default
         for p in signature.parameters.values()
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and p.name != "self"
     }
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return {**_constructor_parameters(cls.__mro__[1]), **own}
+    return own
 
 
 def check_loss_params(name: str, params: dict[str, Any], allow_missing: bool = False) -> None:

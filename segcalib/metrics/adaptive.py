@@ -198,15 +198,6 @@ class AdaptiveCalibrationError(SummableState):
         for scores, outcomes in case_samples(probs, labels, self.mode, self.classes):
             self.add_to_state({"hist": histogram_atoms(scores, outcomes, self.n_cells)})
 
-    def merge(self, other: AdaptiveCalibrationError) -> AdaptiveCalibrationError:
-        if not isinstance(other, AdaptiveCalibrationError) or other._config() != self._config():
-            raise ValueError("can only merge AdaptiveCalibrationError objects with the same configuration")
-        self.merge_state(other)
-        return self
-
-    def reset(self) -> None:
-        self.reset_state()
-
     def compute(self) -> dict[str, torch.Tensor]:
         """ACE over everything added on every process (summed under torch.distributed)."""
         hist = summed_copy(self.hist)

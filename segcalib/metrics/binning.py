@@ -31,6 +31,18 @@ def bin_index(p: torch.Tensor, n_bins: int) -> torch.Tensor:
     return (p.double() * n_bins).ceil_().sub_(1).clamp_(0, n_bins - 1).long()
 
 
+@dataclass(frozen=True)
+class HistogramRequest:
+    """Which statistics :func:`case_histograms` gathers and how (its keyword arguments)."""
+
+    top: bool = True
+    classwise: bool = True
+    scores: bool = True
+    nll_eps: float = 1e-12
+    validate: bool = False
+    chunk_size: int | None = None
+
+
 @dataclass
 class Histograms:
     """Per-cell sufficient statistics of one case (float64; ``None`` when not requested).
@@ -84,10 +96,8 @@ def case_histograms(
     if tuned if tuned is not None else probs.device.type == "cpu":
         from segcalib.metrics.binning_cpu import tuned_case_histograms
 
-        return tuned_case_histograms(
-            probs, target, n_bins, cells, n_cells, top=top, classwise=classwise, scores=scores,
-            nll_eps=nll_eps, validate=validate, chunk_size=chunk_size,
-        )
+        request = HistogramRequest(top, classwise, scores, nll_eps, validate, chunk_size)
+        return tuned_case_histograms(probs, target, n_bins, cells, n_cells, request)
     num_classes, n_vox = probs.shape
     slots = n_cells + 1  # the extra slot collects dropped voxels
     chunk = max(1, chunk_size or _CHUNK_ENTRIES.get(probs.device.type, 2**21) // max(num_classes, 1))

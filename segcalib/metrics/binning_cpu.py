@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import torch
 
-from segcalib.metrics.binning import Histograms
+from segcalib.metrics.binning import HistogramRequest, Histograms
 
 _LANES = 8  # interleaved copies of each CPU histogram
 _CPU_CHUNK_ENTRIES = 2**17  # (class, voxel) entries per chunk: float64 buffers of 1 MiB (L2-sized)
@@ -65,35 +65,19 @@ def tuned_case_histograms(
     n_bins: int,
     cells: torch.Tensor | None = None,
     n_cells: int = 1,
-    *,
-    top: bool = True,
-    classwise: bool = True,
-    scores: bool = True,
-    nll_eps: float = 1e-12,
-    validate: bool = False,
-    chunk_size: int | None = None,
+    request: HistogramRequest = HistogramRequest(),
     use_bincount: bool = False,
 ) -> Histograms:
-    """Sufficient statistics of one case, per cell and bin, in one pass over its voxels.
+    """:func:`~segcalib.metrics.binning.case_histograms` on CPU: the same arguments (its keyword
+    arguments in ``request``; ``validate`` checks chunk by chunk before use; the default chunk
+    fills buffers of about 1 MiB, cache-resident) and the same result.
 
-    Args:
-        probs: ``(C, N)`` class probabilities (float16/32/64; rows may be strided views).
-        target: int64 ``(N,)`` labels in ``0..C-1``.
-        n_bins: number of equal-width bins ``M``.
-        cells: integer ``(N,)`` cell of each voxel in ``0..n_cells-1``; the value ``n_cells``
-            drops the voxel (ignored voxels). ``None``: every voxel in cell 0.
-        n_cells: number of cells.
-        top, classwise, scores: which statistics to gather (``scores`` needs ``top``).
-        nll_eps: floor on ``p_y`` inside the log of the NLL.
-        validate: check, chunk by chunk before using them, that the labels lie in ``0..C-1`` and
-            the probabilities in ``[0, 1]`` (ValueError otherwise).
-        chunk_size: voxels per chunk (default: buffers of about 1 MiB, cache-resident).
-        use_bincount: histogram with ``torch.bincount`` instead of ``scatter_add_`` (tests
-            check that both give the same sums).
+    ``use_bincount``: histogram with ``torch.bincount`` instead of ``scatter_add_`` (tests check
+    that both give the same sums).
     """
+    top, classwise, scores = request.top, request.classwise, request.scores
     num_classes, n_vox = probs.shape
-    device = probs.device
-    chunk = max(1, chunk_size or _CPU_CHUNK_ENTRIES // max(num_classes, 1))
+    chunk = max(1, request.chunk_size or _CPU_CHUNK_ENTRIES // max(num_classes, 1))
     plan = _Plan(
         num_classes=num_classes,
         n_bins=n_bins,
@@ -102,10 +86,10 @@ def tuned_case_histograms(
         top=top,
         classwise=classwise,
         scores=scores,
-        nll_eps=nll_eps,
+        nll_eps=request.nll_eps,
         chunk=chunk,
         use_bincount=use_bincount,
-        validate=validate,
+        validate=request.validate,
     )
     acc = _histogram_range(plan, probs, target, cells, 0, n_vox)
 

@@ -154,7 +154,7 @@ class CalibrationMetric(SummableState):
         self._n_cases = 0
 
     def config(self) -> dict[str, Any]:
-        """The constructor's arguments (what :meth:`to_dict` saves)."""
+        """The constructor's arguments."""
         return {
             "num_classes": self.num_classes,
             "n_bins": self.n_bins,
@@ -279,26 +279,6 @@ class CalibrationMetric(SummableState):
             cece=dict(zip(self.regions, values[r : 2 * r])),
             n_voxels={name: int(v) for name, v in zip(self.regions, values[2 * r :])},
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Configuration, state and per-case records as plain Python (JSON-serialisable)."""
-        return {
-            "config": self.config(),
-            "state": {name: t.cpu().tolist() for name, t in self.state_tensors().items()},
-            "records": [[case_id, values] for case_id, values in self._materialized_records()],
-            "n_cases": self._n_cases,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], device: torch.device | str = "cpu") -> CalibrationMetric:
-        """Rebuild a metric saved with :meth:`to_dict`."""
-        metric = cls(**data["config"])
-        metric.to(device)
-        for name, values in data["state"].items():
-            getattr(metric, name).copy_(torch.tensor(values, dtype=torch.float64))
-        metric._records = [(case_id, list(values)) for case_id, values in data["records"]]
-        metric._n_cases = int(data["n_cases"])
-        return metric
 
 
 def _what_it_measures(metric: CalibrationMetric) -> dict[str, Any]:

@@ -27,9 +27,10 @@ import math
 import torch
 
 from segcalib.metrics.inputs import INCLUDE_BACKGROUND, prediction_labels
+from segcalib.metrics.surface import cropped_pair
 from segcalib.spatial.distance import symmetric_nearest_distances
-from segcalib.spatial.morphology import bounding_box, mask_edges
-from segcalib.spatial.spacing import BatchSpacingLike, SpacingLike, normalize_spacing, spacing_per_case
+from segcalib.spatial.morphology import mask_edges
+from segcalib.spatial.spacing import BatchSpacingLike, SpacingLike, spacing_per_case
 
 _RELATIVE_SLACK = 1e-9
 
@@ -52,17 +53,10 @@ def normalized_surface_dice(
         spacing: mm per voxel in the tensor's axis order (``None`` = 1 mm).
     """
     tau = _check_tolerance(tolerance_mm)
-    pred, gt = torch.as_tensor(pred_mask).bool(), torch.as_tensor(gt_mask).bool()
-    if pred.shape != gt.shape:
-        raise ValueError(f"pred_mask {tuple(pred.shape)} and gt_mask {tuple(gt.shape)} differ in shape")
-    if pred.dim() not in (2, 3):
-        raise ValueError(f"expected a 2D or 3D mask, got shape {tuple(pred.shape)}")
-    gt = gt.to(pred.device)
-    sp = normalize_spacing(spacing, pred.dim())
-    box = bounding_box(pred | gt, margin=1)
-    if box is None:
+    pair = cropped_pair(pred_mask, gt_mask, spacing)
+    if pair is None:
         return math.nan
-    pred, gt = pred[box], gt[box]
+    pred, gt, sp = pair
     if not (bool(pred.any()) and bool(gt.any())):
         return 0.0
     edges_pred, edges_gt = mask_edges(pred), mask_edges(gt)

@@ -128,14 +128,12 @@ class ScoreMetric(SummableState):
         self._rows.extend(sums.cpu().tolist())
 
     def merge(self, other: ScoreMetric) -> ScoreMetric:
-        if not isinstance(other, ScoreMetric) or other._config() != self._config():
-            raise ValueError("can only merge ScoreMetric objects with the same configuration")
-        self.merge_state(other)
+        super().merge(other)
         self._rows.extend(other._rows)
         return self
 
     def reset(self) -> None:
-        self.reset_state()
+        super().reset()
         self._rows = []
 
     def compute(self) -> dict[str, Any]:

@@ -141,15 +141,13 @@ class SegmentationMetric(SummableState):
 
     def merge(self, other: SegmentationMetric) -> SegmentationMetric:
         """Add another metric's counts and per-case rows (returns ``self``)."""
-        if not isinstance(other, SegmentationMetric) or other._config() != self._config():
-            raise ValueError("can only merge SegmentationMetric objects with the same configuration")
-        self.merge_state(other)
+        super().merge(other)
         self._rows.extend(other._rows)
         self._n_cases += other._n_cases
         return self
 
     def reset(self) -> None:
-        self.reset_state()
+        super().reset()
         self._rows = []
         self._n_cases = 0
 

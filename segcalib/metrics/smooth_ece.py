@@ -233,14 +233,5 @@ class SmoothECE(SummableState):
         for scores, outcomes in case_samples(probs, labels, self.mode, self.classes):
             self.add_to_state({"grids": fine_grids(scores, outcomes, self.n_nodes)})
 
-    def merge(self, other: SmoothECE) -> SmoothECE:
-        if not isinstance(other, SmoothECE) or other._config() != self._config():
-            raise ValueError("can only merge SmoothECE objects with the same configuration")
-        self.merge_state(other)
-        return self
-
-    def reset(self) -> None:
-        self.reset_state()
-
     def compute(self) -> dict[str, torch.Tensor]:
         return _result(_grid_values(summed_copy(self.grids), self.sigma, self.eps))

@@ -8,10 +8,13 @@ resetting then follow for every declared tensor alike.
 from __future__ import annotations
 
 import math
+from typing import Any, TypeVar
 
 import torch
 
 from segcalib.utils.distributed import all_reduce_sum, is_distributed
+
+_Metric = TypeVar("_Metric", bound="SummableState")
 
 
 class SummableState:
@@ -46,6 +49,21 @@ class SummableState:
         for name in self._state_shapes:
             setattr(self, name, getattr(self, name).to(self._device))
         return self
+
+    def _config(self) -> Any:
+        """What must agree for two metrics' states to add up (the constructor's arguments)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what must agree to merge")
+
+    def merge(self: _Metric, other: _Metric) -> _Metric:
+        """Add ``other``'s state (same class, same configuration) to this one; returns ``self``."""
+        if not isinstance(other, type(self)) or other._config() != self._config():
+            raise ValueError(f"can only merge {type(self).__name__} objects with the same configuration")
+        self.merge_state(other)
+        return self
+
+    def reset(self) -> None:
+        """Zero the state."""
+        self.reset_state()
 
     def reset_state(self) -> None:
         for name in self._state_shapes:

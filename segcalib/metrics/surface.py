@@ -51,8 +51,23 @@ def linear_percentile(values: torch.Tensor, q: float) -> torch.Tensor:
     return torch.lerp(a, b, torch.tensor(frac, dtype=values.dtype, device=values.device))
 
 
-def _as_mask(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(x).bool()
+def cropped_pair(
+    pred_mask: torch.Tensor | np.ndarray, gt_mask: torch.Tensor | np.ndarray, spacing: SpacingLike = None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, ...]] | None:
+    """Two binary masks ``(*spatial)`` (2D or 3D, same shape) cropped to their joint bounding box
+    plus one voxel, on ``pred_mask``'s device, with the spacing as a tuple (mm); ``None`` when both
+    are empty. The common start of every surface measure (the crop leaves the edges unchanged)."""
+    pred, gt = torch.as_tensor(pred_mask).bool(), torch.as_tensor(gt_mask).bool()
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred_mask {tuple(pred.shape)} and gt_mask {tuple(gt.shape)} differ in shape")
+    if pred.dim() not in (2, 3):
+        raise ValueError(f"expected a 2D or 3D mask, got shape {tuple(pred.shape)}")
+    gt = gt.to(pred.device)
+    sp = normalize_spacing(spacing, pred.dim())
+    box = bounding_box(pred | gt, margin=1)
+    if box is None:
+        return None
+    return pred[box], gt[box], sp
 
 
 def surface_distances(
@@ -75,17 +90,10 @@ def surface_distances(
     Returns:
         ``{"hd", "hd95", "assd"}`` as Python floats in mm.
     """
-    pred, gt = _as_mask(pred_mask), _as_mask(gt_mask)
-    if pred.shape != gt.shape:
-        raise ValueError(f"pred_mask {tuple(pred.shape)} and gt_mask {tuple(gt.shape)} differ in shape")
-    if pred.dim() not in (2, 3):
-        raise ValueError(f"expected a 2D or 3D mask, got shape {tuple(pred.shape)}")
-    gt = gt.to(pred.device)
-    sp = normalize_spacing(spacing, pred.dim())
-    box = bounding_box(pred | gt, margin=1)
-    if box is None:
+    pair = cropped_pair(pred_mask, gt_mask, spacing)
+    if pair is None:
         return dict.fromkeys(SURFACE_KEYS, float("nan"))
-    pred, gt = pred[box], gt[box]
+    pred, gt, sp = pair
     has = torch.stack([pred.any(), gt.any()]).tolist()
     if not all(has):
         return dict.fromkeys(SURFACE_KEYS, float("inf"))

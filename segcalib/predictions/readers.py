@@ -38,7 +38,7 @@ def read_nifti_map(path: Path, channel_axis: str = "last") -> tuple[np.ndarray, 
     """Read a NIfTI map as ``(values (C, *spatial) float32, header)``; ``header.shape`` is the file's."""
     check_channel_axis(channel_axis)
     header = read_header(path)  # validates the file and gives the ITK-consistent affine
-    if len(header.shape) < 3:
+    if len(header.shape) < 3 or header.ndim == 2:  # a single 2D slice (read as (H, W, 1)): no class axis
         raise DataError(f"{path}: a probability/logit map needs a class axis, got shape {header.shape}")
     proxy = nib.load(str(path)).dataobj
     try:

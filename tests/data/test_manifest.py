@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from segcalib.data import load_manifest, safe_case_id
+from segcalib.data.manifest import SPLITS, Case, Manifest
 from segcalib.errors import DataError
+
+
+def _all_cases(m: Manifest) -> list[Case]:
+    """Every case of every split."""
+    return [c for split in SPLITS for c in m.cases(split)]
 
 
 def _write(path: Path, content: dict | str) -> Path:
@@ -80,9 +86,9 @@ def test_nnunet_v2_layout_is_discovered(tmp_path: Path) -> None:
            "file_ending": ".nii.gz"}
     m = load_manifest(_write(tmp_path / "dataset.json", raw))
     assert m.labels == {0: "background", 1: "left atrium"}
-    ids = sorted(c.case_id for c in m.all_cases())
+    ids = sorted(c.case_id for c in _all_cases(m))
     assert ids == ["la_003", "la_004"]
-    assert all(c.label is not None and c.images[0].name.endswith("_0000.nii.gz") for c in m.all_cases())
+    assert all(c.label is not None and c.images[0].name.endswith("_0000.nii.gz") for c in _all_cases(m))
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,15 @@ from hypothesis import strategies as st
 
 from segcalib.cli import main
 from segcalib.data import check_manifest, load_manifest
+from segcalib.data.manifest import SPLITS, Case, Manifest
 from segcalib.errors import DataError
 from tests.synthetic import make_dataset
+
+
+def _all_cases(m: Manifest) -> list[Case]:
+    """Every case of every split."""
+    return [c for split in SPLITS for c in m.cases(split)]
+
 
 LABELS = {"0": "background", "1": "class1", "2": "class2"}
 
@@ -76,8 +83,8 @@ def test_nnunet_v2_training_case_without_label_is_an_error_naming_it(tmp_path: P
 
     m = load_manifest(path, allow_unlabelled=True)
     assert m.unlabelled == (f"training[1] (case la_002: no label file {tmp_path / 'labelsTr' / 'la_002.nii.gz'})",)
-    assert sorted(c.case_id for c in m.all_cases() if c.label is not None) == ["la_001", "la_003"]
-    assert sorted(c.case_id for c in m.all_cases()) == ["la_001", "la_002", "la_003"]
+    assert sorted(c.case_id for c in _all_cases(m) if c.label is not None) == ["la_001", "la_003"]
+    assert sorted(c.case_id for c in _all_cases(m)) == ["la_001", "la_002", "la_003"]
 
 
 def test_msd_entry_without_label_in_validation_is_an_error(tmp_path: Path) -> None:

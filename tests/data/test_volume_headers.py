@@ -3,7 +3,6 @@ input's sform/qform disagree with pixdim; many such files make one grouped warni
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nibabel as nib

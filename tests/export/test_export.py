@@ -57,7 +57,7 @@ def test_lps_anisotropic_case_comes_back_in_its_own_geometry(tmp_path: Path, spa
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in (14, 12, 7)], indexing="ij"), -1)
     ramp = (0.3 * grid[..., 0] + 0.2 * grid[..., 1] + 0.5 * grid[..., 2]).astype(np.float32)
     write_nifti(case.images[0], ramp, LPS_ANISO)  # smooth, so that resampling there and back is nearly exact
-    paths = output_paths(tmp_path / "out", case.case_id, uncertainty=True)
+    paths = output_paths(tmp_path / "out", case.case_id, ["uncertainty"])
     export_case(_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=1.0)
 
     image = nib.load(str(case.images[0]))
@@ -91,7 +91,7 @@ def test_temperature_divides_the_logits(tmp_path: Path) -> None:
     case = manifest.cases("test")[0]
     out = {}
     for t in (1.0, 3.0):
-        paths = output_paths(tmp_path / f"t{t}", case.case_id, uncertainty=False)
+        paths = output_paths(tmp_path / f"t{t}", case.case_id, ())
         export_case(_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=t)
         out[t] = np.asarray(nib.load(str(paths["probs"])).dataobj)
     # p1/p0 = exp(z) at T=1 and exp(z/3) at T=3
@@ -118,25 +118,25 @@ def test_export_cli_path_with_fitted_temperature(smoke_run: Path, tmp_path: Path
 
 
 def test_interrupted_export_leaves_only_complete_files_and_reruns(smoke_run: Path, tmp_path: Path, monkeypatch) -> None:
-    import segcalib.export.exporter as exporter
+    import segcalib.export.writers as writers
 
     manifest = _smoke_manifest(tmp_path, smoke_run)
     out = tmp_path / "export"
-    real = exporter.save_like
+    real = writers.save_like
     calls = {"n": 0}
 
-    def failing(array, reference, path, dtype):
+    def failing(array, reference, path, dtype, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:  # the seg map of the first case: mid-write
             Path(path).write_bytes(b"partial")
             raise KeyboardInterrupt
-        return real(array, reference, path, dtype)
+        return real(array, reference, path, dtype, **kwargs)
 
-    monkeypatch.setattr(exporter, "save_like", failing)
+    monkeypatch.setattr(writers, "save_like", failing)
     with pytest.raises(KeyboardInterrupt):
         export(smoke_run, manifest, out, ExportOptions())
     assert sorted(p.name for p in out.iterdir()) == ["export.json", [p.name for p in out.glob("*_probs.nii.gz")][0]]
-    monkeypatch.setattr(exporter, "save_like", real)
+    monkeypatch.setattr(writers, "save_like", real)
     result = export(smoke_run, manifest, out, ExportOptions())
     assert len(result.cases) == 1 and result.skipped == []
     assert not list(out.glob("*.tmp*"))
@@ -145,7 +145,7 @@ def test_interrupted_export_leaves_only_complete_files_and_reruns(smoke_run: Pat
 
 
 def test_rerun_of_a_complete_fitted_export_reuses_it_untouched(smoke_run: Path, tmp_path: Path, monkeypatch) -> None:
-    import segcalib.export.exporter as exporter
+    import segcalib.export.members as members
 
     manifest = _smoke_manifest(tmp_path, smoke_run)
     out = tmp_path / "export"
@@ -156,7 +156,7 @@ def test_rerun_of_a_complete_fitted_export_reuses_it_untouched(smoke_run: Path, 
     def no_refit(*args, **kwargs):
         raise AssertionError("the temperature was fitted again")
 
-    monkeypatch.setattr(exporter, "collect_validation_voxels", no_refit)
+    monkeypatch.setattr(members, "collect_validation_voxels", no_refit)
     again = export(smoke_run, manifest, out, ExportOptions(temperature=TemperatureRequest("fit", region="foreground")))
     assert again.temperature == first.temperature and again.cases == [] and len(again.skipped) == 1
     assert (out / "export.json").read_bytes() == record
@@ -181,7 +181,7 @@ def test_foreground_crop_is_undone(tmp_path: Path) -> None:
     write_nifti(case.images[0], image, LPS_ANISO)
     cfg = load_config(SMOKE_CONFIG, {"data.manifest": str(manifest.path), "data.crop_foreground": True,
                                      "data.normalize": "none", "data.patch_size": [8, 8, 8]})
-    paths = output_paths(tmp_path / "out", case.case_id, uncertainty=False)
+    paths = output_paths(tmp_path / "out", case.case_id, ())
     export_case(_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=1.0)
     probs_img = nib.load(str(paths["probs"]))
     probs = np.asarray(probs_img.dataobj)

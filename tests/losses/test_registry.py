@@ -113,4 +113,14 @@ def test_constructors_are_keyword_only() -> None:
     for name in list_losses():
         cls = _REGISTRY[name]
         kinds = {p.kind for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
-        assert kinds == {inspect.Parameter.KEYWORD_ONLY}, name
+        # ``**params`` passes the base class's keyword parameters on; nothing is positional
+        assert kinds - {inspect.Parameter.VAR_KEYWORD} == {inspect.Parameter.KEYWORD_ONLY}, name
+
+
+def test_a_subclass_passing_params_on_has_its_base_class_parameters() -> None:
+    assert loss_parameters("cals_heuristic") == {**loss_parameters("cals"), "lambda_init": 1.0}
+    loss = build_loss("cals_heuristic", num_classes=3, margin=4.0, rho_step=0, lambda_init=2.0)
+    assert (loss.margin, loss.rho_step, loss.lambda_init) == (4.0, 0, 2.0)
+    assert loss.lambdas.tolist() == [2.0, 2.0, 2.0]
+    with pytest.raises(ConfigError, match="loss.marginn: unknown parameter"):
+        build_loss("cals_heuristic", num_classes=3, marginn=4.0)

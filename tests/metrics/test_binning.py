@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from segcalib.metrics.binning import bin_index, case_histograms
+from segcalib.metrics.binning import HistogramRequest, bin_index, case_histograms
 from segcalib.metrics.binning_cpu import tuned_case_histograms
 from tests.metrics._reference import ref_bin
 
@@ -107,7 +107,7 @@ def test_kernel_independent_of_chunks_kernel_and_backend(kernel_inputs, chunk, t
     ref = case_histograms(p, y, M, cells, 3, chunk_size=10**6, tuned=False)
     threads = torch.get_num_threads()
     if tuned:
-        got = tuned_case_histograms(p, y, M, cells, 3, chunk_size=chunk, use_bincount=use_bincount)
+        got = tuned_case_histograms(p, y, M, cells, 3, HistogramRequest(chunk_size=chunk), use_bincount)
     else:
         got = case_histograms(p, y, M, cells, 3, chunk_size=chunk, tuned=False)
     assert torch.get_num_threads() == threads  # no kernel changes torch's settings

@@ -39,7 +39,7 @@ def test_segcalib_export_folder(tmp_path: Path, dtype: str) -> None:
     cfg = load_config(SMOKE_CONFIG, {"data.manifest": str(manifest.path), "data.patch_size": [8, 8, 8], "model.strides": [2, 2, 2]})
     case = manifest.cases("test")[0]
     out = tmp_path / "out"
-    paths = output_paths(out, case.case_id, uncertainty=True)
+    paths = output_paths(out, case.case_id, ["uncertainty"])
     export_case(_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=1.0, dtype=dtype)
     (out / EXPORT_JSON).write_text(json.dumps({"status": "complete", "temperature": 1.0}))
 
@@ -71,7 +71,11 @@ def test_header_with_unit_sform_reads_as_itk_does(tmp_path: Path) -> None:
     image.set_qform(None, 0)
     nib.save(image, str(tmp_path / "label.nii.gz"))
     (tmp_path / "maps").mkdir()
-    save_like(_probs(), tmp_path / "label.nii.gz", tmp_path / "maps" / "p1.nii.gz", np.float32)
+    broken = nib.Nifti1Image(_probs(), np.eye(4))  # a map from a tool that kept the broken header
+    broken.header.set_zooms((1.5, 1.25, 10.0, 1.0))
+    broken.set_sform(np.eye(4), 1)
+    broken.set_qform(None, 0)
+    nib.save(broken, str(tmp_path / "maps" / "p1.nii.gz"))
     pred = open_predictions(tmp_path / "maps").read("p1")
     assert np.allclose(nib.load(str(tmp_path / "maps" / "p1.nii.gz")).affine[:3, :3], np.eye(3))  # what nibabel says
     assert pred.spacing == pytest.approx((1.5, 1.25, 10.0))

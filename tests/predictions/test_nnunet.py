@@ -140,14 +140,15 @@ def test_broken_nnunet_folders_name_the_file(tmp_path: Path) -> None:
 
 
 def test_a_2d_case_keeps_its_singleton_axis_out(tmp_path: Path) -> None:
-    """nnU-Net stores a 2D case's probabilities as ``(C, 1, y, x)`` and its segmentation in 2D."""
+    """nnU-Net stores a 2D case's probabilities as ``(C, 1, y, x)`` and its segmentation in 2D; segcalib
+    reads a 2D slice as ``(x, y, 1)``, labels and maps alike."""
     label_yx = blob_label_zyx((1, 11, 13))[0]
     label = write_sitk(tmp_path / "labels" / "slice.nii.gz", label_yx, SPACING[:2], ORIGIN[:2], OBLIQUE[:2, :2])
     probs = softmax(nnunet_logits(label_yx[None]))  # (C, 1, y, x)
     write_like_nnunet(tmp_path / "out", "slice", probs, label)
     pred = open_predictions(tmp_path / "out").read("slice")
-    assert pred.values.shape == (3, 13, 11)
-    np.testing.assert_allclose(pred.values, probs[:, 0].transpose(0, 2, 1), atol=2e-6)
+    assert pred.values.shape == (3, 13, 11, 1)
+    np.testing.assert_allclose(pred.values[..., 0], probs[:, 0].transpose(0, 2, 1), atol=2e-6)
     assert np.array_equal(pred.values.argmax(0), read_volume(label, dtype=np.int64)[0])
     check_geometry(pred, read_header(label), num_classes=3)
-    assert pred.spacing == pytest.approx(SPACING[:2], abs=1e-6)
+    assert pred.spacing[:2] == pytest.approx(SPACING[:2], abs=1e-6) and len(pred.spacing) == 3  # (x, y, 1) reading

@@ -1,0 +1,253 @@
+"""``segcalib calibrate fit`` / ``apply``: post-hoc calibration of any model's maps, read from a
+prediction folder (a segcalib export, an nnU-Net ``--save_probabilities`` folder, 4D NIfTI maps),
+one case at a time.
+
+Fitting streams the cases through a calibrator's bounded statistics (``update``), restricted to
+the voxels of a ground-truth region; ``auto`` chooses the method by k-fold cross-validation over
+cases (:mod:`segcalib.calibrators.selection`). Under ``torchrun`` the cases of a single-method fit
+are shared out and the states merged on rank 0, which fits and writes (``auto`` runs on rank 0).
+Applying writes the same files as ``segcalib export`` (atomic, resumable) in each input's own
+geometry, and an ``export.json`` that records the calibrator, so ``evaluate`` and ``report``
+work unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segcalib.calibrators import Calibrator, build_calibrator, load_calibrator, read_calibrator_json, save_calibrator
+from segcalib.calibrators.selection import select_calibrator
+from segcalib.data import load_manifest, read_volume
+from segcalib.data.manifest import SPLIT_SEED
+from segcalib.errors import DataError
+from segcalib.export.record import EXPORT_JSON, claim_output, finish, now, previous_record, versions
+from segcalib.export.writers import all_written, check_dtype, output_paths, write_probability_maps
+from segcalib.predictions import PredictionMap, check_geometry, match_cases, open_predictions
+from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, RegionContext, region_mask
+from segcalib.spatial.spacing import spacing_from_affine
+from segcalib.utils.devices import select_device
+from segcalib.utils.distributed import gather_objects, is_main_process, rank, world_size
+from segcalib.utils.progress import progress_bar
+
+log = logging.getLogger("segcalib")
+PROB_FLOOR = 1e-12  # probabilities enter a calibrator as log(max(p, floor)): softmax(log p) = p
+
+
+@dataclass
+class FolderOptions:
+    """How to read a prediction folder (see :func:`segcalib.predictions.open_predictions`)."""
+
+    format: str = "auto"
+    channel_axis: str = "last"
+    input: str = "auto"
+
+
+@dataclass
+class FitOptions:
+    split: str = "validation"
+    method: str = "auto"
+    region: str = ALL
+    preserve: str = "none"
+    folds: int = 5
+    criterion: str = "nll"
+    boundary_mm: float = DEFAULT_BOUNDARY_MM
+    max_voxels: int | None = None
+    seed: int = 0
+    use_image: bool = False
+    split_seed: int | None = None
+    device: str | None = None
+    folder: FolderOptions = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.folder = self.folder or FolderOptions()
+
+
+def as_logits(pred: PredictionMap, device: torch.device) -> torch.Tensor:
+    """``(1, C, *spatial)`` float32 logits of a map (``log p`` for probabilities)."""
+    values = torch.from_numpy(pred.values).to(device)
+    if pred.kind == "probs":
+        values = values.clamp_min(PROB_FLOOR).log_()
+    return values.unsqueeze(0)
+
+
+def fit_on_predictions(predictions: str | Path, manifest_path: str | Path, output: str | Path, options: FitOptions) -> dict[str, Any]:
+    """Fit ``options.method`` (or choose one, ``auto``) on the labelled ``options.split`` cases
+    of ``manifest_path`` whose maps are in ``predictions``; write ``output/calibrator.json``."""
+    output = Path(output)
+    folder = open_predictions(predictions, **vars(options.folder))
+    split_seed = options.split_seed
+    if split_seed is None:
+        split_seed = int((folder.metadata or {}).get("split_seed", SPLIT_SEED)) if folder.format == "segcalib" else SPLIT_SEED
+    manifest = load_manifest(manifest_path, split_seed=split_seed)
+    cases = manifest.labelled(options.split)
+    if not cases:
+        raise DataError(f"{manifest.path}: split {options.split!r} has no labelled cases to fit a calibrator on")
+    pairs = match_cases(folder, cases)
+    device = select_device(options.device)
+    num_classes = manifest.num_classes
+    limits = {} if options.max_voxels is None else {"max_voxels": options.max_voxels}
+    started = time.time()
+
+    def stream(share: bool) -> Iterator[tuple]:
+        mine = pairs[rank() :: world_size()] if share else pairs
+        for case, _ in mine:
+            yield _fit_item(folder, case, num_classes, device, options.use_image)
+
+    extra: dict[str, Any]
+    if options.method == "auto":
+        selection = select_calibrator(
+            lambda: stream(False), [c.case_id for c, _ in pairs], num_classes, criterion=options.criterion,
+            preserve=options.preserve, folds=options.folds, seed=options.seed, fit_region=options.region,
+            boundary_mm=options.boundary_mm, **limits,
+        ) if is_main_process() else None
+        if selection is None:
+            return {}
+        calibrator, extra = selection.calibrator, {"selection": selection.report()}
+    else:
+        calibrator = build_calibrator(options.method, num_classes, seed=options.seed, **limits)
+        for case_id, logits, target, spacing, image in stream(True):
+            mask = region_mask(options.region, RegionContext(target, [spacing], num_classes, options.boundary_mm))
+            calibrator.update(logits, target, mask, spacing=[spacing], image=image)
+        calibrator = _merged(calibrator)
+        if calibrator is None:
+            return {}
+        calibrator.fit()
+        extra = {}
+    extra.update(
+        fit_region=options.region,
+        boundary_mm=options.boundary_mm,
+        split=options.split,
+        cases=[c.case_id for c, _ in pairs],
+        predictions=str(Path(predictions).resolve()),
+        prediction_format=folder.format,
+        manifest=str(manifest.path.resolve()),
+        classes_names=manifest.class_names,
+        use_image=options.use_image,
+        seconds=round(time.time() - started, 3),
+        time=now(),
+        versions=versions(),
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    save_calibrator(calibrator, output, extra=extra)
+    return read_calibrator_json(output)
+
+
+def _fit_item(folder, case, num_classes: int, device: torch.device, use_image: bool) -> tuple:
+    """``(case_id, logits (1, C, *S), target (1, *S), spacing, image (1, Cin, *S) | None)``."""
+    label, header = read_volume(case.label, dtype=np.int64)
+    pred = folder.read(case.case_id)
+    check_geometry(pred, header, num_classes)
+    image = None
+    if use_image:
+        arrays = [read_volume(p, dtype=np.float32)[0] for p in case.images]
+        image = torch.from_numpy(np.stack(arrays)).unsqueeze(0).to(device)
+    target = torch.from_numpy(label).unsqueeze(0).to(device)
+    return case.case_id, as_logits(pred, device), target, tuple(header.spacing), image
+
+
+def _merged(calibrator: Calibrator) -> Calibrator | None:
+    """Every process's statistics merged on rank 0 (None on the other ranks)."""
+    parts = gather_objects(calibrator)
+    if not is_main_process():
+        return None
+    for other in parts[1:]:
+        calibrator.merge(other)
+    return calibrator
+
+
+def apply_to_predictions(
+    calibrator_dir: str | Path,
+    predictions: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "float32",
+    uncertainty: bool = False,
+    manifest_path: str | Path | None = None,
+    folder_options: FolderOptions | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Calibrated maps of every case of ``predictions`` into ``output`` (the files of
+    ``segcalib export``), with an ``export.json`` that records the calibrator."""
+    output = Path(output)
+    check_dtype(dtype)
+    if output.resolve() == Path(predictions).resolve():
+        raise DataError(f"{output}: --output must differ from --predictions (the maps would overwrite their source)")
+    record = read_calibrator_json(calibrator_dir)
+    calibrator = load_calibrator(calibrator_dir)
+    folder = open_predictions(predictions, **vars(folder_options or FolderOptions()))
+    images = _image_files(calibrator, calibrator_dir, manifest_path)
+    device_ = select_device(device)
+    case_ids = folder.case_ids()
+    settings = _apply_settings(record, calibrator_dir, folder, dtype, uncertainty)
+    previous = previous_record(output)
+    extra = ["uncertainty"] if uncertainty else []
+    if is_main_process():
+        claim_output(output, settings, previous, ("source", "calibrator", "dtype", "uncertainty"))
+    bar = progress_bar(len(case_ids), "calibrate", progress and is_main_process())
+    for case_id in case_ids[rank() :: world_size()]:
+        paths = output_paths(output, case_id, extra)
+        if not all_written(paths):
+            pred = folder.read(case_id)
+            if pred.num_classes != calibrator.num_classes:
+                raise DataError(f"{pred.source}: {pred.num_classes} classes; the calibrator {calibrator_dir} has {calibrator.num_classes}")
+            image = _image(images, case_id, device_)
+            probs = calibrator.transform(as_logits(pred, device_), spacing=[spacing_from_affine(pred.affine)], image=image)
+            write_probability_maps(probs[0].cpu().numpy(), pred.geometry_file, paths, dtype)
+        bar.update(1)
+    bar.close()
+    gather_objects(None)  # every rank's cases are written before rank 0 marks the folder complete
+    return finish(output, settings, case_ids) if is_main_process() else settings
+
+
+def _apply_settings(record: dict, calibrator_dir, folder, dtype: str, uncertainty: bool) -> dict[str, Any]:
+    """export.json of a calibrated folder: the source export's facts, then the calibrator's."""
+    source = dict(folder.metadata or {}) if folder.format == "segcalib" else {}
+    params = record.get("params", {})
+    keep = ("run", "model", "loss", "checkpoint", "checkpoint_epoch", "config_hash", "manifest", "split", "split_seed",
+            "class_names", "boundary_mm")
+    return {
+        **{k: source[k] for k in keep if k in source},
+        "status": "running",
+        "source": str(folder.root.resolve()),
+        "source_format": folder.format,
+        "calibrator": {"folder": str(Path(calibrator_dir).resolve()), "method": record.get("method"),
+                       "fit_region": record.get("fit_region"), "params": params,
+                       "selection": (record.get("selection") or {}).get("selected")},
+        "temperature": params.get("temperature"),
+        "temperature_fit": {"mode": "calibrator", "method": record.get("method"), "region": record.get("fit_region")},
+        "dtype": dtype,
+        "uncertainty": uncertainty,
+        "started": now(),
+        "versions": versions(),
+    }
+
+
+def _image_files(calibrator: Calibrator, calibrator_dir, manifest_path) -> dict[str, list[Path]] | None:
+    """Image files by case id, for calibrators that read the image (LTS with ``use_image``)."""
+    if not getattr(calibrator, "use_image", False):
+        return None
+    if manifest_path is None:
+        raise DataError(f"{calibrator_dir}: this calibrator reads the image; give --manifest to find each case's image")
+    manifest = load_manifest(manifest_path)
+    return {c.case_id: list(c.images) for c in manifest.all_cases()}
+
+
+def _image(images: dict[str, list[Path]] | None, case_id: str, device: torch.device) -> torch.Tensor | None:
+    if images is None:
+        return None
+    if case_id not in images:
+        raise DataError(f"case {case_id}: not in the manifest, whose images the calibrator needs")
+    arrays = [read_volume(p, dtype=np.float32)[0] for p in images[case_id]]
+    return torch.from_numpy(np.stack(arrays)).unsqueeze(0).to(device)
+
+
+__all__ = ["EXPORT_JSON", "FitOptions", "FolderOptions", "apply_to_predictions", "as_logits", "fit_on_predictions"]

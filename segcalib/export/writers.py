@@ -1,0 +1,78 @@
+"""Per-case map files in the input's own geometry, each written atomically.
+
+``<case>_probs.nii.gz`` (4D, class last; float32, or 16-bit: NIfTI has no half-float type, so
+``float16`` is stored as uint16 with ``scl_slope = 1/65535``, which every reader turns back into
+floats in [0, 1] with a step of 1.5e-5), ``<case>_seg.nii.gz`` (uint8 argmax), and the optional
+maps: ``_uncertainty`` (predictive entropy, nats), ``_logits`` (float32, class last), and for
+ensembles, TTA and MC dropout ``_entropy``, ``_mutual_info``, ``_expected_entropy`` (nats) and
+``_variance`` (per class, class last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from segcalib.data import save_like
+from segcalib.errors import DataError
+from segcalib.utils.files import write_with
+
+UINT16_MAX = 65535
+DTYPES = ("float32", "float16")
+ENSEMBLE_MAPS = ("entropy", "mutual_info", "expected_entropy")
+OPTIONAL_MAPS = ("uncertainty", "logits", *ENSEMBLE_MAPS, "variance")
+
+
+def output_paths(output: Path, case_id: str, extra: Iterable[str] = ()) -> dict[str, Path]:
+    """The files of one case: probs and seg, plus the ``extra`` maps (names from OPTIONAL_MAPS)."""
+    names = ["probs", "seg", *extra]
+    unknown = [n for n in names[2:] if n not in OPTIONAL_MAPS]
+    if unknown:
+        raise ValueError(f"unknown map names {unknown}; known: {OPTIONAL_MAPS}")
+    return {name: output / f"{case_id}_{name}.nii.gz" for name in names}
+
+
+def all_written(paths: dict[str, Path]) -> bool:
+    return all(p.exists() for p in paths.values())
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise DataError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def write_probability_maps(
+    maps: np.ndarray, reference: Path, paths: dict[str, Path], dtype: str = "float32", extras: dict | None = None
+) -> None:
+    """Write ``maps (K, *spatial)`` (probabilities in ``reference``'s voxel order) as probs and seg,
+    plus ``uncertainty`` (entropy of ``maps``) when asked and every array in ``extras``
+    (``(*spatial)`` or ``(K, *spatial)``) under its path. ``maps`` may be a view; it is read slab
+    by slab so that no second full volume is made."""
+    if dtype == "float16":
+        quantised = slabwise(maps, lambda p: np.rint(np.moveaxis(p, 0, -1) * UINT16_MAX).astype(np.uint16), -2)
+        _save(paths["probs"], quantised, reference, np.uint16, slope=1 / UINT16_MAX)
+        del quantised
+    else:
+        _save(paths["probs"], np.moveaxis(maps, 0, -1), reference, np.float32)
+    _save(paths["seg"], slabwise(maps, lambda p: p.argmax(0).astype(np.uint8)), reference, np.uint8)
+    if "uncertainty" in paths:
+        entropy = slabwise(maps, lambda p: -(p * np.log(np.clip(p, 1e-12, None))).sum(0, dtype=np.float32))
+        _save(paths["uncertainty"], entropy, reference, np.float32)
+    for name, array in (extras or {}).items():
+        if name in paths:
+            array = np.moveaxis(array, 0, -1) if array.ndim == maps.ndim else array
+            _save(paths[name], array, reference, np.float32)
+
+
+def slabwise(maps: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], axis: int = -1, slab: int = 16) -> np.ndarray:
+    """Apply ``fn`` to slabs of ``maps (K, *spatial)`` along the last spatial axis; concatenate."""
+    n = maps.shape[-1]
+    parts = [fn(maps[..., i : i + slab]) for i in range(0, n, slab)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=axis))
+
+
+def _save(path: Path, array: np.ndarray, reference: Path, dtype, slope: float | None = None) -> None:
+    write_with(path, lambda tmp: save_like(array, reference, tmp, dtype, slope=slope), suffix=".nii.gz")
