@@ -21,6 +21,7 @@ import torch
 
 from segcalib.data import VolumeHeader, read_volume
 from segcalib.errors import DataError
+from segcalib.export.writers import ENSEMBLE_MAPS, output_paths
 from segcalib.metrics.uncertainty import (
     UncertaintyMetric,
     foreground_union,
@@ -29,14 +30,15 @@ from segcalib.metrics.uncertainty import (
 )
 from segcalib.spatial.regions import RegionContext, region_mask
 
-EXPORTED_MAPS = ("entropy", "mutual_info", "expected_entropy")
+EXPORTED_MAPS = ENSEMBLE_MAPS  # the export's names for ensembles, TTA and MC dropout
 COMPUTED_MAPS = ("entropy", "one_minus_max")
 CURVE_POINTS = 200  # risk-coverage points kept in report.json
 
 
 def available_maps(predictions: Path, case_id: str) -> tuple[str, ...]:
     """The maps evaluated: exported ones found for ``case_id`` (the first case), then the computed."""
-    exported = [m for m in EXPORTED_MAPS if (predictions / f"{case_id}_{m}.nii.gz").exists()]
+    paths = output_paths(predictions, case_id, EXPORTED_MAPS)
+    exported = [m for m in EXPORTED_MAPS if paths[m].exists()]
     return tuple(dict.fromkeys(exported + list(COMPUTED_MAPS)))
 
 
@@ -46,8 +48,9 @@ def uncertainty_maps(
     """``{map: (1, *spatial) float32}`` on the probabilities' device; exported maps must exist for
     every case once the first case had them, and match the label's grid."""
     out: dict[str, torch.Tensor] = {}
+    paths = output_paths(predictions, case_id, EXPORTED_MAPS)
     for name in maps:
-        path = predictions / f"{case_id}_{name}.nii.gz"
+        path = paths.get(name, predictions / f"{case_id}_{name}.nii.gz")
         if name in EXPORTED_MAPS and path.exists():
             array, map_header = read_volume(path, dtype=np.float32)
             if array.shape != tuple(header.shape[:3]) or not np.allclose(map_header.affine, header.affine, atol=1e-4):
