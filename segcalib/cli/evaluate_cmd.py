@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from segcalib.cli._args import MAX_BINS, bin_count, positive_mm
+from segcalib.metrics.registry import list_binnings
+from segcalib.reports.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +20,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, help="manifest with the ground truth")
     p.add_argument("--split", default="test", choices=("training", "validation", "test"))
     p.add_argument("--output", required=True, help="report folder")
-    p.add_argument("--bins", type=bin_count, default=15, help=f"reliability bins, 1..{MAX_BINS} (default 15)")
+    p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS),
+                   help="preset that reproduces a tool's or paper's table: "
+                   + "; ".join(f"{name}: {preset.title}" for name, preset in PROTOCOLS.items())
+                   + f" (default {DEFAULT_PROTOCOL}; see docs/metrics.md)")
+    p.add_argument("--bins", type=bin_count, default=None, help=f"reliability bins, 1..{MAX_BINS} (default: the protocol's)")
+    p.add_argument("--binning", default="equal-width", choices=list_binnings(),
+                   help="equal-mass adds the pooled top-label adaptive ECE beside the equal-width one (default equal-width)")
+    p.add_argument("--no-uncertainty", action="store_true",
+                   help="skip the uncertainty-quality section (AURC, AUROC, UEO, QU-BraTS per map and region)")
     p.add_argument("--boundary-mm", type=positive_mm, default=None,
                    help="half-width of the boundary band in mm, finite and > 0 (default: the export's, else 2)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
@@ -40,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         init_from_env()
         try:
             report = evaluate(args.predictions, args.manifest, args.output, split=args.split, n_bins=args.bins,
-                              boundary_mm=args.boundary_mm, device=args.device, split_seed=args.split_seed)
+                              boundary_mm=args.boundary_mm, device=args.device, split_seed=args.split_seed,
+                              protocol=args.protocol, binning=args.binning, uncertainty=not args.no_uncertainty)
             main_process = is_main_process()
         finally:
             shutdown()
@@ -52,5 +63,5 @@ def run(args: argparse.Namespace) -> int:
             f"{report['counts']['cases']} cases: Dice fg {s['dice_fg']:.4f}, HD95 {s['hd95']:.2f} mm, "
             + ", ".join(f"ECE {region} {s[f'ece_{region}']:.4f}" for region in report["calibration"])
         )
-        print(f"report: {args.output}/report.html")
+        print(f"protocol {report['metadata']['protocol']}; report: {args.output}/report.html")
     return 0

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from segcalib.metrics.binning import bin_index
-from segcalib.metrics.inputs import case_samples, check_mode, check_probs_target, evaluated_classes
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND, case_samples, check_mode, check_probs_target, evaluated_classes
 from segcalib.metrics.state import SummableState
 from segcalib.metrics.streaming import summed_copy
 
@@ -124,7 +124,7 @@ def adaptive_calibration_error(
     target: torch.Tensor,
     n_bins: int = 15,
     mode: str = "classwise",
-    include_background: bool = True,
+    include_background: bool = INCLUDE_BACKGROUND,
     exact: bool = True,
     n_cells: int = DEFAULT_CELLS,
 ) -> dict[str, torch.Tensor]:
@@ -172,7 +172,7 @@ class AdaptiveCalibrationError(SummableState):
         num_classes: int,
         n_bins: int = 15,
         mode: str = "classwise",
-        include_background: bool = True,
+        include_background: bool = INCLUDE_BACKGROUND,
         n_cells: int = DEFAULT_CELLS,
     ) -> None:
         super().__init__()

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND
+
 from segcalib.metrics.calibration_functional import (
     calibration_arg_validation,
     calibration_tensor_validation,
@@ -125,7 +127,7 @@ class CalibrationMetric(SummableState):
         n_bins: int = 15,
         regions: Sequence[str] = DEFAULT_REGIONS,
         boundary_mm: float = DEFAULT_BOUNDARY_MM,
-        include_background: bool = True,
+        include_background: bool = INCLUDE_BACKGROUND,
         per_case: bool = True,
         ignore_index: int | None = None,
         nll_eps: float = 1e-12,

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND
+
 from segcalib.metrics.binning import case_histograms
 from segcalib.spatial.regions import ALL, RegionContext, available_regions, region_cells
 from segcalib.spatial.spacing import BatchSpacingLike, spacing_per_case
@@ -195,7 +197,7 @@ def classwise_calibration_error(
     probs: torch.Tensor,
     target: torch.Tensor,
     n_bins: int = 15,
-    include_background: bool = True,
+    include_background: bool = INCLUDE_BACKGROUND,
     ignore_index: int | None = None,
     validate_args: bool = True,
 ) -> float:

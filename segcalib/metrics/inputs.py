@@ -13,6 +13,10 @@ import torch
 from segcalib.utils.tensors import as_label_map
 
 MODES = ("top", "classwise")
+INCLUDE_BACKGROUND = True
+"""The one ``include_background`` default of every metric in :mod:`segcalib.metrics` (as MONAI's
+``DiceMetric`` and ``CalibrationErrorMetric``, and SPEC §3's CECE over all ``C`` classes); the
+evaluation report asks for foreground classes explicitly where it wants them."""
 
 
 def check_probs_target(

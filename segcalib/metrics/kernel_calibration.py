@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from segcalib.metrics.inputs import check_probs_target, evaluated_classes
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND, check_probs_target, evaluated_classes
 from segcalib.metrics.surface import linear_percentile
 
 DEFAULT_MAX_SAMPLES = 4096
@@ -67,7 +67,7 @@ def kernel_calibration_error(
     probs: torch.Tensor,
     target: torch.Tensor,
     bandwidth: float | str = 1.0,
-    include_background: bool = True,
+    include_background: bool = INCLUDE_BACKGROUND,
     max_samples: int = DEFAULT_MAX_SAMPLES,
     sample: bool = False,
     seed: int = 0,

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from segcalib.errors import ConfigError
-from segcalib.metrics.inputs import prediction_labels
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND, prediction_labels
 from segcalib.metrics.surface import linear_percentile
 from segcalib.spatial.distance import symmetric_nearest_distances
 from segcalib.spatial.morphology import bounding_box, mask_edges
@@ -119,7 +119,7 @@ def per_class_scores(
     target: torch.Tensor,
     num_classes: int,
     spacing: BatchSpacingLike = None,
-    include_background: bool = False,
+    include_background: bool = INCLUDE_BACKGROUND,
     convention: str = "segcalib",
 ) -> dict[str, torch.Tensor]:
     """Dice (medpy ``dc``) and HD95 (medpy ``hd95``, mm) per case and class.

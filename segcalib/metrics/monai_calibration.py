@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from segcalib.metrics.adaptive import weighted_bins
-from segcalib.metrics.inputs import check_probs_target
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND, check_probs_target
 from segcalib.metrics.streaming import gathered_rows
 
 CALIBRATION_REDUCTIONS = ("expected", "average", "maximum")
@@ -48,7 +48,7 @@ def monai_bins(probs: torch.Tensor, num_bins: int, right: bool = False) -> torch
 
 
 def monai_bin_stats(
-    probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 20, include_background: bool = True, right: bool = False
+    probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 20, include_background: bool = INCLUDE_BACKGROUND, right: bool = False
 ) -> torch.Tensor:
     """Per image, class and bin: count, sum of ``p_c``, sum of ``[y == c]`` (float64 ``(B, C', M, 3)``)."""
     b, c = probs.shape[:2]
@@ -110,7 +110,7 @@ def monai_calibration_error(
     probs: torch.Tensor,
     target: torch.Tensor,
     num_bins: int = 20,
-    include_background: bool = True,
+    include_background: bool = INCLUDE_BACKGROUND,
     calibration_reduction: str = "expected",
     right: bool = False,
 ) -> torch.Tensor:
@@ -146,7 +146,7 @@ class MonaiCalibrationError:
     def __init__(
         self,
         num_bins: int = 20,
-        include_background: bool = True,
+        include_background: bool = INCLUDE_BACKGROUND,
         calibration_reduction: str = "expected",
         metric_reduction: str = "mean",
         get_not_nans: bool = False,

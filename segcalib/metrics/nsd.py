@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from segcalib.metrics.inputs import prediction_labels
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND, prediction_labels
 from segcalib.metrics.surface import cropped_pair
 from segcalib.spatial.distance import symmetric_nearest_distances
 from segcalib.spatial.morphology import mask_edges
@@ -72,7 +72,7 @@ def nsd_per_class(
     num_classes: int,
     tolerance_mm: float,
     spacing: SpacingLike = None,
-    include_background: bool = False,
+    include_background: bool = INCLUDE_BACKGROUND,
 ) -> torch.Tensor:
     """NSD per class of two label maps ``(*spatial)`` of one case: float64 ``(C',)`` (classes
     ``0..C-1``, or ``1..C-1`` without the background)."""
@@ -87,7 +87,7 @@ def compute_surface_dice(
     num_classes: int,
     tolerance_mm: float,
     spacing: BatchSpacingLike = None,
-    include_background: bool = False,
+    include_background: bool = INCLUDE_BACKGROUND,
 ) -> torch.Tensor:
     """NSD per case and class of a batch, MONAI style.
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND
+
 QU_BRATS_THRESHOLDS = (100.0, 75.0, 50.0, 25.0, 0.0)
 
 
@@ -67,7 +69,7 @@ def _auc(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def qu_brats_from_counts(
-    counts: torch.Tensor, thresholds: Sequence[float], include_background: bool = False
+    counts: torch.Tensor, thresholds: Sequence[float], include_background: bool = INCLUDE_BACKGROUND
 ) -> dict[str, Any]:
     """The QU-BraTS curves, AUCs and score per class from :func:`qu_brats_counts` summed.
 

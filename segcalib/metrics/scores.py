@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from segcalib.metrics.inputs import check_probs_target, evaluated_classes
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND, check_probs_target, evaluated_classes
 from segcalib.metrics.state import SummableState
 from segcalib.metrics.streaming import gathered_rows, summed_copy
 
@@ -29,7 +29,7 @@ SCORE_KEYS = ("brier", "root_brier", "log_score")
 
 
 def score_sums(
-    probs: torch.Tensor, labels: torch.Tensor, include_background: bool = True, eps: float = 1e-12
+    probs: torch.Tensor, labels: torch.Tensor, include_background: bool = INCLUDE_BACKGROUND, eps: float = 1e-12
 ) -> torch.Tensor:
     """Per image: sum of Brier, sum of log score, voxel count (float64 ``(B, 3)``).
 
@@ -60,7 +60,7 @@ def scores_from_sums(sums: torch.Tensor) -> dict[str, torch.Tensor]:
 def proper_scores(
     probs: torch.Tensor,
     target: torch.Tensor,
-    include_background: bool = True,
+    include_background: bool = INCLUDE_BACKGROUND,
     per_image: bool = False,
     eps: float = 1e-12,
 ) -> dict[str, torch.Tensor]:
@@ -79,14 +79,14 @@ def proper_scores(
 
 
 def brier_score(
-    probs: torch.Tensor, target: torch.Tensor, include_background: bool = True, per_image: bool = False
+    probs: torch.Tensor, target: torch.Tensor, include_background: bool = INCLUDE_BACKGROUND, per_image: bool = False
 ) -> torch.Tensor:
     """Mean Brier score (see :func:`proper_scores`)."""
     return proper_scores(probs, target, include_background, per_image)["brier"]
 
 
 def root_brier_score(
-    probs: torch.Tensor, target: torch.Tensor, include_background: bool = True, per_image: bool = False
+    probs: torch.Tensor, target: torch.Tensor, include_background: bool = INCLUDE_BACKGROUND, per_image: bool = False
 ) -> torch.Tensor:
     """Root Brier score: square root of the mean Brier score (see :func:`proper_scores`)."""
     return proper_scores(probs, target, include_background, per_image)["root_brier"]
@@ -105,7 +105,7 @@ class ScoreMetric(SummableState):
     ``mean_root_brier`` (mean of the per-image RBS over images with voxels).
     """
 
-    def __init__(self, num_classes: int, include_background: bool = True, eps: float = 1e-12) -> None:
+    def __init__(self, num_classes: int, include_background: bool = INCLUDE_BACKGROUND, eps: float = 1e-12) -> None:
         super().__init__()
         evaluated_classes(num_classes, include_background)
         self.num_classes = num_classes

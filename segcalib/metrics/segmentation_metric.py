@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from segcalib.metrics.inputs import evaluated_classes, prediction_labels
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND, evaluated_classes, prediction_labels
 from segcalib.metrics.nsd import normalized_surface_dice
 from segcalib.metrics.overlap import dice_counts, dice_from_counts
 from segcalib.metrics.state import SummableState
@@ -58,7 +58,7 @@ class SegmentationMetric(SummableState):
     def __init__(
         self,
         num_classes: int,
-        include_background: bool = False,
+        include_background: bool = INCLUDE_BACKGROUND,
         nsd_tolerance_mm: float | Sequence[float] = 1.0,
         percentile: float = 95.0,
     ) -> None:

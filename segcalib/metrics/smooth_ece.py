@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segcalib.metrics.inputs import case_samples, check_mode, check_probs_target, evaluated_classes
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND, case_samples, check_mode, check_probs_target, evaluated_classes
 from segcalib.metrics.state import SummableState
 from segcalib.metrics.streaming import summed_copy
 
@@ -146,7 +146,7 @@ def smooth_ece(
     probs: torch.Tensor,
     target: torch.Tensor,
     mode: str = "top",
-    include_background: bool = True,
+    include_background: bool = INCLUDE_BACKGROUND,
     sigma: float | None = None,
     exact: bool = True,
     n_nodes: int = DEFAULT_NODES,
@@ -204,7 +204,7 @@ class SmoothECE(SummableState):
         self,
         num_classes: int,
         mode: str = "top",
-        include_background: bool = True,
+        include_background: bool = INCLUDE_BACKGROUND,
         sigma: float | None = None,
         n_nodes: int = DEFAULT_NODES,
         eps: float = 0.001,

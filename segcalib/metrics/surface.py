@@ -22,9 +22,10 @@ import math
 import numpy as np
 import torch
 
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND, prediction_labels
 from segcalib.spatial.distance import nearest_between
 from segcalib.spatial.morphology import bounding_box, mask_edges
-from segcalib.spatial.spacing import SpacingLike, normalize_spacing
+from segcalib.spatial.spacing import BatchSpacingLike, SpacingLike, normalize_spacing, spacing_per_case
 
 SURFACE_KEYS = ("hd", "hd95", "assd")
 
@@ -113,7 +114,7 @@ def surface_distances_per_class(
     target: torch.Tensor,
     num_classes: int,
     spacing: SpacingLike = None,
-    include_background: bool = False,
+    include_background: bool = INCLUDE_BACKGROUND,
     percentile: float = 95.0,
     pooled: bool = False,
 ) -> list[dict[str, float]]:
@@ -129,3 +130,39 @@ def surface_distances_per_class(
         surface_distances(pred == k, target == k, spacing, percentile=percentile, pooled=pooled)
         for k in range(first, num_classes)
     ]
+
+
+def compute_surface_distances(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    spacing: BatchSpacingLike = None,
+    include_background: bool = INCLUDE_BACKGROUND,
+    percentile: float = 95.0,
+    pooled: bool = False,
+) -> dict[str, torch.Tensor]:
+    """HD, HD95 and ASSD per case and class of a batch, MONAI style (the batch functional twin of
+    :class:`~segcalib.metrics.segmentation_metric.SegmentationMetric`).
+
+    Args:
+        pred: ``(B, C, *spatial)`` probabilities / one-hot, or labels ``(B, *spatial)`` /
+            ``(B, 1, *spatial)``.
+        target: integer labels ``(B, *spatial)`` or ``(B, 1, *spatial)``.
+        num_classes: ``C``.
+        spacing: mm per voxel, shared by the batch or one per case (``None`` = 1 mm: voxel units).
+        include_background: evaluate class 0 too.
+        percentile, pooled: as :func:`surface_distances`.
+
+    Returns:
+        float64 ``{"hd", "hd95", "assd"}``, each ``(B, C')`` in mm.
+    """
+    labels, truth = prediction_labels(pred, target, num_classes)
+    spacings = spacing_per_case(spacing, labels.shape[0], labels.dim() - 1)
+    rows = [
+        surface_distances_per_class(labels[b], truth[b], num_classes, spacings[b], include_background, percentile, pooled)
+        for b in range(labels.shape[0])
+    ]
+    return {
+        key: torch.tensor([[d[key] for d in row] for row in rows], dtype=torch.float64).view(len(rows), -1)
+        for key in SURFACE_KEYS
+    }

@@ -13,8 +13,8 @@ metric per region, and per case when per-case values are wanted):
 
 The state is a few float64 tensors of counts (a fine histogram of ``n_bins`` bins over the stated
 ``value_range``, a QU-BraTS confusion matrix per threshold level, a few sums), so batches, cases
-and processes combine by summation (:meth:`UncertaintyMetric.merge`, or ``all_reduce_state()``
-once under torch.distributed) and the result does not depend on the order.
+and processes combine by summation (:meth:`UncertaintyMetric.merge`; ``compute()`` sums the
+state of every process under torch.distributed itself) and the result does not depend on the order.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from segcalib.metrics.inputs import INCLUDE_BACKGROUND
 from scipy import stats
 
 from segcalib.metrics.qu_brats import (
@@ -42,6 +44,7 @@ from segcalib.metrics.risk_coverage import (
     risk_coverage_curve,
 )
 from segcalib.metrics.state import SummableState
+from segcalib.metrics.streaming import summed_copy
 
 DEFAULT_BINS = 2**14
 _CHUNK = 2**22  # voxels per pass: bounded float64 temporaries on large volumes
@@ -90,7 +93,7 @@ class UncertaintyMetric(SummableState):
         n_bins: int = DEFAULT_BINS,
         ueo_threshold: float | None = None,
         qu_thresholds: Sequence[float] = QU_BRATS_THRESHOLDS,
-        include_background: bool = False,
+        include_background: bool = INCLUDE_BACKGROUND,
     ) -> None:
         super().__init__()
         lo, hi = (float(v) for v in value_range)
@@ -214,7 +217,7 @@ class UncertaintyMetric(SummableState):
 
     def risk_coverage(self) -> dict[str, torch.Tensor]:
         """The risk-coverage curve at the histogram's non-empty bins (see :func:`risk_coverage_curve`)."""
-        return risk_coverage_curve(self.histogram, self.value_range)
+        return risk_coverage_curve(summed_copy(self.histogram), self.value_range)
 
     def compute(self) -> dict[str, Any]:
         """The metrics as plain Python numbers (NaN where undefined, e.g. AUROC without errors).
@@ -223,17 +226,20 @@ class UncertaintyMetric(SummableState):
             ``{"voxels", "errors", "error_rate", "mean_uncertainty", "aurc", "aurc_bound",
             "aurc_min", "aurc_max", "aurc_optimal", "e_aurc", "auroc", "ueo", "ueo_threshold",
             "ueo_best", "ueo_best_threshold", "qu_brats": {...}}`` (``qu_brats`` as
-            :func:`~segcalib.metrics.qu_brats.qu_brats_from_counts`).
+            :func:`~segcalib.metrics.qu_brats.qu_brats_from_counts`). Under torch.distributed the
+            state of every process is summed first (one collective; the local state is kept).
         """
-        voxels, sum_u, errors = (float(v) for v in self.sums.cpu())
-        out: dict[str, Any] = aurc_from_histogram(self.histogram)
+        state = self.reduced_state_copy()
+        histogram = state["histogram"]
+        voxels, sum_u, errors = (float(v) for v in state["sums"].cpu())
+        out: dict[str, Any] = aurc_from_histogram(histogram)
         out["mean_uncertainty"] = sum_u / voxels if voxels else math.nan
-        out["auroc"] = auroc_from_histogram(self.histogram)
-        above, above_errors = (float(v) for v in self.ueo_counts.cpu())
+        out["auroc"] = auroc_from_histogram(histogram)
+        above, above_errors = (float(v) for v in state["ueo_counts"].cpu())
         out["ueo"] = 2 * above_errors / (above + errors) if above + errors > 0 else math.nan
         out["ueo_threshold"] = self.ueo_threshold
-        out["ueo_best"], out["ueo_best_threshold"] = best_ueo(self.histogram, self.value_range)
-        out["qu_brats"] = qu_brats_from_counts(self.qu_counts, self.qu_thresholds, self.include_background)
+        out["ueo_best"], out["ueo_best_threshold"] = best_ueo(histogram, self.value_range)
+        out["qu_brats"] = qu_brats_from_counts(state["qu_counts"], self.qu_thresholds, self.include_background)
         return out
 
 

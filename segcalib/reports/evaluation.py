@@ -21,20 +21,25 @@ import numpy as np
 import torch
 
 from segcalib import __version__
-from segcalib.data import Case, VolumeHeader, load_manifest, read_volume
+from segcalib.data import load_manifest
 from segcalib.data.manifest import SPLIT_SEED
-from segcalib.errors import DataError
+from segcalib.errors import ConfigError, DataError
 from segcalib.export.exporter import EXPORT_JSON
-from segcalib.metrics import CalibrationMetric, dice, surface_distances_per_class
-from segcalib.utils.devices import select_device
+from segcalib.metrics import AdaptiveCalibrationError, CalibrationMetric
+from segcalib.metrics.registry import BINNINGS
 from segcalib.reports.calibration_json import calibration_json
+from segcalib.reports.case_rows import evaluate_case, load_prediction
+from segcalib.reports.protocols import DEFAULT_PROTOCOL, get_protocol, protocol_section
+from segcalib.reports.report_json import finite_json, read_report
+from segcalib.reports.uncertainty_report import UncertaintyReport, available_maps
 from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, default_regions, region_description
+from segcalib.utils.devices import select_device
 from segcalib.utils.distributed import gather_objects, is_main_process, rank, world_size
 from segcalib.utils.files import check_output_folder, write_text_atomic
 
 log = logging.getLogger("segcalib")
-PROB_SUM_TOL = 1e-4  # float32 maps sum to 1 within 1e-5; 16-bit ones within K * 7.6e-6
-AFFINE_TOL = 1e-4
+_finite_json = finite_json  # the name compare.py imports
+__all__ = ["evaluate", "load_prediction", "read_report", "summarise", "warn_if_other_manifest"]
 
 
 def evaluate(
@@ -42,18 +47,27 @@ def evaluate(
     manifest_path: str | Path,
     output: str | Path,
     split: str = "test",
-    n_bins: int = 15,
+    n_bins: int | None = None,
     boundary_mm: float | None = None,
     device: str | torch.device | None = None,
     write_html: bool = True,
     split_seed: int | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
+    binning: str = "equal-width",
+    uncertainty: bool = True,
 ) -> dict[str, Any]:
     """Compute the report of ``predictions`` against the manifest's ground truth; write it to ``output``.
 
     ``split_seed`` (for manifests without explicit splits) and ``boundary_mm`` (the boundary
     band's half-width): by default the ones the export recorded, so that the cases and the band
-    are the ones the export used.
+    are the ones the export used. ``protocol`` (:mod:`segcalib.reports.protocols`) sets the
+    default ``n_bins`` and the classes of CECE and adds its own values; ``binning="equal-mass"``
+    adds the pooled top-label equal-mass ECE; ``uncertainty`` the uncertainty-quality section.
     """
+    preset = get_protocol(protocol)
+    if binning not in BINNINGS:
+        raise ConfigError(f"unknown binning {binning!r}; known: {', '.join(BINNINGS)}")
+    n_bins = preset.n_bins if n_bins is None else n_bins
     predictions, output = Path(predictions), check_output_folder(output, "report folder")  # before any work
     if not predictions.is_dir():
         raise DataError(f"{predictions}: predictions folder does not exist")
@@ -70,11 +84,21 @@ def evaluate(
     started = time.time()
 
     regions = default_regions()
-    metric = CalibrationMetric(num_classes, n_bins=n_bins, regions=regions, boundary_mm=boundary_mm)
-    rows = []
+    metric = CalibrationMetric(
+        num_classes, n_bins=n_bins, regions=regions, boundary_mm=boundary_mm, include_background=preset.include_background
+    )
+    equal_mass = AdaptiveCalibrationError(num_classes, n_bins, mode="top") if binning == "equal-mass" else None
+    maps = available_maps(predictions, cases[0].case_id) if uncertainty and cases else ()
+    uncertain = UncertaintyReport(maps, num_classes, regions, boundary_mm) if maps else None
+    rows, views = [], {}
     for case in cases[rank() :: world_size()]:
-        rows.append(_evaluate_case(case, predictions, num_classes, metric, device))
+        row, view = evaluate_case(case, predictions, num_classes, metric, device, preset, uncertain, write_html, equal_mass)
+        rows.append(row)
+        if view is not None:
+            views[case.case_id] = view
     rows = [r for part in gather_objects(rows) for r in part]
+    if write_html:
+        views = {k: v for part in gather_objects(views) for k, v in part.items()}
     order = {c.case_id: i for i, c in enumerate(cases)}
     rows.sort(key=lambda r: order[r["case"]])
 
@@ -98,6 +122,9 @@ def evaluate(
             "config_hash": export_info.get("config_hash"),
             "class_names": manifest.class_names,
             "n_bins": n_bins,
+            "binning": binning,
+            "protocol": preset.name,
+            "include_background": preset.include_background,
             "boundary_mm": boundary_mm,
             "regions": {name: region_description(name, boundary_mm) for name in regions},
             "device": str(device),
@@ -109,59 +136,23 @@ def evaluate(
         "calibration": {region: pooled[region] for region in regions},
         "media_foreground_ece": pooled.get("media_foreground_ece"),
         "segmentation": _segmentation_summary(rows, manifest.class_names),
+        "protocol": protocol_section(preset, rows),
         "cases": rows,
         "counts": _counts(rows, num_classes),
     }
+    if equal_mass is not None:
+        report["calibration_equal_mass"] = {ALL: {"ece": float(equal_mass.compute()["ace"]), "n_bins": n_bins}}
+    if uncertain is not None:
+        report["uncertainty"] = uncertain.section(rows)
     report["summary"] = summarise(report)
     if is_main_process():
         output.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output / "report.json", json.dumps(_finite_json(report), indent=1))
+        write_text_atomic(output / "report.json", json.dumps(finite_json(report), indent=1))
         if write_html:
             from segcalib.reports.html import render_report
 
-            write_text_atomic(output / "report.html", render_report(report))
+            write_text_atomic(output / "report.html", render_report(report, views))
     return report
-
-
-def _evaluate_case(case: Case, predictions: Path, num_classes: int, metric: CalibrationMetric, device: torch.device) -> dict:
-    label_np, label_header = read_volume(case.label, dtype=np.int64)
-    probs = load_prediction(case, predictions, num_classes, label_header)
-    spacing = list(label_header.spacing)
-    probs = probs.to(device)
-    label = torch.from_numpy(label_np).to(device).unsqueeze(0)
-    metric.update(probs, label, spacing=spacing, case_ids=[case.case_id])
-    pred = probs.argmax(1)
-    per_class_dice = dice(pred, label, num_classes)[0].tolist()
-    distances = surface_distances_per_class(pred[0], label[0], num_classes, spacing)
-    classes = [
-        {"class": k, "dice": float(per_class_dice[k]), **{m: float(v) for m, v in d.items()}}
-        for k, d in enumerate(distances, start=1)
-    ]
-    return {"case": case.case_id, "spacing": spacing, "classes": classes}
-
-
-def load_prediction(case: Case, predictions: Path, num_classes: int, label_header: VolumeHeader) -> torch.Tensor:
-    """Read ``<case>_probs.nii.gz`` as ``(1, K, *spatial)`` float32 and check it against the label."""
-    path = predictions / f"{case.case_id}_probs.nii.gz"
-    if not path.exists():
-        raise DataError(f"case {case.case_id}: no prediction {path} (export the split first)")
-    array, header = read_volume(path, dtype=np.float32)
-    if array.ndim != 4 or array.shape[-1] != num_classes:
-        raise DataError(f"case {case.case_id}: {path} has shape {array.shape}, expected (*spatial, {num_classes})")
-    if array.shape[:3] != label_header.shape[:3]:
-        raise DataError(
-            f"case {case.case_id}: {path} has spatial shape {array.shape[:3]}, the label {case.label} has {label_header.shape[:3]}"
-        )
-    if not np.allclose(header.affine, label_header.affine, atol=AFFINE_TOL, rtol=0):
-        raise DataError(f"case {case.case_id}: {path} and the label {case.label} have different affines")
-    tolerance = PROB_SUM_TOL
-    probs = torch.from_numpy(np.asarray(array, dtype=np.float32)).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
-    if not torch.isfinite(probs).all() or probs.min() < -tolerance or probs.max() > 1 + tolerance:
-        raise DataError(f"case {case.case_id}: {path} holds values that are not probabilities (outside [0, 1] or NaN)")
-    worst = float((probs.sum(1) - 1).abs().max())
-    if worst > tolerance:
-        raise DataError(f"case {case.case_id}: {path}: probabilities do not sum to 1 over classes (off by {worst:.2g})")
-    return probs.clamp_(0, 1)
 
 
 # -- summaries ---------------------------------------------------------------------------------
@@ -219,74 +210,12 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     out.update({f"nll_{region}": cal[region]["nll"] for region in cal if region != ALL})
     out["media_foreground_ece"] = report.get("media_foreground_ece")
     out["temperature"] = report["metadata"].get("temperature")
+    section = report.get("protocol") or {}
+    out["protocol"] = section.get("name", DEFAULT_PROTOCOL)
+    out.update({k: v for k, v in (section.get("values") or {}).items() if isinstance(v, (int, float))})
+    for name, by_region in ((report.get("uncertainty") or {}).get("metrics") or {}).items():
+        out[f"aurc_{name}"] = by_region.get(ALL, {}).get("aurc")
     return out
-
-
-def _finite_json(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as strings "nan", "inf", "-inf" (read back with float())."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
-    return value
-
-
-def read_report(path: str | Path) -> dict[str, Any]:
-    """Load a report.json, turning the "nan"/"inf" strings back into floats; anything that is not
-    a segcalib evaluation report (an export.json, ``{}``, ``[]``) is a DataError naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a report.json")
-    try:
-        report = _floats(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable report ({exc})") from None
-    missing = _missing_report_parts(report)
-    if missing:
-        hint = " (it is an export record: run segcalib evaluate on its folder)" if _looks_like_export(report) else ""
-        raise DataError(f"{path}: not a segcalib evaluation report{hint}: {missing}")
-    return report
-
-
-def _missing_report_parts(report: Any) -> str:
-    """What a report.json lacks (empty if nothing): the parts compare and summarise read."""
-    if not isinstance(report, dict):
-        return f"a JSON {type(report).__name__}, not an object"
-    meta = report.get("metadata")
-    if not isinstance(meta, dict) or isinstance(meta.get("n_bins"), bool) or not isinstance(meta.get("n_bins"), int):
-        return "no 'metadata' with 'n_bins'"
-    calibration = report.get("calibration")
-    regions = default_regions()
-    if not isinstance(calibration, dict) or not all(isinstance(calibration.get(r), dict) for r in regions):
-        return f"no 'calibration' for the regions {', '.join(regions)}"
-    for region in regions:
-        absent = [k for k in ("ece", "mce", "cece", "nll", "brier", "reliability") if k not in calibration[region]]
-        if absent:
-            return f"'calibration.{region}' lacks {', '.join(absent)}"
-        bins = calibration[region]["reliability"]
-        if not isinstance(bins, dict) or not all(isinstance(bins.get(k), list) for k in ("confidence", "accuracy", "count")):
-            return f"'calibration.{region}.reliability' lacks the confidence, accuracy and count lists"
-    segmentation = report.get("segmentation")
-    if not isinstance(segmentation, dict) or not isinstance(segmentation.get("mean_foreground"), dict):
-        return "no 'segmentation.mean_foreground'"
-    absent = [k for k in ("dice", "hd95", "assd") if k not in segmentation["mean_foreground"]]
-    return f"'segmentation.mean_foreground' lacks {', '.join(absent)}" if absent else ""
-
-
-def _looks_like_export(record: Any) -> bool:
-    return isinstance(record, dict) and "temperature_request" in record and "checkpoint" in record
-
-
-def _floats(value: Any) -> Any:
-    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _floats(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_floats(v) for v in value]
-    return value
 
 
 def _export_info(predictions: Path) -> dict[str, Any]:

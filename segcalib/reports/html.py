@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from segcalib.reports.figures import Curve, data_uri, reliability_png
+from segcalib.reports.html_sections import case_gallery_html, protocol_html, uncertainty_html
+from segcalib.spatial.regions import ALL
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;max-width:1200px}
@@ -17,6 +19,8 @@ th{background:#f3f5fa;position:sticky;top:0}td:first-child,th:first-child{text-a
 .meta td{text-align:left}.figs{display:flex;flex-wrap:wrap;gap:10px}.figs figure{margin:0}
 figcaption{font-size:12px;color:#555;text-align:center}.note{color:#555;font-size:12.5px}
 .bad{color:#b3261e}.best{font-weight:600;background:#eef7ee}
+details{margin:4px 0;border:1px solid #e6e8ef;border-radius:4px;padding:2px 8px}summary{cursor:pointer;font-size:13px;padding:3px 0}
+details img{display:block;margin:6px 0;max-width:100%}
 """
 
 
@@ -45,7 +49,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], classes: Sequenc
 
 
 def figure(png: bytes, caption: str) -> str:
-    return f'<figure><img alt="{html.escape(caption)}" src="{data_uri(png)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    return figure_uri(data_uri(png), caption)
+
+
+def figure_uri(uri: str, caption: str) -> str:
+    return f'<figure><img alt="{html.escape(caption)}" src="{uri}"><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
 def page(title: str, body: str) -> str:
@@ -59,8 +67,8 @@ def _curve(label: str, bins: dict[str, Sequence[float]], outcome: str = "accurac
     return Curve(label, bins["confidence"], bins[outcome], bins["count"])
 
 
-def render_report(report: dict[str, Any]) -> str:
-    """The HTML page of one evaluation report."""
+def render_report(report: dict[str, Any], views: Mapping[str, str] | None = None) -> str:
+    """The HTML page of one evaluation report; ``views``: case id -> slice view data URI."""
     meta = report["metadata"]
     names = meta["class_names"]
     n_bins = meta["n_bins"]
@@ -72,14 +80,19 @@ def render_report(report: dict[str, Any]) -> str:
         ("model / loss", f"{meta.get('model')} / {meta.get('loss')}"),
         ("checkpoint", f"{meta.get('checkpoint')} (epoch {meta.get('checkpoint_epoch')})"),
         ("temperature", _temperature_text(meta)),
+        ("protocol", (report.get("protocol") or {}).get("title", meta.get("protocol", "segcalib"))),
         ("manifest", meta["manifest"]),
-        ("bins", f"{n_bins} equal-width, bin b = (b/M, (b+1)/M], p = 0 in the first"),
+        ("bins", f"{n_bins} equal-width, bin b = (b/M, (b+1)/M], p = 0 in the first"
+                 + ("" if meta.get("include_background", True) else "; CECE over foreground classes")),
         *((f"region {name}", text) for name, text in meta["regions"].items()),
         ("computed", f"{meta['time']} on {meta['device']} in {meta['seconds']} s, segcalib {meta['versions']['segcalib']}"),
     ]
     parts.append('<table class="meta">' + "".join(f"<tr><td>{k}</td><td>{fmt(v)}</td></tr>" for k, v in meta_rows) + "</table>")
+    links = [("summary", "summary"), ("protocol", "protocol"), ("uncertainty", "uncertainty"), ("reliability", "reliability"),
+             ("per-case", "per-case table"), ("cases", "case views")]
+    parts.append('<p class="note">Go to: ' + " · ".join(f'<a href="#{a}">{t}</a>' for a, t in links) + "</p>")
 
-    parts.append("<h2>Summary (dataset-level pooling)</h2>")
+    parts.append('<h2 id="summary">Summary (dataset-level pooling)</h2>')
     rows = []
     for region, r in cal.items():
         rows.append([region, r["n_voxels"], r["ece"], r["mce"], r["cece"], r["nll"], r["brier"]])
@@ -101,7 +114,12 @@ def render_report(report: dict[str, Any]) -> str:
         f'(class absent in one): {counts["cases_with_inf"]}. NaN values are left out of the means, and counted; an inf distance makes its mean inf, so a missed structure is never hidden.</p>'
     )
 
-    parts.append("<h2>Reliability diagrams (top-label confidence)</h2><div class=\"figs\">")
+    equal_mass = report.get("calibration_equal_mass")
+    if equal_mass:
+        parts.append(f'<p class="note">Equal-mass (adaptive) top-label ECE, all voxels: {fmt(equal_mass[ALL]["ece"])}.</p>')
+    parts.append(protocol_html(report, table))
+    parts.append(uncertainty_html(report, table, fmt, figure_uri))
+    parts.append("<h2 id=\"reliability\">Reliability diagrams (top-label confidence)</h2><div class=\"figs\">")
     for region, r in cal.items():
         png = reliability_png([_curve(f"ECE {fmt(r['ece'], 3)}", r["reliability"])], f"{region} voxels", n_bins)
         parts.append(figure(png, f"{region}: ECE {fmt(r['ece'])}, {r['n_voxels']} voxels"))
@@ -118,7 +136,7 @@ def render_report(report: dict[str, Any]) -> str:
             parts.append(figure(png, f"{name}: class-wise ECE {fmt(cece_k)}"))
         parts.append("</div>")
 
-    parts.append("<h2>Per case</h2>")
+    parts.append('<h2 id="per-case">Per case</h2>')
     header = ["case"]
     for name in names[1:]:
         header += [f"Dice {name}", f"HD95 {name}"]
@@ -132,6 +150,7 @@ def render_report(report: dict[str, Any]) -> str:
         row += [ece.get(region) for region in cal]
         rows.append(row)
     parts.append(table(header, rows))
+    parts.append(case_gallery_html(report, views or {}))
     return page("segcalib calibration report", "".join(parts))
 
 

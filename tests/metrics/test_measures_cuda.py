@@ -60,14 +60,14 @@ def test_segmentation_measures_on_cuda() -> None:
     probs, target = make_batch((16, 18, 12), batch=2, seed=2)
     pred = probs.argmax(1)
     close(
-        compute_surface_dice(pred.cuda(), target.cuda(), 4, 1.5, SPACING),
-        compute_surface_dice(pred, target, 4, 1.5, SPACING),
+        compute_surface_dice(pred.cuda(), target.cuda(), 4, 1.5, SPACING, include_background=False),
+        compute_surface_dice(pred, target, 4, 1.5, SPACING, include_background=False),
     )
     close(
-        per_class_scores(probs.cuda(), target.cuda(), 4, SPACING),
-        per_class_scores(probs, target, 4, SPACING),
+        per_class_scores(probs.cuda(), target.cuda(), 4, SPACING, include_background=False),
+        per_class_scores(probs, target, 4, SPACING, include_background=False),
     )
-    on_gpu, on_cpu = SegmentationMetric(4), SegmentationMetric(4)
+    on_gpu, on_cpu = SegmentationMetric(4, include_background=False), SegmentationMetric(4, include_background=False)
     on_gpu.update(probs.cuda(), target.cuda(), spacing=SPACING)
     on_cpu.update(probs, target, spacing=SPACING)
     got, want = on_gpu.compute(), on_cpu.compute()

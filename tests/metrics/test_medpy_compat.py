@@ -54,8 +54,8 @@ def test_per_class_conventions() -> None:
     pred[0, 8:10, 8:10] = 2
     gt[0, 8:10, 1:3] = 3
     spacing = (0.5, 2.0)
-    ours = per_class_scores(torch.from_numpy(pred), torch.from_numpy(gt), 5, spacing)
-    seed = per_class_scores(torch.from_numpy(pred), torch.from_numpy(gt), 5, spacing, convention="seed")
+    ours = per_class_scores(torch.from_numpy(pred), torch.from_numpy(gt), 5, spacing, include_background=False)
+    seed = per_class_scores(torch.from_numpy(pred), torch.from_numpy(gt), 5, spacing, include_background=False, convention="seed")
     dice1, hd1 = medpy.dc(pred[0] == 1, gt[0] == 1), medpy.hd95(pred[0] == 1, gt[0] == 1, spacing)
     np.testing.assert_allclose(ours["dice"][0].numpy(), [dice1, 0.0, 0.0, np.nan], atol=1e-15)
     np.testing.assert_allclose(ours["hd95"][0].numpy(), [hd1, np.inf, np.inf, np.nan], atol=1e-12)

@@ -72,10 +72,10 @@ def test_batch_form_per_case_spacing_and_inputs() -> None:
     pred = np.stack([blobs((18, 20, 14), 3, rng) for _ in range(2)])
     spacings = [(1.0, 1.0, 2.0), (0.5, 0.9, 1.2)]
     want = np.array([[ref_nsd(pred[b] == k, gt[b] == k, 1.5, spacings[b]) for k in (1, 2)] for b in range(2)])
-    got = compute_surface_dice(torch.from_numpy(pred), torch.from_numpy(gt), 3, 1.5, spacings)
+    got = compute_surface_dice(torch.from_numpy(pred), torch.from_numpy(gt), 3, 1.5, spacings, include_background=False)
     np.testing.assert_allclose(got.numpy(), want, atol=1e-15)
     probs = torch.nn.functional.one_hot(torch.from_numpy(pred), 3).movedim(-1, 1).float()
-    got_probs = compute_surface_dice(probs, torch.from_numpy(gt).unsqueeze(1), 3, 1.5, spacings)
+    got_probs = compute_surface_dice(probs, torch.from_numpy(gt).unsqueeze(1), 3, 1.5, spacings, include_background=False)
     np.testing.assert_allclose(got_probs.numpy(), want, atol=1e-15)
     with_bg = nsd_per_class(torch.from_numpy(pred[0]), torch.from_numpy(gt[0]), 3, 1.5, spacings[0], include_background=True)
     assert with_bg.shape == (3,) and float(with_bg[1]) == pytest.approx(want[0, 0], abs=1e-15)

@@ -40,3 +40,23 @@ def test_dice_rejects_bad_labels_and_shapes() -> None:
         dice(torch.tensor([[0, 5]]), torch.tensor([[0, 1]]), 3)
     with pytest.raises(ValueError):
         dice(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), 3)
+
+
+def test_dice_contract_probabilities_and_ambiguity() -> None:
+    rng = np.random.default_rng(3)
+    gt = rng.integers(0, 3, (2, 6, 5, 4))
+    probs = torch.from_numpy(rng.random((2, 3, 6, 5, 4)))
+    pred = probs.argmax(1).numpy()
+    expected = np.stack([ref_dice(pred[b], gt[b], 3) for b in range(2)])
+    from_probs = dice(probs, torch.from_numpy(gt).unsqueeze(1), 3)
+    np.testing.assert_allclose(from_probs.numpy(), expected, equal_nan=True)
+    fg = dice(probs, torch.from_numpy(gt), 3, include_background=False)
+    np.testing.assert_allclose(fg.numpy(), expected[:, 1:], equal_nan=True)
+    volume = torch.from_numpy(gt[0])  # (D, H, W): a volume or a batch of slices? refused
+    with pytest.raises(ValueError, match="spatial_dims"):
+        dice(volume, volume, 3)
+    as_volume = dice(volume.unsqueeze(0), volume.unsqueeze(0), 3)
+    torch.testing.assert_close(dice(volume, volume, 3, spatial_dims=2), dice(volume, volume, 3, batched=True))
+    assert as_volume.shape == (1, 3) and dice(volume, volume, 3, spatial_dims=2).shape == (6, 3)
+    with pytest.raises(ValueError):
+        dice(volume, volume, 3, spatial_dims=3)

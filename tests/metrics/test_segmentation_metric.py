@@ -49,7 +49,7 @@ def assert_same(got: dict, want: dict, rtol: float = 1e-12) -> None:
 def test_matches_references_and_empty_conventions() -> None:
     pred, gt = make_cases()
     taus = (1.0, 2.0, 0.5)
-    metric = SegmentationMetric(C, nsd_tolerance_mm=taus)
+    metric = SegmentationMetric(C, include_background=False, nsd_tolerance_mm=taus)
     metric.update(torch.from_numpy(pred), torch.from_numpy(gt), spacing=SPACINGS, case_ids=list("abcd"))
     out = metric.compute()
     want = reference(pred, gt, taus)
@@ -93,15 +93,15 @@ def test_probabilities_one_hot_and_dtypes_give_the_same() -> None:
 def test_any_split_and_merge_order() -> None:
     pred, gt = make_cases()
     p, g = torch.from_numpy(pred), torch.from_numpy(gt)
-    whole = SegmentationMetric(C)
+    whole = SegmentationMetric(C, include_background=False)
     whole.update(p, g, spacing=SPACINGS)
     want = whole.compute()
-    parts = [SegmentationMetric(C) for _ in range(3)]
+    parts = [SegmentationMetric(C, include_background=False) for _ in range(3)]
     parts[0].update(p[:1], g[:1], spacing=SPACINGS[:1], case_ids=[0])
     parts[1].update(p[1:3], g[1:3], spacing=SPACINGS[1:3], case_ids=[1, 2])
     parts[2].update(p[3:], g[3:], spacing=[SPACINGS[3]], case_ids=[3])
     for order in ([0, 1, 2], [2, 1, 0]):
-        merged = SegmentationMetric(C)
+        merged = SegmentationMetric(C, include_background=False)
         for i in order:
             merged.merge(parts[i])
         got = merged.compute()
@@ -113,6 +113,6 @@ def test_any_split_and_merge_order() -> None:
     merged.reset()
     assert merged.compute()["per_case"]["dice"].shape == (0, 3)
     with pytest.raises(ValueError):
-        merged.merge(SegmentationMetric(C, nsd_tolerance_mm=2.0))
+        merged.merge(SegmentationMetric(C, include_background=False, nsd_tolerance_mm=2.0))
     with pytest.raises(ValueError, match="nsd_tolerance_mm"):
-        SegmentationMetric(C, nsd_tolerance_mm=(1.0, 2.0))
+        SegmentationMetric(C, include_background=False, nsd_tolerance_mm=(1.0, 2.0))

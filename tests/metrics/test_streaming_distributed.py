@@ -23,7 +23,7 @@ from tests.metrics.test_segmentation_metric import SPACINGS, C, make_cases
 
 
 def run_all(pred, gt, probs, target, spacings, case_ids) -> dict:
-    seg = SegmentationMetric(C)
+    seg = SegmentationMetric(C, include_background=False)
     seg.update(torch.from_numpy(pred), torch.from_numpy(gt), spacing=spacings, case_ids=case_ids)
     metrics = {
         "ace": AdaptiveCalibrationError(C),

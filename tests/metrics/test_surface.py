@@ -84,7 +84,7 @@ def test_single_voxels_and_known_distance() -> None:
 
 def test_per_class_helper_and_numpy_inputs() -> None:
     pred, gt = pair((16, 15, 12), seed=2)
-    per_class = surface_distances_per_class(torch.from_numpy(pred), torch.from_numpy(gt), 3, SPACING_3D)
+    per_class = surface_distances_per_class(torch.from_numpy(pred), torch.from_numpy(gt), 3, SPACING_3D, include_background=False)
     assert len(per_class) == 2
     for k, got in zip((1, 2), per_class):
         assert_close(got, ref_surface(pred == k, gt == k, SPACING_3D))

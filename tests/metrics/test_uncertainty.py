@@ -83,7 +83,7 @@ PRED10 = torch.tensor([1, 1, 1, 0, 1, 0, 0, 1, 1, 0]).view(1, 10)
 
 
 def test_ten_voxels_worked_by_hand() -> None:
-    metric = UncertaintyMetric(2, (0.0, 1.0))
+    metric = UncertaintyMetric(2, (0.0, 1.0), include_background=False)
     metric.update(U10, PRED10, GT10)
     out = metric.compute()
     assert out["voxels"] == 10 and out["errors"] == 4 and out["error_rate"] == 0.4
@@ -117,7 +117,7 @@ def test_ten_voxels_worked_by_hand() -> None:
 def test_ties_within_a_bin_give_exact_bounds() -> None:
     # four voxels in one bin, two errors. Errors first: risks 1, 1, 2/3, 2/4 -> AURC 19/24;
     # errors last: 0, 0, 1/3, 2/4 -> 5/24. Midpoint 1/2, half-gap 7/24.
-    metric = UncertaintyMetric(3, (0.0, 1.0), n_bins=1)
+    metric = UncertaintyMetric(3, (0.0, 1.0), include_background=False, n_bins=1)
     metric.update(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), torch.tensor([[0, 1, 2, 2]]), torch.tensor([[0, 2, 2, 0]]))
     out = metric.compute()
     assert (out["aurc_min"], out["aurc_max"]) == pytest.approx((5 / 24, 19 / 24), abs=1e-15)
@@ -138,7 +138,7 @@ def _quantised_case(seed: int, n: int = 3000, levels: int = 97, classes: int = 3
 @pytest.mark.parametrize("seed", [0, 1])
 def test_auroc_and_aurc_bounds_match_references(seed: int) -> None:
     u, pred, target = _quantised_case(seed)
-    metric = UncertaintyMetric(3, (0.0, 1.0), n_bins=97)
+    metric = UncertaintyMetric(3, (0.0, 1.0), include_background=False, n_bins=97)
     metric.update(u, pred, target)
     out = metric.compute()
     un, err = u.double().numpy().ravel(), (pred != target).numpy().ravel()
@@ -151,7 +151,7 @@ def test_auroc_and_aurc_bounds_match_references(seed: int) -> None:
     assert out["ueo_best"] == pytest.approx(np.nanmax(reference), abs=1e-14)
     assert out["ueo_best_threshold"] == pytest.approx(edges[np.nanargmax(reference)], abs=1e-14)
     # distinct values in distinct fine bins: the bound vanishes and AURC is the exact value
-    fine = UncertaintyMetric(3, (0.0, 1.0), n_bins=2**16)
+    fine = UncertaintyMetric(3, (0.0, 1.0), include_background=False, n_bins=2**16)
     distinct = torch.randperm(u.numel(), generator=torch.Generator().manual_seed(seed)).double().view_as(u) / u.numel()
     fine.update(distinct, pred, target)
     exact = fine.compute()
@@ -166,7 +166,7 @@ def test_qu_brats_matches_the_challenge_code_with_a_region_mask() -> None:
     u = u * math.log(4)  # an entropy-like range
     g = torch.Generator().manual_seed(9)
     brain = torch.rand(u.shape, generator=g) < 0.7
-    metric = UncertaintyMetric(4, (0.0, max_uncertainty("entropy", 4)))
+    metric = UncertaintyMetric(4, (0.0, max_uncertainty("entropy", 4)), include_background=False)
     metric.update(u, pred, target, mask=brain)
     qu = metric.compute()["qu_brats"]
     u100 = np.clip(u.double().numpy().ravel() / math.log(4) * 100, 0, 100)
@@ -183,9 +183,9 @@ def test_a_region_mask_equals_evaluating_its_voxels_alone() -> None:
     u, pred, target = _quantised_case(4)
     mask = foreground_union(pred, target)
     assert torch.equal(mask, (pred > 0) | (target > 0))
-    masked = UncertaintyMetric(3, (0.0, 1.0))
+    masked = UncertaintyMetric(3, (0.0, 1.0), include_background=False)
     masked.update(u, pred, target, mask=mask)
-    alone = UncertaintyMetric(3, (0.0, 1.0))
+    alone = UncertaintyMetric(3, (0.0, 1.0), include_background=False)
     alone.update(u[mask].view(1, -1), pred[mask].view(1, -1), target[mask].view(1, -1))
     for name, value in alone.state_tensors().items():
         assert torch.equal(getattr(masked, name), value), name
@@ -194,22 +194,22 @@ def test_a_region_mask_equals_evaluating_its_voxels_alone() -> None:
 
 def test_merge_in_any_order_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     u, pred, target = _quantised_case(5)
-    whole = UncertaintyMetric(3, (0.0, 1.0), n_bins=2**12)
+    whole = UncertaintyMetric(3, (0.0, 1.0), include_background=False, n_bins=2**12)
     whole.update(u, pred, target)
     parts = []
     for rows in (slice(0, 1), slice(1, 2)):
         for cols in (slice(0, 700), slice(700, None)):
-            part = UncertaintyMetric(3, (0.0, 1.0), n_bins=2**12)
+            part = UncertaintyMetric(3, (0.0, 1.0), include_background=False, n_bins=2**12)
             part.update(u[rows, cols], pred[rows, cols], target[rows, cols])
             parts.append(part)
-    forward = UncertaintyMetric(3, (0.0, 1.0), n_bins=2**12)
+    forward = UncertaintyMetric(3, (0.0, 1.0), include_background=False, n_bins=2**12)
     for p in parts:
         forward.merge(p)
-    backward = UncertaintyMetric(3, (0.0, 1.0), n_bins=2**12)
+    backward = UncertaintyMetric(3, (0.0, 1.0), include_background=False, n_bins=2**12)
     for p in reversed(parts):
         backward.merge(p)
     monkeypatch.setattr(uncertainty_module, "_CHUNK", 123)  # the chunked update path
-    chunked = UncertaintyMetric(3, (0.0, 1.0), n_bins=2**12)
+    chunked = UncertaintyMetric(3, (0.0, 1.0), include_background=False, n_bins=2**12)
     chunked.update(u, pred, target)
     for other in (forward, backward, chunked):
         for name, value in whole.state_tensors().items():
@@ -220,11 +220,11 @@ def test_merge_in_any_order_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> 
     a, b = whole.compute(), forward.compute()
     assert a["aurc"] == b["aurc"] and a["auroc"] == b["auroc"] and a["qu_brats"] == b["qu_brats"]
     with pytest.raises(ValueError, match="same configuration"):
-        whole.merge(UncertaintyMetric(3, (0.0, 2.0), n_bins=2**12))
+        whole.merge(UncertaintyMetric(3, (0.0, 2.0), include_background=False, n_bins=2**12))
 
 
 def test_bad_input_is_refused_and_empty_metrics_are_nan() -> None:
-    metric = UncertaintyMetric(2, (0.0, 1.0))
+    metric = UncertaintyMetric(2, (0.0, 1.0), include_background=False)
     out = metric.compute()
     assert math.isnan(out["aurc"]) and math.isnan(out["auroc"]) and math.isnan(out["ueo_best"])
     with pytest.raises(ValueError, match="NaN"):
@@ -255,7 +255,7 @@ def test_case_level_correlation_against_numpy() -> None:
 def test_saved_state_round_trips_through_json() -> None:
     import json
 
-    metric = UncertaintyMetric(2, (0.0, 1.0), n_bins=64, qu_thresholds=(100, 50, 0))
+    metric = UncertaintyMetric(2, (0.0, 1.0), include_background=False, n_bins=64, qu_thresholds=(100, 50, 0))
     metric.update(U10, PRED10, GT10)
     again = UncertaintyMetric.from_dict(json.loads(json.dumps(metric.to_dict())))
     assert again.config() == metric.config()
@@ -268,9 +268,9 @@ def test_saved_state_round_trips_through_json() -> None:
 def test_cuda_state_equals_cpu_state() -> None:
     u, pred, target = _quantised_case(6, classes=3)
     mask = target > 0
-    cpu = UncertaintyMetric(3, (0.0, 1.0))
+    cpu = UncertaintyMetric(3, (0.0, 1.0), include_background=False)
     cpu.update(u, pred, target, mask=mask)
-    gpu = UncertaintyMetric(3, (0.0, 1.0)).to("cuda")
+    gpu = UncertaintyMetric(3, (0.0, 1.0), include_background=False).to("cuda")
     gpu.update(u.cuda(), pred.cuda(), target.cuda(), mask=mask.cuda())
     assert gpu.histogram.is_cuda
     for name, value in cpu.state_tensors().items():
@@ -280,7 +280,7 @@ def test_cuda_state_equals_cpu_state() -> None:
 
 def test_a_bad_chunk_leaves_the_state_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(uncertainty_module, "_CHUNK", 4)
-    metric = UncertaintyMetric(2, (0.0, 1.0))
+    metric = UncertaintyMetric(2, (0.0, 1.0), include_background=False)
     u = U10.clone()
     u[0, 9] = float("inf")  # in the last chunk, after two good ones
     with pytest.raises(ValueError, match="infinite"):

@@ -1,0 +1,115 @@
+"""One case of ``segcalib evaluate``: read its maps, feed the streamed metrics, return its report row
+(and, for the HTML report, its slice view as a data URI)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segcalib.data import Case, VolumeHeader, read_volume
+from segcalib.errors import DataError
+from segcalib.metrics import AdaptiveCalibrationError, CalibrationMetric, dice, surface_distances_per_class
+from segcalib.reports.protocols import Protocol
+from segcalib.reports.slices import case_view_uri
+from segcalib.reports.uncertainty_report import UncertaintyReport, uncertainty_maps
+
+PROB_SUM_TOL = 1e-4  # float32 maps sum to 1 within 1e-5; 16-bit ones within K * 7.6e-6
+AFFINE_TOL = 1e-4
+VIEW_MAP = "entropy"  # the uncertainty shown in the case views
+
+
+def evaluate_case(
+    case: Case,
+    predictions: Path,
+    num_classes: int,
+    metric: CalibrationMetric,
+    device: torch.device,
+    protocol: Protocol,
+    uncertainty: UncertaintyReport | None,
+    with_view: bool,
+    equal_mass: AdaptiveCalibrationError | None = None,
+) -> tuple[dict[str, Any], str | None]:
+    """The case's row (Dice and surface distances per foreground class, protocol values, mean
+    uncertainties) and its view (``None`` unless ``with_view``); the streamed states are updated."""
+    label_np, label_header = read_volume(case.label, dtype=np.int64)
+    probs = load_prediction(case, predictions, num_classes, label_header).to(device)
+    spacing = list(label_header.spacing)
+    label = torch.from_numpy(label_np).to(device).unsqueeze(0)
+    metric.update(probs, label, spacing=spacing, case_ids=[case.case_id])
+    if equal_mass is not None:
+        equal_mass.update(probs, label)
+    pred = probs.argmax(1)
+    per_class_dice = dice(pred, label, num_classes, include_background=False)[0].tolist()
+    distances = surface_distances_per_class(pred[0], label[0], num_classes, spacing, include_background=False)
+    classes = [
+        {"class": k, "dice": float(per_class_dice[k - 1]), **{m: float(v) for m, v in d.items()}}
+        for k, d in enumerate(distances, start=1)
+    ]
+    row: dict[str, Any] = {"case": case.case_id, "spacing": spacing, "classes": classes}
+    protocol_values = protocol.case_values(probs, label, num_classes)
+    if protocol_values:
+        row["protocol"] = protocol_values
+    maps: dict[str, torch.Tensor] = {}
+    if uncertainty is not None:
+        maps = uncertainty_maps(uncertainty.maps, probs, case.case_id, predictions, label_header)
+        row["uncertainty"] = uncertainty.update(maps, pred, label, spacing)
+    view = None
+    if with_view:
+        view = _view(case, label_np, label_header, pred, probs, maps.get(VIEW_MAP), num_classes)
+    return row, view
+
+
+def _view(
+    case: Case,
+    label: np.ndarray,
+    header: VolumeHeader,
+    pred: torch.Tensor,
+    probs: torch.Tensor,
+    uncertainty: torch.Tensor | None,
+    num_classes: int,
+) -> str:
+    """The case's three-plane view: its first image channel, outlines, P(foreground), entropy."""
+    image, image_header = read_volume(case.images[0], dtype=np.float32)
+    if image.ndim == 4:
+        image = image[..., 0]
+    if image.shape != label.shape:
+        raise DataError(f"case {case.case_id}: image {case.images[0]} has shape {image.shape}, the label {label.shape}")
+    foreground = (1.0 - probs[0, 0]).cpu().numpy()
+    return case_view_uri(
+        image,
+        header.affine,
+        label,
+        pred[0].cpu().numpy(),
+        foreground,
+        None if uncertainty is None else uncertainty[0].cpu().numpy(),
+        uncertainty_name="entropy (nats)",
+        uncertainty_range=(0.0, math.log(num_classes)),
+    )
+
+
+def load_prediction(case: Case, predictions: Path, num_classes: int, label_header: VolumeHeader) -> torch.Tensor:
+    """Read ``<case>_probs.nii.gz`` as ``(1, K, *spatial)`` float32 and check it against the label."""
+    path = predictions / f"{case.case_id}_probs.nii.gz"
+    if not path.exists():
+        raise DataError(f"case {case.case_id}: no prediction {path} (export the split first)")
+    array, header = read_volume(path, dtype=np.float32)
+    if array.ndim != 4 or array.shape[-1] != num_classes:
+        raise DataError(f"case {case.case_id}: {path} has shape {array.shape}, expected (*spatial, {num_classes})")
+    if array.shape[:3] != label_header.shape[:3]:
+        raise DataError(
+            f"case {case.case_id}: {path} has spatial shape {array.shape[:3]}, the label {case.label} has {label_header.shape[:3]}"
+        )
+    if not np.allclose(header.affine, label_header.affine, atol=AFFINE_TOL, rtol=0):
+        raise DataError(f"case {case.case_id}: {path} and the label {case.label} have different affines")
+    tolerance = PROB_SUM_TOL
+    probs = torch.from_numpy(np.asarray(array, dtype=np.float32)).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+    if not torch.isfinite(probs).all() or probs.min() < -tolerance or probs.max() > 1 + tolerance:
+        raise DataError(f"case {case.case_id}: {path} holds values that are not probabilities (outside [0, 1] or NaN)")
+    worst = float((probs.sum(1) - 1).abs().max())
+    if worst > tolerance:
+        raise DataError(f"case {case.case_id}: {path}: probabilities do not sum to 1 over classes (off by {worst:.2g})")
+    return probs.clamp_(0, 1)
