@@ -48,6 +48,9 @@ def label_for(report: dict[str, Any], path: Path) -> str:
     meta = report["metadata"]
     name = f"{Path(meta['run']).name} / {path.parent.name}" if meta.get("run") else path.parent.name
     t = meta.get("temperature")
+    method = (meta.get("calibrator") or {}).get("method")
+    if method and method != "temperature":
+        return f"{name} ({method})"
     return f"{name} (T={t:.3f})" if isinstance(t, (int, float)) and abs(t - 1.0) > 1e-9 else name
 
 

@@ -119,6 +119,8 @@ def evaluate(
             "checkpoint_epoch": export_info.get("checkpoint_epoch"),
             "temperature": export_info.get("temperature"),
             "temperature_fit": export_info.get("temperature_fit"),
+            "calibrator": export_info.get("calibrator"),
+            "members": len(export_info.get("members") or []) or None,
             "config_hash": export_info.get("config_hash"),
             "class_names": manifest.class_names,
             "n_bins": n_bins,

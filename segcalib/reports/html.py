@@ -157,6 +157,11 @@ def render_report(report: dict[str, Any], views: Mapping[str, str] | None = None
 def _temperature_text(meta: dict[str, Any]) -> str:
     t = meta.get("temperature")
     fit = meta.get("temperature_fit") or {}
+    calibrator = meta.get("calibrator") or {}
+    if calibrator.get("method"):
+        how = ", chosen by cross-validation" if calibrator.get("selection") else ""
+        value = f", T = {fmt(t)}" if t is not None else ""
+        return f"calibrator {calibrator['method']}{how}, fitted on {calibrator.get('fit_region')} voxels{value}"
     if t is None:
         return "unknown (no export.json)"
     if fit.get("mode") == "fit":
