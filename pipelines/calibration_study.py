@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segcalib.calibrators.selection import candidate_names  # noqa: E402
+from segcalib.data import load_manifest  # noqa: E402
 from segcalib.spatial.regions import default_regions  # noqa: E402
 
 from pipelines.study.cases import PROTOCOLS  # noqa: E402
@@ -63,7 +64,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--long-losses", nargs="+", choices=LOSSES, help="losses trained in the long regime (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--calibrators", nargs="+", help="default: every method `segcalib calibrate --method auto` tries")
-    parser.add_argument("--regions", nargs="+", choices=default_regions(), default=list(default_regions()))
+    parser.add_argument("--regions", nargs="+", choices=default_regions(), help="fit regions (default: all three; smoke: 2)")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), help="cases for the calibrator fit and choice (default: validation)")
     parser.add_argument("--folds", type=int, help="default: 4 for validation, 5 for nontest")
     parser.add_argument("--max-voxels", type=int, default=2_000_000, help="bounded state of each fitted calibrator")
@@ -84,6 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.long_losses = args.long_losses or list(LOSSES)
     args.seeds = args.seeds or ([0, 1] if smoke else [0, 1, 2])
     args.calibrators = args.calibrators or (["temperature", "vector"] if smoke else candidate_names())
+    args.regions = args.regions or list(default_regions())[:: 2 if smoke else 1]
     args.protocol = args.protocol or ("nontest" if smoke else "validation")
     args.folds = args.folds or (2 if smoke else None)
     args.max_voxels = 20_000 if smoke and args.max_voxels == 2_000_000 else args.max_voxels
@@ -122,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             manifest, _ = manifest_of(members[0], grid)
             ensemble = evaluate_once(folder, manifest, folder / "report", "test", args.device)
 
-    study = StudyResults(results, scored, chosen, calibrated, recipe, ensemble, args, time.time() - started)
+    test_cases = len(load_manifest(*manifest_of(jobs[0], grid)).cases("test"))
+    study = StudyResults(results, scored, chosen, calibrated, recipe, ensemble, args, time.time() - started, test_cases)
     write_results(study, args.results)
     write_what_to_use(study, args.what_to_use, args.results)
     args.out.mkdir(parents=True, exist_ok=True)
