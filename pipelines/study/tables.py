@@ -215,7 +215,7 @@ def recipe_lines(study: StudyResults) -> list[str]:
              f"**{c.loss}, {c.regime} regime, {c.calibrator}" + ("" if c.calibrator == NONE else f" fitted on {c.region} voxels")
              + f"**{status} (chosen by cross-validation, criterion {study.recipe.score:.3f} ± {study.recipe.score_std:.3f}). "
              "Test cases:", ""]
-    rows = {"recipe": mine, "CE+Dice, T = 1": ref, f"CE+Dice + its calibrator": study.with_calibrator(c.regime, BASELINE)}
+    rows = {"recipe": mine, "CE+Dice, T = 1": ref, "CE+Dice + its calibrator": study.with_calibrator(c.regime, BASELINE)}
     if study.ensemble is not None:
         rows[f"ensemble of the recipe's {len(mine)} seeds"] = {0: study.ensemble}
     lines += summary_table(rows, "") + ["", "Paired by seed, recipe − CE+Dice (T = 1):", ""]
