@@ -47,7 +47,7 @@ from segcalib.spatial.regions import default_regions  # noqa: E402
 
 from pipelines.study.cases import PROTOCOLS  # noqa: E402
 from pipelines.study.ensemble import average_folders  # noqa: E402
-from pipelines.study.grid import BASELINE, LOSSES, REGIMES, SMOKE_EPOCHS, SMOKE_OVERRIDES, GridSettings, make_jobs  # noqa: E402
+from pipelines.study.grid import BASELINE, LONG_LOSSES, LOSSES, REGIMES, SMOKE_EPOCHS, SMOKE_OVERRIDES, GridSettings, make_jobs  # noqa: E402
 from pipelines.study.run import CVSettings, calibrated_test, calibrated_test_folder, evaluate_once, manifest_of, prepare_run, run_all  # noqa: E402
 from pipelines.study.selection import best, recommend, score_candidates  # noqa: E402
 from pipelines.study.tables import StudyResults, write_results, write_what_to_use  # noqa: E402
@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the smoke cases, tiny networks, 1 epoch, 2 losses, 2 seeds, 2 calibrators, 2 folds")
     parser.add_argument("--regimes", nargs="+", choices=REGIMES)
     parser.add_argument("--losses", nargs="+", choices=LOSSES)
-    parser.add_argument("--long-losses", nargs="+", choices=LOSSES, help="losses trained in the long regime (default: all)")
+    parser.add_argument("--long-losses", nargs="+", choices=LOSSES, help="losses trained in the long regime (default: study v1's ten)")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--calibrators", nargs="+", help="default: every method `segcalib calibrate --method auto` tries")
     parser.add_argument("--regions", nargs="+", choices=default_regions(), help="fit regions (default: all three; smoke: 2)")
@@ -82,7 +82,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     smoke = args.smoke
     args.regimes = args.regimes or (["short"] if smoke else list(REGIMES))
     args.losses = args.losses or (["ce", BASELINE] if smoke else list(LOSSES))
-    args.long_losses = args.long_losses or list(LOSSES)
+    args.long_losses = args.long_losses or list(LONG_LOSSES)
     args.seeds = args.seeds or ([0, 1] if smoke else [0, 1, 2])
     args.calibrators = args.calibrators or (["temperature", "vector"] if smoke else candidate_names())
     args.regions = args.regions or list(default_regions())[:: 2 if smoke else 1]

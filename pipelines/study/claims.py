@@ -28,6 +28,9 @@ class Claim:
 CLAIMS = (
     Claim("CE+Dice is worse calibrated than CE", "baseline of MbLS (CVPR 2022) and NACL (MICCAI 2023)", "ce", "ce_dice"),
     Claim("Focal loss calibrates better than CE", "Mukhoti et al., NeurIPS 2020", "focal", "ce"),
+    Claim("Sample-dependent focal loss (FLSD) calibrates better than focal loss", "Mukhoti et al., NeurIPS 2020",
+          "focal_adaptive", "focal"),
+    Claim("Soft Dice is worse calibrated than CE", "Mehrtash et al., IEEE TMI 2020", "ce", "dice"),
     Claim("Label smoothing calibrates better than CE", "Müller et al., NeurIPS 2019", "ls", "ce"),
     Claim("The confidence penalty calibrates better than CE", "Pereyra et al., ICLR-W 2017", "ecp", "ce"),
     Claim("SVLS calibrates better than label smoothing", "Islam & Glocker, IPMI 2021", "svls", "ls"),

@@ -8,7 +8,8 @@ from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "hippocampus"
-LOSSES = ("ce", "ce_dice", "focal", "ls", "ecp", "svls", "nacl", "mbls", "mbls_dice", "cals")
+LONG_LOSSES = ("ce", "ce_dice", "focal", "ls", "ecp", "svls", "nacl", "mbls", "mbls_dice", "cals")  # study v1's ten
+LOSSES = LONG_LOSSES + ("dice", "focal_adaptive", "logit_l1", "cals_heuristic")  # plus the losses added since
 BASELINE = "ce_dice"
 REGIMES = ("short", "long")
 SMOKE_MANIFEST = REPO / "data_manifests" / "hippocampus_smoke.json"
