@@ -27,6 +27,7 @@ COLUMNS = (
     ("ece_foreground", "ECE fg", 4), ("ece_boundary", "ECE boundary", 4),
     ("media_foreground_ece", "per-volume ECE fg", 4), ("nll", "NLL", 4), ("brier", "Brier", 4),
 )
+TOP = 15  # candidates shown before the full selection log
 TARGETS = (  # (metric, bound as a multiple of CE+Dice's value or an absolute bound, text)
     ("ece_foreground", "ratio", 0.2, "pooled foreground ECE ≤ ⅕ of CE+Dice's"),
     ("ece_boundary", "ratio", 1 / 3, "boundary ECE ≤ ⅓ of CE+Dice's"),
@@ -190,15 +191,23 @@ def write_results(study: StudyResults, path: Path) -> None:
                 study.with_calibrator(regime, loss) for (r, loss), c in study.chosen.items() if r == regime}
         lines += summary_table(rows, "loss + calibrator (fit region)")
         lines += ["", "† no admissible candidate for this loss: its best-scoring one.", ""]
+        log_rows = study.scored[regime]
         lines += ["### Cross-validated selection log", "",
-                  "Out-of-fold ratios to uncalibrated CE+Dice (means over seeds), best first.", ""]
-        lines += cv_log(study.scored[regime]) + [""]
+                  f"Out-of-fold ratios to uncalibrated CE+Dice (means over seeds), best first; the first {TOP} of "
+                  f"{len(log_rows)} candidates, then all of them.", ""]
+        lines += cv_log(log_rows[:TOP]) + ["", "<details><summary>every candidate</summary>", ""]
+        lines += cv_log(log_rows) + ["", "</details>", ""]
     lines += claims_lines(study)
+    bias = ("this study fitted and chose calibrators on validation cases only, which avoids that bias at the price of "
+            "noisier folds (a quarter of 16 cases held out at a time)" if args.protocol == "validation" else
+            "this study fitted and chose them on the training + validation cases (protocol `nontest`), so its "
+            "out-of-fold scores and fitted calibrators carry that bias: rerun with `--protocol validation` to check")
     lines += ["## Caveats", "",
-              "- Calibrator statistics on the network's training cases are biased (over-confident on training data); "
-              f"this study fitted and chose calibrators on the `{args.protocol}` cases.",
-              "- One dataset (two small structures, 84 training volumes) and one small 3D U-Net: one data point, "
-              "not a verdict on the methods.", ""]
+              "- Calibrator statistics on the network's own training cases are biased (the network is over-confident "
+              f"and more often right on data it was trained on); {bias}.",
+              "- The Dice constraint adds the calibrator's out-of-fold change of the pooled Dice to the per-case mean "
+              "validation Dice: an approximation for calibrators that change the argmax (temperatures do not).",
+              "- One dataset (two small structures) and one small 3D U-Net: one data point, not a verdict on the methods.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "\n".join(lines) + "\n")
 
