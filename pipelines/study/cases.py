@@ -13,7 +13,7 @@ Protocols (the test split is never among them):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -50,7 +50,8 @@ def export_folder(run_dir: Path, split: str) -> Path:
     return Path(run_dir) / "exports" / split
 
 
-def case_stream(run_dir: Path, manifest_path: Path, protocol: str, device: torch.device, split_seed: int):
+def case_stream(run_dir: Path, manifest_path: Path, protocol: str, device: torch.device,
+                split_seed: int) -> Callable[[], Iterator[tuple]]:
     """A callable yielding ``(case_id, logits (1, C, *S), target (1, *S), spacing, None)`` for every
     case of ``protocol``, read from the run's exports (what :func:`cross_validate` consumes)."""
     manifest = load_manifest(manifest_path, split_seed=split_seed)

@@ -14,13 +14,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from segcalib.calibrators import build_calibrator, save_calibrator
 from segcalib.calibrators.selection import cross_validate
 from segcalib.config import load_config
+from segcalib.data import load_manifest
 from segcalib.experiment import train_or_reuse
 from segcalib.export import EXPORT_JSON, ExportOptions, export
 from segcalib.export.posthoc import apply_to_predictions
@@ -108,10 +109,8 @@ def cross_validate_run(job: Job, settings: GridSettings, cv: CVSettings, region:
         record = json.loads(path.read_text())
         if record.get("settings") == cv.record():
             return record
-    from segcalib.data import load_manifest
-
-    num_classes = load_manifest(manifest, split_seed=split_seed).num_classes
-    case_ids = protocol_case_ids(load_manifest(manifest, split_seed=split_seed), cv.protocol)
+    loaded = load_manifest(manifest, split_seed=split_seed)
+    num_classes, case_ids = loaded.num_classes, protocol_case_ids(loaded, cv.protocol)
     device = select_device(settings.device)
     stream = case_stream(run_dir(job, settings), manifest, cv.protocol, device, split_seed)
 
@@ -172,7 +171,7 @@ def worker_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
-def run_all(fn, tasks: Sequence[tuple], jobs: int) -> list[Any]:
+def run_all(fn: Callable[..., Any], tasks: Sequence[tuple], jobs: int) -> list[Any]:
     """``fn(*task)`` for every task, in ``jobs`` spawned processes (in this one for ``jobs`` = 1)."""
     if jobs <= 1 or len(tasks) <= 1:
         return [fn(*task) for task in tasks]

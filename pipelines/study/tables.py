@@ -20,7 +20,7 @@ from segcalib.utils.files import write_text_atomic
 from pipelines.study.claims import CLAIMS, check, test_scores
 from pipelines.study.grid import BASELINE, CONFIGS, REPO, Job
 from pipelines.study.run import NONE
-from pipelines.study.selection import METRICS, Scored, paired
+from pipelines.study.selection import METRICS, Candidate, Scored, paired
 
 COLUMNS = (
     ("dice_fg", "Dice fg", 4), ("hd95", "HD95 (mm)", 3), ("ece_all", "ECE all", 4),
@@ -233,7 +233,7 @@ def recipe_lines(study: StudyResults) -> list[str]:
     return lines
 
 
-def recipe_commands(c, args: argparse.Namespace) -> list[str]:
+def recipe_commands(c: Candidate, args: argparse.Namespace) -> list[str]:
     """``segcalib`` commands: train, export validation and test maps with logits, fit, apply."""
     config = CONFIGS / f"{c.loss}.yaml"
     cfg = load_config(config)
