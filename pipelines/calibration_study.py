@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         c = recipe.candidate
         members = [j for j in jobs if (j.regime, j.loss) == (c.regime, c.loss)]
         if len(members) > 1:
-            folder = args.out / "ensembles" / f"{c.regime}_{c.loss}_{cv.protocol}_{c.region}_{c.calibrator}"
+            folder = args.out / "ensembles" / f"{c.regime}_{c.loss}_{cv.tag}_{c.region}_{c.calibrator}"
             average_folders([calibrated_test_folder(j, grid, cv, c.calibrator, c.region) for j in members], folder)
             manifest, _ = manifest_of(members[0], grid)
             ensemble = evaluate_once(folder, manifest, folder / "report", "test", args.device)

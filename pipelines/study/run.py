@@ -9,6 +9,7 @@ the run's test maps and evaluate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -55,6 +56,12 @@ class CVSettings:
         return {"protocol": self.protocol, "calibrators": list(self.calibrators), "folds": self.k,
                 "seed": self.seed, "max_voxels": self.max_voxels}
 
+    @property
+    def tag(self) -> str:
+        """Folder name of these settings' files: other settings never overwrite (or clash with) them."""
+        digest = hashlib.sha1(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.protocol}_{digest}"
+
 
 def run_dir(job: Job, settings: GridSettings) -> Path:
     return settings.out / job.folder
@@ -75,11 +82,11 @@ def evaluate_once(predictions: Path, manifest: Path, report_dir: Path, split: st
 
 
 def cv_file(job: Job, settings: GridSettings, cv: CVSettings, region: str) -> Path:
-    return run_dir(job, settings) / "study" / cv.protocol / f"cv_{region}.json"
+    return run_dir(job, settings) / "study" / cv.tag / f"cv_{region}.json"
 
 
 def calibrator_dir(job: Job, settings: GridSettings, cv: CVSettings, region: str, name: str) -> Path:
-    return run_dir(job, settings) / "study" / cv.protocol / "calibrators" / region / name
+    return run_dir(job, settings) / "study" / cv.tag / "calibrators" / region / name
 
 
 def prepare_run(job: Job, settings: GridSettings, cv: CVSettings, threads: int | None = None) -> dict[str, Any]:
@@ -143,7 +150,7 @@ def calibrated_test(job: Job, settings: GridSettings, cv: CVSettings, name: str,
     manifest, _ = manifest_of(job, settings)
     if name == NONE:
         return evaluate_once(export_folder(folder, "test"), manifest, folder / "reports" / "test_T1", "test", settings.device)
-    tag = f"{cv.protocol}_{region}_{name}"
+    tag = f"{cv.tag}_{region}_{name}"
     output = folder / "exports" / f"test_{tag}"
     report_dir = folder / "reports" / f"test_{tag}"
     if not _complete_with_report(output, report_dir):
@@ -163,7 +170,7 @@ def _complete_with_report(output: Path, report_dir: Path) -> bool:
 def calibrated_test_folder(job: Job, settings: GridSettings, cv: CVSettings, name: str, region: str) -> Path:
     """The folder :func:`calibrated_test` wrote."""
     folder = run_dir(job, settings)
-    return export_folder(folder, "test") if name == NONE else folder / "exports" / f"test_{cv.protocol}_{region}_{name}"
+    return export_folder(folder, "test") if name == NONE else folder / "exports" / f"test_{cv.tag}_{region}_{name}"
 
 
 def worker_threads(jobs: int) -> int:

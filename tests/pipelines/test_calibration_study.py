@@ -69,14 +69,16 @@ def test_no_test_case_enters_a_fold(smoke) -> None:
     manifest = load_manifest(SMOKE)
     test_ids = {c.case_id for c in manifest.cases("test")}
     fit_ids = {c.case_id for split in ("training", "validation") for c in manifest.cases(split)}
-    files = sorted((root / "runs").glob("*/*/seed*/study/nontest/cv_*.json"))
+    files = sorted((root / "runs").glob("*/*/seed*/study/nontest_*/cv_*.json"))
     assert len(files) == 4  # 2 losses x 2 seeds x 1 region
     for path in files:
         folds = json.loads(path.read_text())["folds"]
         assert set(folds) == fit_ids and not set(folds) & test_ids
         assert sorted(set(folds.values())) == [0, 1]
-    for path in (root / "runs").glob("*/*/seed*/study/nontest/calibrators/*/*/calibrator.json"):
-        assert not set(json.loads(path.read_text())["cases"]) & test_ids
+    calibrators = sorted((root / "runs").glob("*/*/seed*/study/nontest_*/calibrators/*/*/calibrator.json"))
+    assert len(calibrators) == 8  # 4 runs x 2 calibrators x 1 region, each refitted on the non-test cases
+    for path in calibrators:
+        assert set(json.loads(path.read_text())["cases"]) == fit_ids
 
 
 @pytest.mark.slow
