@@ -24,7 +24,14 @@ Protocol, fixed before running (see :mod:`pipelines.study.cases` and :mod:`pipel
    into an ensemble row.
 
 Resumable: finished runs, exports, cross-validations, calibrators and reports are reused.
-``--smoke`` runs the whole pipeline on the 6 smoke cases in a few minutes on 2 CPU cores.
+``--smoke`` runs the whole pipeline on the 6 smoke cases (2 losses, 2 seeds, 2 calibrators, 2 fit
+regions, 2 folds over the 5 non-test cases) in under 3 minutes on 2 CPU cores. The full grid
+(3 seeds of 14 losses short, of 10 long: 72 runs) is for a GPU machine::
+
+    python pipelines/calibration_study.py --jobs 8 --device cuda --hardware "1 GPU, 16 CPU cores"
+
+``--jobs N`` trains and evaluates N runs at once in spawned processes (torch threads shared out
+among them); the choice and the tables are made once every run is done.
 """
 
 from __future__ import annotations
