@@ -127,7 +127,7 @@ def _calibrated(run_dir: Path, manifest: Path, split: str, method: str, source: 
     export(run_dir, manifest, fit_maps, ExportOptions(split="validation", logits=True, progress=progress))
     cal_dir = run_dir / "calibrators" / method
     if not _newer(cal_dir / "calibrator.json", fit_maps / "export.json"):
-        fit_on_predictions(fit_maps, manifest, cal_dir, FitOptions(method=method, split="validation"))
+        fit_on_predictions(fit_maps, manifest, cal_dir, FitOptions(method=method, split="validation", folds=3))
     output = run_dir / "exports" / f"{split}_cal_{method}"
     apply_to_predictions(cal_dir, source, output, progress=progress)
     return output
