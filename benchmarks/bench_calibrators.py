@@ -239,7 +239,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     print(header)
     rows = [run_in_child({"lib": "none", "method": "uncalibrated", "region": "-", **common})]
     print(_line(rows[0]), flush=True)
-    shared = [m for m in args.methods if m in SHARED]
+    shared = [m for m in dict.fromkeys(args.methods) if m in SHARED]
     goals: dict[str, Any] = {"nll_ratio": {}}
     for method in shared:
         pair = [run_in_child({"lib": lib, "method": method, "region": ALL, **common}) for lib in ("segcalib", "fiducio")]
