@@ -6,11 +6,12 @@ only near boundaries; the "model" logits are the true log-probabilities plus smo
 class biases, multiplied by an over-confidence factor that depends on the predicted class and grows
 near the predicted boundary -- so a global temperature cannot fit every region at once.
 
-Every row (library, method, fit region) runs in its own Python process: calibration cases are
-generated there (seeded; the same in every process), segcalib streams them one at a time through
-``update()`` while Fiducio, an in-memory library, needs them all in one tensor; then ``fit()``.
-Host peak memory is VmHWM above the post-import baseline (reset with /proc/self/clear_refs) over
-generation + fit, so it counts what each library must hold. Test metrics (NLL, ECE of the all /
+The cases are generated once (seeded) into a temporary folder of ``.npy`` files. Every row
+(library, method, fit region) runs in its own Python process: segcalib streams the calibration
+cases from the folder one at a time through ``update()``, while Fiducio, an in-memory library,
+needs them all in one tensor before ``fit()``. Host peak memory is VmHWM above the post-import
+baseline (reset with /proc/self/clear_refs) over reading + fit, so it counts what each library
+must hold; fit seconds leave the reading out. Test metrics (NLL, ECE of the all /
 foreground / boundary ground-truth regions, segcalib.metrics.CalibrationMetric, 15 bins,
 boundary 2 mm) are computed on held-out test cases after the peak is read.
 
