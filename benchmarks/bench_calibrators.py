@@ -270,7 +270,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     size = args.sweep_size
     volume = CLASSES * size**3 * 4 / 2**20
     print(f"\nmemory in the number of calibration cases: temperature, {size}^3 x {CLASSES} classes "
-          f"({volume:.0f} MiB of float32 logits per case)")
+          f"({volume:.1f} MiB of float32 logits per case)")
     print(f"{'cases':>6} {'segcalib MiB':>13} {'Fiducio MiB':>12} {'Fiducio/segcalib':>17} {'segcalib s':>11} {'Fiducio s':>10}")
     folder = Path(args.workdir) / f"cases{size}"
     write_cases(folder, range(max(args.sweep)), size, args.seed)
@@ -286,7 +286,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
               f"{s['fit_s']:>11.1f} {f['fit_s']:>10.1f}", flush=True)
     bound = args.sweep_max_voxels * (CLASSES + 1) * 4 / 2**20
     print(f"segcalib's bound: a sample of max_voxels = {args.sweep_max_voxels:,} voxels ({bound:.0f} MiB of float32 logits + keys) "
-          f"plus the case being read ({volume:.0f} MiB of logits); Fiducio holds every case")
+          f"plus the case being read ({volume:.1f} MiB of logits); Fiducio holds every case")
     return out
 
 
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=[*SHARED, *dict.fromkeys(m for m, _ in ONLY_SEGCALIB)])
     parser.add_argument("--fiducio-optimizer", choices=("adam", "lbfgs"), default="adam", help="Fiducio's default: adam")
     parser.add_argument("--sweep", nargs="*", type=int, default=[5, 10, 20, 40], help="case counts of the memory sweep")
-    parser.add_argument("--sweep-size", type=int, default=32)
+    parser.add_argument("--sweep-size", type=int, default=48)
     parser.add_argument("--max-voxels", type=int, default=_max_voxels(), help="segcalib's voxel sample (its default)")
     parser.add_argument("--sweep-max-voxels", type=int, default=1 << 18, help="segcalib's voxel sample in the sweep")
     parser.add_argument("--large", action="store_true", help="40 calibration volumes of 128^3, sweep at 128^3")
