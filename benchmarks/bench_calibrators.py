@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=[*SHARED, *dict.fromkeys(m for m, _ in ONLY_SEGCALIB)])
     parser.add_argument("--fiducio-optimizer", choices=("adam", "lbfgs"), default="adam", help="Fiducio's default: adam")
     parser.add_argument("--sweep", nargs="*", type=int, default=[5, 10, 20, 40], help="case counts of the memory sweep")
-    parser.add_argument("--sweep-size", type=int, default=48)
+    parser.add_argument("--sweep-size", type=int, default=32)
     parser.add_argument("--max-voxels", type=int, default=_max_voxels(), help="segcalib's voxel sample (its default)")
     parser.add_argument("--sweep-max-voxels", type=int, default=1 << 18, help="segcalib's voxel sample in the sweep")
     parser.add_argument("--large", action="store_true", help="40 calibration volumes of 128^3, sweep at 128^3")
