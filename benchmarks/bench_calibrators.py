@@ -168,7 +168,8 @@ def _fit_fiducio(method: str, region: str, n_cases: int, folder: Path, clock: li
 
 
 def run_row(lib: str, method: str, region: str, n_cases: int, folder: str, n_test: int, seed: int,
-            optimizer: str = "adam", evaluate: bool = True, max_voxels: int | None = None) -> dict[str, Any]:
+            optimizer: str = "adam", evaluate: bool = True, max_voxels: int | None = None,
+            threads: int = 1) -> dict[str, Any]:
     """Fit one calibrator on cases ``0..n_cases-1`` of ``folder``; peak host memory (MiB above the
     post-import baseline), fit seconds (reading the cases excluded) and test metrics."""
     folder = Path(folder)
@@ -176,7 +177,7 @@ def run_row(lib: str, method: str, region: str, n_cases: int, folder: str, n_tes
     import fiducio  # noqa: F401
     from segcalib.metrics import CalibrationMetric
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(threads)
     baseline = _status("VmRSS")
     _reset_peak()
     peak_reset = _status("VmHWM") - _status("VmRSS") < 64
@@ -232,9 +233,10 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(args.workdir) / f"cases{args.size}"
     write_cases(folder, [*range(args.cases), *range(TEST_OFFSET, TEST_OFFSET + args.test_cases)], args.size, args.seed)
     common = {"n_cases": args.cases, "folder": str(folder), "n_test": args.test_cases, "seed": args.seed,
-              "optimizer": args.fiducio_optimizer, "max_voxels": args.max_voxels}
+              "optimizer": args.fiducio_optimizer, "max_voxels": args.max_voxels, "threads": args.threads}
     print(f"{args.cases} calibration cases, {args.test_cases} test cases of {args.size}^3 x {CLASSES} classes; "
-          f"Fiducio optimizer: {args.fiducio_optimizer}; segcalib max_voxels: {args.max_voxels:,}")
+          f"Fiducio optimizer: {args.fiducio_optimizer}; segcalib max_voxels: {args.max_voxels:,}; "
+          f"torch threads: {args.threads}")
     header = (f"{'method':<34} {'fit on':<10} {'library':<9}{'NLL':>9}{'ECE all':>9}{'ECE fg':>9}{'ECE bnd':>9}"
               f" {'fit s':>7} {'peak MiB':>8}")
     print(header)
@@ -277,7 +279,8 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for n in args.sweep:
         spec = {"method": "temperature", "region": ALL, "n_cases": n, "folder": str(folder), "n_test": 0, "seed": args.seed,
-                "optimizer": args.fiducio_optimizer, "evaluate": False, "max_voxels": args.sweep_max_voxels}
+                "optimizer": args.fiducio_optimizer, "evaluate": False, "max_voxels": args.sweep_max_voxels,
+                "threads": args.threads}
         s = run_in_child({"lib": "segcalib", **spec})
         f = run_in_child({"lib": "fiducio", **spec})
         out.append({"cases": n, "segcalib_mib": s["peak_mib"], "fiducio_mib": f["peak_mib"],
@@ -309,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-max-voxels", type=int, default=1 << 18, help="segcalib's voxel sample in the sweep")
     parser.add_argument("--large", action="store_true", help="40 calibration volumes of 128^3, sweep at 128^3")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per row (1: on a shared, loaded machine 2 threads ran 9x slower)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
