@@ -15,7 +15,7 @@ must hold; fit seconds leave the reading out. Test metrics (NLL, ECE of the all 
 foreground / boundary ground-truth regions, segcalib.metrics.CalibrationMetric, 15 bins,
 boundary 2 mm) are computed on held-out test cases after the peak is read.
 
-    python -m benchmarks.bench_calibrators                       # default sizes (~3 min on 2 cores)
+    python -m benchmarks.bench_calibrators                       # default sizes (8 min on 2 loaded cores)
     python -m benchmarks.bench_calibrators --large               # 40 calibration volumes of 128^3 x 4
     python -m benchmarks.bench_calibrators --cases 4 --size 24 --test-cases 2 --sweep 2 4 --sweep-size 24
 """
