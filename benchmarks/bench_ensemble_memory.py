@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,14 @@ TARGET = 1.5
 
 def measure(size: int, classes: int, members: int) -> dict:
     """Peak host memory (MiB above the pre-export baseline) and seconds of one N^3 case's export."""
+    folder = Path(tempfile.mkdtemp(prefix="segcalib-bench-ensemble-"))
+    try:
+        return _measure(folder, size, classes, members)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _measure(folder: Path, size: int, classes: int, members: int) -> dict:
     import nibabel as nib
     import torch
     from torch import nn
@@ -45,7 +54,6 @@ def measure(size: int, classes: int, members: int) -> dict:
     from segcalib.inference.sliding_window import SlidingWindow
     from segcalib.inference.trained_model import TrainedModel
 
-    folder = Path(tempfile.mkdtemp(prefix="segcalib-bench-ensemble-"))
     image = folder / "case.nii.gz"
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(size, size, size)).astype(np.float32)
