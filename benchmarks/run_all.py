@@ -15,7 +15,15 @@ import time
 
 import torch
 
-from benchmarks import bench_evaluate, bench_export, bench_losses, bench_metrics, bench_training
+from benchmarks import (
+    bench_calibrators,
+    bench_ensemble_memory,
+    bench_evaluate,
+    bench_export,
+    bench_losses,
+    bench_metrics,
+    bench_training,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         ("evaluation: inference + every metric vs bare MONAI sliding window", bench_evaluate.main,
          ["--size", "64", "--roi", "32", "--repeat", "1"] if args.quick else (["--size", "256"] if torch.cuda.is_available() else ["--size", "128"])),
         ("export host memory", bench_export.main, ["--sizes", "128"] if args.quick else ["--sizes", "256", "512"]),
+        ("ensemble export host memory, 1 vs 5 members", bench_ensemble_memory.main,
+         ["--size", "128"] if args.quick else []),
+        ("post-hoc calibrators vs Fiducio 0.2", bench_calibrators.main,
+         ["--cases", "4", "--size", "16", "--test-cases", "2", "--sweep", "2", "4", "--sweep-size", "16",
+          "--methods", "temperature", "vector", "auto"] if args.quick else []),
         ("training throughput, 3D hippocampus recipe", bench_training.main, ["--steps", "5"] if args.quick else ["--steps", "30"]),
     ]
     for title, fn, argv_ in sections:
