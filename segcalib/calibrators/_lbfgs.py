@@ -57,7 +57,7 @@ def minimize_nll(
     Returns the final objective. Raises DataError if it is not finite (non-finite inputs).
     """
     optimiser = torch.optim.LBFGS(
-        params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-14,
+        params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-9,  # Fiducio-like: stop when the NLL stops moving
         history_size=20, line_search_fn="strong_wolfe",
     )
 

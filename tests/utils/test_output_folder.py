@@ -107,7 +107,7 @@ def test_evaluate_checks_its_output_before_computing_anything(tmp_path: Path, pr
     def computed(*args, **kwargs):
         raise AssertionError("a case was evaluated before the output folder was checked")
 
-    monkeypatch.setattr(evaluation_module, "_evaluate_case", computed)
+    monkeypatch.setattr(evaluation_module, "evaluate_case", computed)
     for output in (blocker, blocker / "report"):
         with pytest.raises(RunError, match=f"report folder {output}: {blocker} exists and is not a folder"):
             evaluate(pred, manifest, output, device="cpu")
