@@ -181,7 +181,7 @@ def bench_cpu(size: int, repeats: int, scipy_reference: bool) -> list[dict]:
 
     # HD95 per foreground class vs MONAI (and scipy EDT)
     t_ours, ours = timed(
-        lambda: surface_distances_per_class(pred[0], gt[0], NUM_CLASSES, spacing=SPACING), max(1, repeats - 1)
+        lambda: surface_distances_per_class(pred[0], gt[0], NUM_CLASSES, spacing=SPACING, include_background=False), max(1, repeats - 1)
     )
     hd95 = [d["hd95"] for d in ours]
     p1, g1 = _onehot(pred), _onehot(gt)
@@ -224,7 +224,7 @@ def bench_cuda(size: int, repeats: int, device: str = "cuda") -> list[dict]:
     t_ours, _ = timed(lambda: expected_calibration_error(probs, gt, validate_args=False), repeats, sync)
     _row(rows, size, "ece", t_ours, "-", None, f"{t_ours / floor:.0f}x the floor")
     t_ours, ours = timed(
-        lambda: surface_distances_per_class(pred[0], gt[0], NUM_CLASSES, spacing=SPACING), repeats, sync
+        lambda: surface_distances_per_class(pred[0], gt[0], NUM_CLASSES, spacing=SPACING, include_background=False), repeats, sync
     )
     _row(rows, size, "hd95 per class", t_ours / 3, "-", None, "mean of classes 1..3")
     return rows

@@ -79,7 +79,7 @@ def render_report(report: dict[str, Any], views: Mapping[str, str] | None = None
         ("cases", report["counts"]["cases"]),
         ("model / loss", f"{meta.get('model')} / {meta.get('loss')}"),
         ("checkpoint", f"{meta.get('checkpoint')} (epoch {meta.get('checkpoint_epoch')})"),
-        ("temperature", _temperature_text(meta)),
+        ("post-hoc calibration", _temperature_text(meta)),
         ("protocol", (report.get("protocol") or {}).get("title", meta.get("protocol", "segcalib"))),
         ("manifest", meta["manifest"]),
         ("bins", f"{n_bins} equal-width, bin b = (b/M, (b+1)/M], p = 0 in the first"
