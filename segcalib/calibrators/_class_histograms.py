@@ -106,3 +106,26 @@ def renormalise(values: Tensor, fallback: Tensor) -> Tensor:
     empty = total <= 0
     out = torch.where(empty, fallback, values / torch.where(empty, torch.ones_like(total), total))
     return out.float()
+
+
+class HistogramStatistics:
+    """Mixin of the calibrators whose statistics are :class:`ClassHistograms` (``self.histograms``):
+    streaming ``update`` / ``merge`` / ``reset``; subclasses clear their fit in ``_clear_fit``."""
+
+    histograms: ClassHistograms
+
+    def update(self, logits: Tensor, target: Tensor, mask: Tensor | None = None, *, spacing=None, image=None) -> None:
+        self._check_logits(logits)  # type: ignore[attr-defined]
+        self.histograms.update(logits, target, mask)
+
+    def merge(self, other) -> None:
+        self._check_mergeable(other)  # type: ignore[attr-defined]
+        self.histograms.merge(other.histograms)
+
+    def reset(self) -> None:
+        self.histograms.reset()
+        self._clear_fit()
+        self.fitted = False
+
+    def _clear_fit(self) -> None:
+        raise NotImplementedError

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from segcalib.calibrators._affine import AffineCalibrator
+from segcalib.calibrators.matrix import MatrixScaling
 from segcalib.calibrators.registry import register_calibrator
-from segcalib.inference.temperature import DEFAULT_MAX_VOXELS
 
 
 @register_calibrator("dirichlet")
-class DirichletCalibration(AffineCalibrator):
+class DirichletCalibration(MatrixScaling):
     """A full linear map of the log-probabilities, ODIR-regularised, fitted by float64 L-BFGS from
     ``W = I, b = 0`` (the identity calibration).
 
@@ -21,18 +20,4 @@ class DirichletCalibration(AffineCalibrator):
         lambda_reg, mu_reg: ODIR weights. max_iter: L-BFGS iterations. seed, max_voxels: the voxel sample.
     """
 
-    log_probs = True
-
-    def __init__(
-        self,
-        num_classes: int,
-        *,
-        seed: int = 0,
-        max_voxels: int = DEFAULT_MAX_VOXELS,
-        lambda_reg: float = 1e-4,
-        mu_reg: float = 1e-4,
-        max_iter: int = 200,
-    ) -> None:
-        super().__init__(
-            num_classes, seed=seed, max_voxels=max_voxels, lambda_reg=lambda_reg, mu_reg=mu_reg, max_iter=max_iter
-        )
+    log_probs = True  # the map acts on log softmax(z); hyperparameters and fit as matrix scaling

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from segcalib.calibrators._class_histograms import ClassHistograms, bin_index, class_probabilities, renormalise
+from segcalib.calibrators._class_histograms import ClassHistograms, HistogramStatistics, bin_index, class_probabilities, renormalise
 from segcalib.calibrators.base import Calibrator, Spacing, check_positive_int, read_array
 from segcalib.calibrators.registry import register_calibrator
 from segcalib.errors import DataError
@@ -26,7 +26,7 @@ from segcalib.inference.temperature import DEFAULT_MAX_VOXELS
 
 
 @register_calibrator("histogram_binning")
-class HistogramBinning(Calibrator):
+class HistogramBinning(HistogramStatistics, Calibrator):
     """One-vs-rest histogram binning on softmax probabilities (``n_bins`` equal-width bins, default 15).
 
     Fitted parameters: ``bin_values`` ``(C, n_bins)``, the calibrated probability of class k in bin b
@@ -44,27 +44,8 @@ class HistogramBinning(Calibrator):
         self.histograms = ClassHistograms(num_classes, n_bins)
         self.bin_values: Tensor | None = None
 
-    def update(
-        self,
-        logits: Tensor,
-        target: Tensor,
-        mask: Tensor | None = None,
-        *,
-        spacing: Spacing = None,
-        image: Tensor | None = None,
-    ) -> None:
-        self._check_logits(logits)
-        self.histograms.update(logits, target, mask)
-
-    def merge(self, other: Calibrator) -> None:
-        self._check_mergeable(other)
-        assert isinstance(other, HistogramBinning)
-        self.histograms.merge(other.histograms)
-
-    def reset(self) -> None:
-        self.histograms.reset()
+    def _clear_fit(self) -> None:
         self.bin_values = None
-        self.fitted = False
 
     def _fit(self) -> None:
         h = self.histograms

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from segcalib.calibrators._class_histograms import ClassHistograms, class_probabilities, renormalise
+from segcalib.calibrators._class_histograms import ClassHistograms, HistogramStatistics, class_probabilities, renormalise
 from segcalib.calibrators.base import Calibrator, Spacing
 from segcalib.calibrators.registry import register_calibrator
 from segcalib.errors import ConfigError, DataError
@@ -74,7 +74,7 @@ def interpolate(p: Tensor, x: Tensor, y: Tensor) -> Tensor:
 
 
 @register_calibrator("isotonic")
-class Isotonic(Calibrator):
+class Isotonic(HistogramStatistics, Calibrator):
     """One-vs-rest isotonic regression on softmax probabilities, fitted from ``n_fine``-bin histograms.
 
     Fitted parameters: per class the knots ``x[k]`` (mean probability of the fine bins that start or
@@ -95,27 +95,8 @@ class Isotonic(Calibrator):
         self.histograms = ClassHistograms(num_classes, n_fine)
         self.knots: list[tuple[Tensor, Tensor]] = []
 
-    def update(
-        self,
-        logits: Tensor,
-        target: Tensor,
-        mask: Tensor | None = None,
-        *,
-        spacing: Spacing = None,
-        image: Tensor | None = None,
-    ) -> None:
-        self._check_logits(logits)
-        self.histograms.update(logits, target, mask)
-
-    def merge(self, other: Calibrator) -> None:
-        self._check_mergeable(other)
-        assert isinstance(other, Isotonic)
-        self.histograms.merge(other.histograms)
-
-    def reset(self) -> None:
-        self.histograms.reset()
+    def _clear_fit(self) -> None:
         self.knots = []
-        self.fitted = False
 
     def _fit(self) -> None:
         h = self.histograms
