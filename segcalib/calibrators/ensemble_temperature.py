@@ -19,10 +19,9 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators._lbfgs import minimize_nll
-from segcalib.calibrators.base import Spacing, check_positive_int, read_array, read_float
+from segcalib.calibrators.base import Spacing, read_array, read_float
 from segcalib.calibrators.registry import register_calibrator
-from segcalib.calibrators.sample import SampledCalibrator
-from segcalib.calibrators.temperature import clamp_temperature
+from segcalib.calibrators.temperature import TemperatureScaling
 from segcalib.errors import DataError
 from segcalib.inference.temperature import DEFAULT_MAX_VOXELS
 
@@ -42,7 +41,7 @@ def ensemble_log_probs(logits: Tensor, temperature: float, log_weights: Tensor) 
 
 
 @register_calibrator("ensemble_temperature")
-class EnsembleTemperatureScaling(SampledCalibrator):
+class EnsembleTemperatureScaling(TemperatureScaling):
     """Mix-n-Match ETS: a weighted mixture of the tempered, the raw and the uniform distribution.
 
     Fitted parameters: ``temperature`` and ``weights`` ``[w1, w2, w3]`` (sum 1). Preserves the argmax
@@ -62,19 +61,10 @@ class EnsembleTemperatureScaling(SampledCalibrator):
         self, num_classes: int, *, seed: int = 0, max_voxels: int = DEFAULT_MAX_VOXELS, max_iter: int = 100
     ) -> None:
         super().__init__(num_classes, seed=seed, max_voxels=max_voxels, max_iter=max_iter)
-        self.max_iter = check_positive_int(self.name, "max_iter", max_iter)
-        self.temperature = 1.0
         self.weights = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
 
     def _fit_sample(self, logits: Tensor, labels: Tensor, weights: Tensor) -> None:
-        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        minimize_nll(
-            [log_t], lambda z: z / log_t.exp(), logits, labels, weights, max_iter=self.max_iter, owner=self.name
-        )
-        t = float(log_t.detach().exp())
-        if not math.isfinite(t):
-            raise DataError(f"calibrator '{self.name}': temperature fit diverged (T = {t})")
-        self.temperature = clamp_temperature(self.name, t)
+        super()._fit_sample(logits, labels, weights)  # T first, as plain temperature scaling fits it
         # start near plain temperature scaling; the NLL is convex in the weights
         theta = torch.tensor([0.0, -4.0, -4.0], dtype=torch.float64, requires_grad=True)
         minimize_nll(

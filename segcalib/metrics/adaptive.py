@@ -31,7 +31,7 @@ import torch
 
 from segcalib.metrics.binning import bin_index
 from segcalib.metrics.inputs import INCLUDE_BACKGROUND, case_samples, check_mode, check_probs_target, evaluated_classes
-from segcalib.metrics.state import SummableState
+from segcalib.metrics.state import CaseSampleState
 from segcalib.metrics.streaming import summed_copy
 
 DEFAULT_CELLS = 2**14
@@ -159,7 +159,7 @@ def adaptive_calibration_error(
     return _reduce_rows(rows)
 
 
-class AdaptiveCalibrationError(SummableState):
+class AdaptiveCalibrationError(CaseSampleState):
     """Streaming ACE from a bounded fine histogram per evaluated class (or one top-label row).
 
     State: float64 ``hist`` ``(K, n_cells, 3)`` (count, sum of scores, sum of outcomes); it merges
@@ -189,14 +189,8 @@ class AdaptiveCalibrationError(SummableState):
     def _config(self) -> tuple[Any, ...]:
         return (self.num_classes, self.n_bins, self.mode, self.include_background, self.n_cells)
 
-    @torch.no_grad()
-    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
-        """Add a batch: ``probs (B, C, *spatial)``, ``target (B, *spatial)`` or ``(B, 1, *spatial)``."""
-        probs, labels = check_probs_target(probs, target, self.num_classes)
-        if probs.device != self.device:
-            self.to(probs.device)
-        for scores, outcomes in case_samples(probs, labels, self.mode, self.classes):
-            self.add_to_state({"hist": histogram_atoms(scores, outcomes, self.n_cells)})
+    def _case_statistics(self, scores: torch.Tensor, outcomes: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"hist": histogram_atoms(scores, outcomes, self.n_cells)}
 
     def compute(self) -> dict[str, torch.Tensor]:
         """ACE over everything added on every process (summed under torch.distributed)."""

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from segcalib.metrics.inputs import INCLUDE_BACKGROUND, case_samples, check_mode, check_probs_target, evaluated_classes
-from segcalib.metrics.state import SummableState
+from segcalib.metrics.state import CaseSampleState
 from segcalib.metrics.streaming import summed_copy
 
 DEFAULT_NODES = 64001
@@ -196,7 +196,7 @@ def _grid_values(grids: torch.Tensor, sigma: float | None, eps: float) -> list[t
     return [_row_value(nodes, g[0], g[1], sigma, eps) for g in grids]
 
 
-class SmoothECE(SummableState):
+class SmoothECE(CaseSampleState):
     """Streaming smooth ECE from two fine grids per row (float64 ``grids`` ``(K, 2, n_nodes)``),
     merged by summation; ``compute()`` equals :func:`smooth_ece` with ``exact=False``."""
 
@@ -224,14 +224,8 @@ class SmoothECE(SummableState):
     def _config(self) -> tuple[Any, ...]:
         return (self.num_classes, self.mode, self.include_background, self.sigma, self.n_nodes, self.eps)
 
-    @torch.no_grad()
-    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
-        """Add a batch: ``probs (B, C, *spatial)``, ``target (B, *spatial)`` or ``(B, 1, *spatial)``."""
-        probs, labels = check_probs_target(probs, target, self.num_classes)
-        if probs.device != self.device:
-            self.to(probs.device)
-        for scores, outcomes in case_samples(probs, labels, self.mode, self.classes):
-            self.add_to_state({"grids": fine_grids(scores, outcomes, self.n_nodes)})
+    def _case_statistics(self, scores: torch.Tensor, outcomes: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"grids": fine_grids(scores, outcomes, self.n_nodes)}
 
     def compute(self) -> dict[str, torch.Tensor]:
         return _result(_grid_values(summed_copy(self.grids), self.sigma, self.eps))

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from segcalib.metrics.inputs import case_samples, check_probs_target
 from segcalib.utils.distributed import all_reduce_sum, is_distributed
 
 _Metric = TypeVar("_Metric", bound="SummableState")
@@ -93,3 +94,25 @@ class SummableState:
             out[name] = flat[offset : offset + size].view(shape)
             offset += size
         return out
+
+
+class CaseSampleState(SummableState):
+    """A streaming metric whose state is a statistic of each case's (score, outcome) samples
+    (top-label confidence and correctness, or per class ``p_k`` and ``[y == k]``): ``update``
+    validates, then adds ``_case_statistics(scores, outcomes)`` for every case."""
+
+    num_classes: int
+    mode: str
+    classes: slice
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch: ``probs (B, C, *spatial)``, ``target (B, *spatial)`` or ``(B, 1, *spatial)``."""
+        probs, labels = check_probs_target(probs, target, self.num_classes)
+        if probs.device != self.device:
+            self.to(probs.device)
+        for scores, outcomes in case_samples(probs, labels, self.mode, self.classes):
+            self.add_to_state(self._case_statistics(scores, outcomes))
+
+    def _case_statistics(self, scores: torch.Tensor, outcomes: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
