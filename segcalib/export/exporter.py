@@ -28,7 +28,7 @@ import torch
 from segcalib.data import Case, check_manifest, load_manifest
 from segcalib.data.volumes import header_rewritten
 from segcalib.errors import ConfigError, DataError
-from segcalib.export.members import Member, calibrate_member, member_logits, member_maps, tta_flips
+from segcalib.export.members import Member, calibrate_member, member_maps, tta_flips
 from segcalib.export.record import EXPORT_JSON, claim_output, finish, now, previous_record, versions
 from segcalib.export.writers import ENSEMBLE_MAPS, all_written, check_dtype, output_paths, write_probability_maps
 from segcalib.inference.ensemble import ProbabilityEnsemble
@@ -135,10 +135,11 @@ def _export_case(
     reference = case.images[0]
     ensemble: ProbabilityEnsemble | None = None
     single = len(members) == 1 and mc == 1 and not flips[0]
+    logits: list[np.ndarray] | None = [] if single and "logits" in paths else None
     for member, member_flips in zip(members, flips):
-        for maps in member_maps(member, case, member_flips, mc):
+        for maps in member_maps(member, case, member_flips, mc, logits):
             if single:
-                extras = {"logits": member_logits(member, case)} if "logits" in paths else {}
+                extras = {"logits": logits[0]} if logits else {}
                 write_probability_maps(maps, reference, paths, options.dtype, extras)
                 return
             if ensemble is None:

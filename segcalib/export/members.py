@@ -157,17 +157,23 @@ def tta_flips(model: TrainedModel, request: str | Sequence[int] | None) -> list[
 
 
 def member_maps(
-    member: Member, case: Case, flips: list[Flip] | None, mc_samples: int
+    member: Member, case: Case, flips: list[Flip] | None, mc_samples: int, logits_out: list | None = None
 ) -> Iterator[np.ndarray]:
     """This member's calibrated probability maps of ``case``, one prediction at a time, each
-    ``(K, *file_spatial)`` in the input file's voxel order (often a view)."""
+    ``(K, *file_spatial)`` in the input file's voxel order (often a view). With ``logits_out`` (one
+    prediction: no flips, no MC dropout), the raw logits in file order are appended to it too, from
+    the same inference."""
     model = member.model
     item = member.chain(case_to_item(case))
     image = item["image"]
     spacing = spacing_from_affine(image.affine)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        return predict_logits(model.net, x, model.window, device=model.device)
+        logits = predict_logits(model.net, x, model.window, device=model.device)
+        if logits_out is not None:
+            raw = logits[0].detach().cpu().clone()  # the calibration below works in place
+            logits_out.append(np.ascontiguousarray(to_file_geometry(raw, image, member.chain, probabilities=False)))
+        return logits
 
     def to_probs(logits: torch.Tensor) -> torch.Tensor:
         return member.to_probs(logits, spacing).cpu()
@@ -178,12 +184,3 @@ def member_maps(
     )
     for probs in predictions:
         yield to_file_geometry(probs[0], image, member.chain)
-
-
-def member_logits(member: Member, case: Case) -> np.ndarray:
-    """The member's raw logits ``(K, *file_spatial)`` in the input file's voxel order."""
-    model = member.model
-    item = member.chain(case_to_item(case))
-    image = item["image"]
-    logits = predict_logits(model.net, image.unsqueeze(0), model.window, device=model.device)[0].cpu()
-    return to_file_geometry(logits, image, member.chain, probabilities=False)
