@@ -89,12 +89,13 @@ class AffineCalibrator(SampledCalibrator):
         def weight() -> Tensor:
             return self._constrained(raw, row_sum) if self.translation_invariant else raw
 
-        def calibrated(z: Tensor) -> Tensor:
-            x = self._inputs(z, dim=1)
-            return (x * weight() if self.diagonal else x @ weight().T) + bias
+        def calibrated(x: Tensor) -> Tensor:
+            w, b = weight().to(x.dtype), bias.to(x.dtype)
+            return (x * w if self.diagonal else x @ w.T) + b
 
+        inputs = self._inputs(logits, dim=1)  # fixed during the fit: log softmax computed once, not per pass
         minimize_nll(
-            params, calibrated, logits, labels, weights, penalty=lambda: self._penalty(weight(), bias),
+            params, calibrated, inputs, labels, weights, penalty=lambda: self._penalty(weight(), bias),
             max_iter=self.max_iter, owner=self.name,
         )
         self.weight, self.bias = weight().detach().clone(), bias.detach().clone()

@@ -1,8 +1,10 @@
-"""Weighted-NLL minimisation in float64 by L-BFGS, streamed over chunks of the voxel sample.
+"""Weighted-NLL minimisation by L-BFGS over float64 parameters, streamed over chunks of the voxel sample.
 
-The objective is ``sum_i w_i * NLL(softmax(f(z_i)), y_i) / sum_i w_i + penalty()``; the sample is kept
-in float32 and each chunk is promoted to float64 only while its gradient is accumulated, so the
-fit needs the sample plus one chunk in memory, not a float64 copy of the sample and its graph.
+The objective is ``sum_i w_i * NLL(softmax(f(z_i)), y_i) / sum_i w_i + penalty()``. The sample is kept
+in float32 and each chunk is evaluated in float32 (``f`` casts the parameters to the chunk's dtype);
+the per-voxel NLLs are promoted to float64 before they are weighted and summed, so the objective is
+accumulated in float64 (its rounding noise stays far below L-BFGS's ``tolerance_change``) while the
+arithmetic over voxels runs at float32 speed. The fit needs the sample plus one chunk's graph in memory.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ from torch import Tensor
 
 from segcalib.errors import DataError
 
-CHUNK_VOXELS = 1 << 16
+CHUNK_VOXELS = 1 << 18
 
 
 def weighted_nll(
     calibrated: Callable[[Tensor], Tensor], logits: Tensor, labels: Tensor, weights: Tensor, *, backward: bool = False
 ) -> float:
-    """``sum w * NLL / sum w`` of ``calibrated(z)`` (float64 logits ``(n, C)``) over the sample.
+    """``sum w * NLL / sum w`` of ``calibrated(z)`` over the sample (``z``: a chunk of ``logits (n, C)``
+    in their own dtype; the result of ``calibrated`` may be float32 or float64).
 
-    ``labels`` may be any integer dtype and ``weights`` any float dtype: each chunk is promoted.
+    ``labels`` may be any integer dtype and ``weights`` any float dtype.
 
     With ``backward=True`` the gradient of that value is accumulated into the parameters' ``.grad``.
     """
@@ -32,9 +35,9 @@ def weighted_nll(
     value = 0.0
     for start in range(0, logits.shape[0], CHUNK_VOXELS):
         stop = start + CHUNK_VOXELS
-        z = logits[start:stop].double()
+        z = logits[start:stop]
         nll = F.cross_entropy(calibrated(z), labels[start:stop].long(), reduction="none")
-        part = (nll * weights[start:stop].double()).sum() / total_weight
+        part = (nll.double() * weights[start:stop].double()).sum() / total_weight
         if backward:
             part.backward()
         value += float(part.detach())
@@ -57,7 +60,7 @@ def minimize_nll(
     Returns the final objective. Raises DataError if it is not finite (non-finite inputs).
     """
     optimiser = torch.optim.LBFGS(
-        params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-9,  # Fiducio-like: stop when the NLL stops moving
+        params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-7,  # Fiducio-like: stop when the NLL stops moving
         history_size=20, line_search_fn="strong_wolfe",
     )
 

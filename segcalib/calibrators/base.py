@@ -17,6 +17,7 @@ from torch import Tensor
 
 from segcalib.errors import ConfigError, DataError
 from segcalib.inference.temperature import DEFAULT_MAX_VOXELS
+from segcalib.utils.threads import cpu_threads
 
 Spacing = Sequence[Sequence[float]] | None
 
@@ -86,7 +87,8 @@ class Calibrator(abc.ABC):
         Raises:
             DataError: nothing (or nothing usable) was offered, e.g. an empty fit region.
         """
-        self._fit()
+        with cpu_threads():
+            self._fit()
         self.fitted = True
         return self
 

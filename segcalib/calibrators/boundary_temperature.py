@@ -148,6 +148,7 @@ class BoundaryTemperatureScaling(SampledCalibrator):
     @staticmethod
     def _scaled(zd: Tensor, a: Tensor, b: Tensor, c: Tensor, log_s: Tensor) -> Tensor:
         """Logits ``z / T(d)`` from sample rows ``[z, d]`` (float64 ``(n, C + 1)``)."""
+        a, b, c, log_s = (v.to(zd.dtype) for v in (a, b, c, log_s))
         return zd[:, :-1] / log_temperature(zd[:, -1:], a, b, c, log_s).exp()
 
     def temperature_at(self, d: Tensor) -> Tensor:

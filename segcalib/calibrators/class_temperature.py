@@ -39,7 +39,7 @@ class ClassTemperatureScaling(SampledCalibrator):
     def _fit_sample(self, logits: Tensor, labels: Tensor, weights: Tensor) -> None:
         log_t = torch.zeros(self.num_classes, dtype=torch.float64, requires_grad=True)
         minimize_nll(
-            [log_t], lambda z: z / log_t.exp(), logits, labels, weights, max_iter=self.max_iter, owner=self.name
+            [log_t], lambda z: z / log_t.exp().to(z.dtype), logits, labels, weights, max_iter=self.max_iter, owner=self.name
         )
         values = [clamp_temperature(self.name, float(t)) for t in log_t.detach().exp()]
         self.temperatures = torch.tensor(values, dtype=torch.float64)

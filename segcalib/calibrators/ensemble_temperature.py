@@ -67,11 +67,16 @@ class EnsembleTemperatureScaling(TemperatureScaling):
         super()._fit_sample(logits, labels, weights)  # T first, as plain temperature scaling fits it
         # start near plain temperature scaling; the NLL is convex in the weights
         theta = torch.tensor([0.0, -4.0, -4.0], dtype=torch.float64, requires_grad=True)
-        minimize_nll(
-            [theta],
-            lambda z: ensemble_log_probs(z, self.temperature, torch.log_softmax(theta, dim=0)),
-            logits, labels, weights, max_iter=self.max_iter, owner=self.name,
-        )
+        c = self.num_classes
+        # T is fixed now: both log-softmax terms are computed once, not on every L-BFGS pass
+        fixed = torch.cat([torch.log_softmax(logits / self.temperature, dim=1), torch.log_softmax(logits, dim=1)], 1)
+
+        def mixture(x: Tensor) -> Tensor:
+            log_w = torch.log_softmax(theta, dim=0).to(x.dtype)
+            uniform = (log_w[2] - math.log(c)).expand(x.shape[0], c)
+            return torch.logsumexp(torch.stack([log_w[0] + x[:, :c], log_w[1] + x[:, c:], uniform]), dim=0)
+
+        minimize_nll([theta], mixture, fixed, labels, weights, max_iter=self.max_iter, owner=self.name)
         self.weights = torch.softmax(theta.detach(), dim=0)
 
     def _transform(self, logits: Tensor, *, spacing: Spacing, image: Tensor | None) -> Tensor:

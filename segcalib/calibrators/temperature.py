@@ -62,7 +62,7 @@ class TemperatureScaling(SampledCalibrator):
     def _fit_sample(self, logits: Tensor, labels: Tensor, weights: Tensor) -> None:
         log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
         minimize_nll(
-            [log_t], lambda z: z / log_t.exp(), logits, labels, weights, max_iter=self.max_iter, owner=self.name
+            [log_t], lambda z: z / log_t.exp().to(z.dtype), logits, labels, weights, max_iter=self.max_iter, owner=self.name
         )
         value = float(log_t.detach().exp())
         if not math.isfinite(value):

@@ -10,7 +10,8 @@ from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, available_regions
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from segcalib.calibrators import list_calibrators
-    from segcalib.calibrators.selection import CRITERIA, PRESERVE
+    from segcalib.calibrators.criteria import BALANCED, CRITERIA
+    from segcalib.calibrators.selection import CV_FIT_VOXELS, PRESERVE
     from segcalib.predictions import FORMATS, INPUTS
 
     p = sub.add_parser(
@@ -42,11 +43,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--preserve", default="none", choices=PRESERVE,
                      help="auto: only calibrators that keep the argmax / the class order")
     fit.add_argument("--folds", type=int, default=5, help="auto: folds of the cross-validation over cases")
-    fit.add_argument("--criterion", default="nll", choices=CRITERIA, help="auto: held-out criterion (default nll)")
+    fit.add_argument("--criterion", default=BALANCED, choices=CRITERIA,
+                     help="auto: held-out criterion (default balanced: NLL and the ECE of all voxels, foreground "
+                     "and boundary relative to the uncalibrated maps, none of them worse)")
+    fit.add_argument("--fit-voxels", type=int, default=CV_FIT_VOXELS,
+                     help=f"auto: voxels each fold's calibrator is fitted on (default {CV_FIT_VOXELS:,}); held-out "
+                     "folds are scored on all their voxels, the chosen method is refitted on --max-voxels")
     fit.add_argument("--boundary-mm", type=positive_mm, default=DEFAULT_BOUNDARY_MM,
                      help="half-width in mm of the boundary region (default 2)")
     fit.add_argument("--max-voxels", type=int, default=None, help="bound of the voxel sample (default 2,000,000)")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--quiet", action="store_true", help="auto: no progress bar, per-method seconds or CV table")
     fit.add_argument("--use-image", action="store_true", help="lts: feed the image (from the manifest) too")
     fit.add_argument("--split-seed", type=int, default=None,
                      help="seed of the split made when the manifest has no validation/test lists")
@@ -82,6 +89,7 @@ def run_fit(args: argparse.Namespace) -> int:
                 FitOptions(split=args.split, method=args.method, region=args.region, preserve=args.preserve,
                            folds=args.folds, criterion=args.criterion, boundary_mm=args.boundary_mm,
                            max_voxels=args.max_voxels, seed=args.seed, use_image=args.use_image,
+                           fit_voxels=args.fit_voxels, progress=not args.quiet,
                            split_seed=args.split_seed, device=args.device, folder=_folder_options(args)),
             )
         finally:
@@ -89,6 +97,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if record:
         chosen = (record.get("selection") or {}).get("selected")
         how = f" (chosen by {args.folds}-fold cross-validation on {args.criterion})" if chosen else ""
+        how += f" in {record.get('seconds', 0):.1f} s"
         print(f"calibrator {record['method']}{how} fitted on {len(record.get('cases', []))} {args.split} case(s), "
               f"region {record.get('fit_region')}: {args.output}/calibrator.json")
     return 0

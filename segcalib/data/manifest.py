@@ -53,6 +53,7 @@ class Case:
     images: tuple[Path, ...]
     label: Path | None
     split: str
+    group: str | None = None  # e.g. the patient of several scans: never split across folds or splits
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,8 @@ def parse_manifest(
     rng = random.Random(split_seed)
     pool = list(splits["training"])
     rng.shuffle(pool)
+    if any(c.group is not None for c in pool):
+        pool = _group_order(pool, rng)
     for split in ("test", "validation"):
         if split in splits or not splits["training"]:
             splits.setdefault(split, [])
@@ -179,8 +182,9 @@ def parse_manifest(
         n = max(1, round(SPLIT_FRACTION * len(splits["training"]))) if len(pool) > 2 else 0
         if n == 0 and split == "validation" and len(pool) > 1:
             n = 1
+        n = _whole_groups(pool, n)
         taken, pool = pool[:n], pool[n:]
-        splits[split] = [Case(c.case_id, c.images, c.label, split) for c in taken]
+        splits[split] = [Case(c.case_id, c.images, c.label, split, c.group) for c in taken]
         generated.append(split)
     if generated:
         kept = {c.case_id for c in pool}
@@ -195,6 +199,24 @@ def parse_manifest(
         generated_splits=tuple(generated),
         unlabelled=tuple(unlabelled),
     )
+
+
+def _group_order(pool: list[Case], rng: random.Random) -> list[Case]:
+    """``pool`` reordered so that the cases of one group are adjacent (groups in a seeded order; a case
+    without a group is a group of its own)."""
+    groups: dict[str, list[Case]] = {}
+    for case in pool:
+        groups.setdefault(case.group if case.group is not None else f"\0{case.case_id}", []).append(case)
+    keys = sorted(groups)
+    rng.shuffle(keys)
+    return [case for key in keys for case in groups[key]]
+
+
+def _whole_groups(pool: list[Case], n: int) -> int:
+    """The smallest ``m >= n`` such that the first ``m`` cases of ``pool`` do not cut a group in two."""
+    while 0 < n < len(pool) and pool[n].group is not None and pool[n].group == pool[n - 1].group:
+        n += 1
+    return n
 
 
 def safe_case_id(text: str) -> str:
@@ -265,9 +287,11 @@ def _parse_case(item: Any, split: str, index: int, root: Path, manifest: Path) -
     if isinstance(item, str):  # MSD test entries are bare image paths
         images, label = (_resolve(item, root, where, manifest),), None
     elif isinstance(item, dict):
-        unknown = set(item) - {"image", "label", "case_id", "id"}
+        unknown = set(item) - {"image", "label", "case_id", "id", "group"}
         if unknown:
-            raise DataError(f"{manifest}: {where} has unknown key(s) {sorted(unknown)} (expected image, label)")
+            raise DataError(
+                f"{manifest}: {where} has unknown key(s) {sorted(unknown)} (expected image, label, case_id, group)"
+            )
         if "image" not in item:
             raise DataError(f"{manifest}: {where} has no 'image'")
         raw_images = item["image"]
@@ -285,7 +309,17 @@ def _parse_case(item: Any, split: str, index: int, root: Path, manifest: Path) -
         case_id = safe_case_id(str(explicit))
     else:
         case_id = _image_case_id(images[0], label)
-    return Case(case_id=case_id, images=images, label=label, split=split)
+    return Case(case_id=case_id, images=images, label=label, split=split, group=_parse_group(item, where, manifest))
+
+
+def _parse_group(item: Any, where: str, manifest: Path) -> str | None:
+    """The entry's ``group`` (a non-empty string or an integer, e.g. a patient id), or None."""
+    value = item.get("group") if isinstance(item, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{manifest}: {where}.group must be a non-empty string or an integer, got {value!r}")
+    return str(value)
 
 
 def _image_case_id(image: Path, label: Path | None) -> str:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from segcalib.calibrators import Calibrator, build_calibrator, load_calibrator, read_calibrator_json, save_calibrator
-from segcalib.calibrators.selection import select_calibrator
+from segcalib.calibrators.criteria import BALANCED
+from segcalib.calibrators.selection import CV_FIT_VOXELS, select_calibrator
 from segcalib.data import load_manifest, read_volume
 from segcalib.data.manifest import SPLIT_SEED
 from segcalib.errors import DataError
@@ -57,7 +58,9 @@ class FitOptions:
     region: str = ALL
     preserve: str = "none"
     folds: int = 5
-    criterion: str = "nll"
+    criterion: str = BALANCED
+    fit_voxels: int = CV_FIT_VOXELS
+    progress: bool = False
     boundary_mm: float = DEFAULT_BOUNDARY_MM
     max_voxels: int | None = None
     seed: int = 0
@@ -106,11 +109,14 @@ def fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outpu
         selection = select_calibrator(
             lambda: stream(False), [c.case_id for c, _ in pairs], num_classes, criterion=options.criterion,
             preserve=options.preserve, folds=options.folds, seed=options.seed, fit_region=options.region,
-            boundary_mm=options.boundary_mm, **limits,
+            boundary_mm=options.boundary_mm, fit_voxels=options.fit_voxels,
+            groups={c.case_id: c.group for c, _ in pairs}, progress=options.progress, **limits,
         ) if is_main_process() else None
         if selection is None:
             return {}
         calibrator, extra = selection.calibrator, {"selection": selection.report()}
+        if options.progress:
+            print(selection.table_text(), flush=True)
     else:
         calibrator = build_calibrator(options.method, num_classes, seed=options.seed, **limits)
         for case_id, logits, target, spacing, image in stream(True):

@@ -39,7 +39,7 @@ from segcalib.utils.files import check_output_folder, write_text_atomic
 
 log = logging.getLogger("segcalib")
 _finite_json = finite_json  # the name compare.py imports
-__all__ = ["evaluate", "load_prediction", "read_report", "summarise", "warn_if_other_manifest"]
+__all__ = ["evaluate", "load_prediction", "read_report", "segmentation_summary", "summarise", "warn_if_other_manifest"]
 
 
 def evaluate(
@@ -137,7 +137,7 @@ def evaluate(
         },
         "calibration": {region: pooled[region] for region in regions},
         "media_foreground_ece": pooled.get("media_foreground_ece"),
-        "segmentation": _segmentation_summary(rows, manifest.class_names),
+        "segmentation": segmentation_summary(rows, manifest.class_names),
         "protocol": protocol_section(preset, rows),
         "cases": rows,
         "counts": _counts(rows, num_classes),
@@ -160,7 +160,7 @@ def evaluate(
 # -- summaries ---------------------------------------------------------------------------------
 
 
-def _segmentation_summary(rows: list[dict], class_names: list[str]) -> dict[str, Any]:
+def segmentation_summary(rows: list[dict], class_names: list[str]) -> dict[str, Any]:
     """Per-class means over cases and their mean over foreground classes (SPEC §4): NaN (class
     absent from both masks) is left out and counted; inf (absent from one: a missed or invented
     structure) is kept, so the mean becomes inf rather than hiding the failure."""

@@ -216,3 +216,70 @@ def test_a_failing_candidate_drops_out_with_its_reason() -> None:
     assert "image" in selection.table["lts"]["error"] and "case00" in selection.table["lts"]["error"]
     with pytest.raises(DataError, match="every candidate"):
         select_calibrator(_source(cases), list(cases), 3, candidates=["lts"], candidate_params={"lts": lts}, folds=3)
+
+
+class _SampleSpy(Calibrator):
+    """Counts the voxels it is fitted on (a stratified sample bounded by ``max_voxels``)."""
+
+    name = "sample_spy"
+    fitted_sizes: list[int] = []
+
+    def __init__(self, num_classes: int, *, seed: int = 0, max_voxels: int = 10_000) -> None:
+        super().__init__(num_classes, seed=seed, max_voxels=max_voxels)
+        from segcalib.calibrators.sample import StratifiedSample
+
+        self.sample = StratifiedSample(num_classes, max_voxels, seed)
+
+    def update(self, logits, target, mask=None, *, spacing=None, image=None) -> None:
+        self.sample.add(logits, target, mask)
+
+    def merge(self, other) -> None:
+        self.sample.merge(other.sample)
+
+    def reset(self) -> None:
+        pass
+
+    def _fit(self) -> None:
+        _SampleSpy.fitted_sizes.append(len(self.sample))
+
+    def _transform(self, logits, *, spacing, image) -> Tensor:
+        return torch.softmax(logits, dim=1)
+
+    def _state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_state(self, state, tensors) -> None:
+        pass
+
+    @classmethod
+    def from_params(cls, num_classes, params, tensors=None) -> "_SampleSpy":
+        spy = cls(num_classes, seed=params["seed"], max_voxels=params["max_voxels"])
+        spy.fitted = True
+        return spy
+
+
+def test_folds_fit_on_fit_voxels_and_the_refit_on_max_voxels() -> None:
+    cases = _class_temperature_cases(4)  # 4 x 1728 voxels, 3 classes
+    _SampleSpy.fitted_sizes = []
+    cv = cross_validate(_source(cases), list(cases), {"s": lambda mv: _SampleSpy(3, max_voxels=mv)}, 3, folds=2,
+                        max_voxels=6000, fit_voxels=600)
+    assert _SampleSpy.fitted_sizes == [600, 600]  # 200 per class: each class has more than 200 voxels per fold
+    assert cv.table["s"]["seconds"] >= 0
+    cv.refit("s")
+    counts = torch.bincount(torch.cat([y.reshape(-1) for _, y in cases.values()]), minlength=3)
+    assert _SampleSpy.fitted_sizes[-1] == int(counts.clamp(max=2000).sum())  # max_voxels / C per class
+
+
+def test_selection_respects_groups_and_reports_the_balanced_choice() -> None:
+    cases = _class_temperature_cases(6)
+    groups = {case_id: f"patient{i // 2}" for i, case_id in enumerate(cases)}
+    selection = select_calibrator(_source(cases), list(cases), 3, candidates=["temperature", "class_temperature"],
+                                  folds=3, max_voxels=6000, groups=groups)
+    for i in range(0, 6, 2):
+        a, b = list(cases)[i : i + 2]
+        assert selection.folds[a] == selection.folds[b]
+    report = selection.report()
+    assert report["criterion"] == "balanced" and report["selected"] in report["scores"]
+    assert report["admissible"] == report["scores"][report["selected"]]["admissible"]
+    text = selection.table_text()
+    assert "uncalibrated" in text and f"{selection.method} *" in text

@@ -148,3 +148,46 @@ def test_data_check_of_an_acdc_style_folder(tmp_path: Path) -> None:
             entry["label"] = str(renamed)
     summary = check_manifest(load_manifest(_write(manifest, raw)))
     assert sorted(r.case.case_id for r in summary.reports) == ["case_000", "case_001"]
+
+
+def _grouped_raw(groups: list) -> dict:
+    return {"labels": LABELS, "training": [
+        {"image": f"imagesTr/p{i}.nii.gz", "label": f"labelsTr/p{i}.nii.gz", "group": g} for i, g in enumerate(groups)]}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_groups_are_read_and_the_seeded_split_never_cuts_one(seed: int) -> None:
+    from segcalib.data.manifest import parse_manifest
+
+    groups = [f"patient{i // 2}" for i in range(20)] + [None, 7]  # two phases per patient, a lone case, an int
+    m = parse_manifest(_grouped_raw(groups), Path("/data/m.json"), split_seed=seed)
+    split_of = {c.case_id: split for split in SPLITS for c in m.cases(split)}
+    group_of = {c.case_id: c.group for c in _all_cases(m)}
+    assert group_of["p21"] == "7" and group_of["p20"] is None and group_of["p3"] == "patient1"
+    for patient in {g for g in group_of.values() if g}:
+        assert len({split_of[c] for c, g in group_of.items() if g == patient}) == 1, patient
+    assert m.cases("test") and m.cases("validation") and m.generated_splits == ("test", "validation")
+
+
+def test_without_groups_the_seeded_split_is_unchanged() -> None:
+    from segcalib.data.manifest import parse_manifest
+
+    plain = {"labels": LABELS, "training": [{"image": f"imagesTr/p{i}.nii.gz", "label": f"labelsTr/p{i}.nii.gz"}
+                                            for i in range(22)]}
+    m = parse_manifest(plain, Path("/data/m.json"), split_seed=3)
+    # the split made before groups existed (same seed, same Random calls)
+    import random
+
+    pool = [f"p{i}" for i in range(22)]
+    random.Random(3).shuffle(pool)
+    n = round(0.2 * 22)  # SPLIT_FRACTION of the training cases for test, then for validation
+    assert [c.case_id for c in m.cases("test")] == pool[:n]
+    assert [c.case_id for c in m.cases("validation")] == pool[n : 2 * n]
+
+
+@pytest.mark.parametrize("bad", ["", "  ", 1.5, [1], True])
+def test_a_malformed_group_is_an_error_naming_the_entry(bad) -> None:
+    from segcalib.data.manifest import parse_manifest
+
+    with pytest.raises(DataError, match=r"training\[0\]\.group"):
+        parse_manifest(_grouped_raw([bad]), Path("/data/m.json"))
