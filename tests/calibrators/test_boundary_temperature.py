@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,3 +116,20 @@ def test_cuda_distances_and_transform_match_cpu() -> None:
     assert torch.allclose(on_gpu, signed_boundary_distance(z, [SPACING]), atol=1e-4)
     on_gpu = cal.transform(z.cuda(), spacing=[SPACING]).cpu()
     assert torch.allclose(on_gpu, cal.transform(z, spacing=[SPACING]), atol=1e-5)
+
+
+def test_min_temperature_bounds_the_far_field_and_old_files_keep_their_bound() -> None:
+    from segcalib.calibrators.boundary_temperature import BoundaryTemperatureScaling
+    from segcalib.errors import ConfigError
+
+    old = {"seed": 0, "max_voxels": 1000, "scale_mm": 3.0, "max_iter": 5, "a": -11.0, "b": 0.0, "c": 12.0, "s": 4.0}
+    legacy = BoundaryTemperatureScaling.from_params(2, old)
+    bounded = BoundaryTemperatureScaling.from_params(2, {**old, "min_temperature": 0.5})
+    d = torch.tensor([0.0, 30.0, -30.0], dtype=torch.float64)
+    # by hand: log T(0) = -11 + 12 = 1; far away log T -> -11, clamped to log 0.01 (legacy) or log 0.5
+    assert legacy.temperature_at(d).tolist() == pytest.approx([math.e, 0.01, 0.01], rel=1e-6)
+    assert bounded.temperature_at(d).tolist() == pytest.approx([math.e, 0.5, 0.5], rel=1e-6)
+    assert BoundaryTemperatureScaling(2).min_temperature == 0.5
+    for bad in (1.0, 0.001, float("nan"), "0.5"):
+        with pytest.raises(ConfigError, match="min_temperature"):
+            BoundaryTemperatureScaling(2, min_temperature=bad)
