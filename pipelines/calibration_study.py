@@ -1,9 +1,20 @@
-"""Calibration study v2: which loss and which post-hoc calibrator to use, chosen without test leakage.
+"""Calibration study v3: which loss and which post-hoc calibrator to use, chosen without test leakage,
+produced unit by unit on whatever machine is at hand.
 
 Axes: losses (``configs/hippocampus/*.yaml``) × seeds × regimes (``short``: the recipe's cosine
 schedule; ``long``: ``--long-factor`` times the epochs at a constant learning rate, where CE turns
 over-confident) × post-hoc calibrators (every ``segcalib calibrate`` method that ``auto`` offers,
 each fitted on the ``all``, ``foreground`` or ``boundary`` ground-truth region, plus none).
+
+A unit is one (regime, loss, seed) run taken all the way (:mod:`pipelines.study.unit`): train →
+export → cross-validate every calibrator × fit region → refit → score every candidate on the test
+cases → one compact record ``docs/results/study/<regime>/<loss>/seed<k>.json``, committed. Units
+run in a fixed priority order (:func:`pipelines.study.grid.priority_order`): CE+Dice's seeds 0-2,
+the seed papers' losses seed by seed, the other losses, then the long regime for CE+Dice and the
+short regime's top three losses by the criterion (chosen once the must-have short units are done).
+``--budget-min M`` starts units while the minutes used plus the median unit time seen so far fit in
+M; a finished unit is never redone, a killed one leaves no record and is redone. ``--tables-only``
+rebuilds ``docs/results.md`` and ``docs/what_to_use.md`` from the records alone, on any machine.
 
 Protocol, fixed before running (see :mod:`pipelines.study.cases` and :mod:`pipelines.study.selection`):
 
@@ -18,34 +29,28 @@ Protocol, fixed before running (see :mod:`pipelines.study.cases` and :mod:`pipel
    foreground Dice is within 0.3 point of CE+Dice's and none of the four ratios exceeds 1 (no region
    worse than the baseline, so a gain on one region cannot pay for a loss on another). The lowest
    admissible score is the recipe.
-4. Each seed's chosen calibrator is refitted on all the protocol's cases and applied to its test
-   maps; test numbers are mean ± std over seeds; a difference beats seed noise when the per-seed
-   differences share a sign and |mean| > 2 std. The recipe's seeds, each calibrated, are averaged
-   into an ensemble row.
+4. Each seed's chosen calibrator was refitted on all the protocol's cases and scored once on its
+   test maps (in the unit's record); test numbers are mean ± std over seeds; a difference beats seed
+   noise when the per-seed differences share a sign and |mean| > 2 std.
 
-Resumable: finished runs, exports, cross-validations, calibrators and reports are reused.
-``--smoke`` runs the whole pipeline on the 6 smoke cases (2 losses, 2 seeds, 2 calibrators, 2 fit
-regions, 2 folds over the 5 non-test cases) in under 3 minutes on 2 CPU cores. The full grid
-(3 seeds of 14 losses short, of 10 long: 72 runs) is for a GPU machine::
+Run in the background at low priority while working on something else::
 
-    python pipelines/calibration_study.py --jobs 8 --device cuda --hardware "1 GPU, 16 CPU cores"
+    nice -n 19 python pipelines/calibration_study.py --budget-min 120 --threads 1
 
-On CPU the cross-validation dominates: on the 5 smoke cases (k = 2, all voxels, 2 busy cores)
-boundary_temperature took 215 s, dirichlet 199 s, class_temperature 27 s; with ``--device cuda``
-the cases are streamed to the GPU and the calibrators fit there.
+and on a lent GPU, in one prepared call of at most 9 minutes::
 
-``--jobs N`` trains and evaluates N runs at once in spawned processes (torch threads shared out
-among them); the choice and the tables are made once every run is done.
+    python pipelines/calibration_study.py --budget-min 8 --device cuda --jobs 8 --hardware "1x H200"
+
+``--smoke`` runs the same pipeline on the 6 smoke cases (2 losses, 2 seeds, 2 calibrators, 2 fit
+regions, 2 folds over the 5 non-test cases), its records under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -53,15 +58,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segcalib.calibrators.selection import candidate_names  # noqa: E402
-from segcalib.data import load_manifest  # noqa: E402
 from segcalib.spatial.regions import default_regions  # noqa: E402
 
+from pipelines.study.budget import run_budget  # noqa: E402
 from pipelines.study.cases import PROTOCOLS  # noqa: E402
-from pipelines.study.ensemble import average_folders  # noqa: E402
-from pipelines.study.grid import BASELINE, LONG_LOSSES, LOSSES, REGIMES, SMOKE_EPOCHS, SMOKE_OVERRIDES, GridSettings, make_jobs  # noqa: E402
-from pipelines.study.run import CVSettings, calibrated_test, calibrated_test_folder, evaluate_once, manifest_of, prepare_run, run_all  # noqa: E402
-from pipelines.study.selection import best, recommend, score_candidates  # noqa: E402
-from pipelines.study.tables import StudyResults, write_results, write_what_to_use  # noqa: E402
+from pipelines.study.grid import BASELINE, LOSSES, REGIMES, SMOKE_EPOCHS, SMOKE_OVERRIDES, GridSettings  # noqa: E402
+from pipelines.study.run import CVSettings  # noqa: E402
+from pipelines.study.tables import study_from_records, write_results, write_what_to_use  # noqa: E402
+from pipelines.study.unit import RECORDS, load_records  # noqa: E402
 
 log = logging.getLogger("segcalib.study")
 
@@ -72,7 +76,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the smoke cases, tiny networks, 1 epoch, 2 losses, 2 seeds, 2 calibrators, 2 folds")
     parser.add_argument("--regimes", nargs="+", choices=REGIMES)
     parser.add_argument("--losses", nargs="+", choices=LOSSES)
-    parser.add_argument("--long-losses", nargs="+", choices=LOSSES, help="losses trained in the long regime (default: study v1's ten)")
+    parser.add_argument("--long-losses", nargs="+", choices=LOSSES,
+                        help="losses of the long regime (default: CE+Dice and the short regime's top three by the criterion)")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--calibrators", nargs="+", help="default: every method `segcalib calibrate --method auto` tries")
     parser.add_argument("--regions", nargs="+", choices=default_regions(), help="fit regions (default: all three; smoke: 2)")
@@ -85,6 +90,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
     parser.add_argument("--jobs", type=int, default=1, help="independent runs in parallel processes")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="training, export and evaluation device")
+    parser.add_argument("--budget-min", type=float, help="start units while they fit in this many minutes (default: no limit)")
+    parser.add_argument("--tables-only", action="store_true", help="rebuild the tables from the committed records alone")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 when running in the background)")
+    parser.add_argument("--records", type=Path, help="unit records (default: docs/results/study; smoke: OUT/records)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--results", type=Path)
     parser.add_argument("--what-to-use", type=Path)
@@ -93,7 +102,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     smoke = args.smoke
     args.regimes = args.regimes or (["short"] if smoke else list(REGIMES))
     args.losses = args.losses or (["ce", BASELINE] if smoke else list(LOSSES))
-    args.long_losses = args.long_losses or list(LONG_LOSSES)
     args.seeds = args.seeds or ([0, 1] if smoke else [0, 1, 2])
     args.calibrators = args.calibrators or (["temperature", "vector"] if smoke else candidate_names())
     args.regions = args.regions or list(default_regions())[:: 2 if smoke else 1]
@@ -103,6 +111,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.epochs = args.epochs or (SMOKE_EPOCHS if smoke else None)
     args.set = (list(SMOKE_OVERRIDES) if smoke else []) + args.set
     args.out = args.out or REPO / "runs" / ("study_smoke" if smoke else "study")
+    args.records = args.records or (args.out / "records" if smoke else RECORDS)
     args.results = args.results or (args.out / "results.md" if smoke else REPO / "docs" / "results.md")
     args.what_to_use = args.what_to_use or args.results.with_name("what_to_use.md")
     return args
@@ -111,38 +120,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    started = time.time()
-    grid = GridSettings(args.out, args.long_factor, args.epochs, tuple(args.set), args.device)
-    cv = CVSettings(args.protocol, tuple(args.calibrators), tuple(args.regions), args.folds, 0, args.max_voxels)
-    jobs = make_jobs(args.regimes, args.losses, args.long_losses, args.seeds)
-    results = dict(zip(jobs, run_all(prepare_run, [(job, grid, cv) for job in jobs], args.jobs)))
+    if args.threads:
+        import torch
 
-    scored = {regime: score_candidates(results, regime, args.dice_tolerance) for regime in args.regimes}
-    chosen = {(regime, loss): best(scored[regime], loss) for regime in args.regimes for loss in args.losses}
-    chosen = {key: value for key, value in chosen.items() if value is not None}
-    tasks = [(job, grid, cv, c.candidate.calibrator, c.candidate.region)
-             for job in jobs for key, c in chosen.items() if key == (job.regime, job.loss)]
-    calibrated = dict(zip([(t[0], t[3], t[4]) for t in tasks], run_all(calibrated_test, tasks, args.jobs)))
-
-    recipe = recommend(scored)
-    ensemble = None
-    if recipe is not None:
-        c = recipe.candidate
-        members = [j for j in jobs if (j.regime, j.loss) == (c.regime, c.loss)]
-        if len(members) > 1:
-            folder = args.out / "ensembles" / f"{c.regime}_{c.loss}_{cv.tag}_{c.region}_{c.calibrator}"
-            average_folders([calibrated_test_folder(j, grid, cv, c.calibrator, c.region) for j in members], folder)
-            manifest, _ = manifest_of(members[0], grid)
-            ensemble = evaluate_once(folder, manifest, folder / "report", "test", args.device)
-
-    test_cases = len(load_manifest(*manifest_of(jobs[0], grid)).cases("test"))
-    study = StudyResults(results, scored, chosen, calibrated, recipe, ensemble, args, time.time() - started, test_cases)
+        torch.set_num_threads(args.threads)
+    if not args.tables_only:
+        grid = GridSettings(args.out, args.long_factor, args.epochs, tuple(args.set), args.device)
+        cv = CVSettings(args.protocol, tuple(args.calibrators), tuple(args.regions), args.folds, 0, args.max_voxels)
+        done = run_budget(args, grid, cv)
+        print(f"{len(done)} unit(s) finished in this invocation; records in {args.records}")
+    records = load_records(args.records)
+    study = study_from_records(records, args)
+    if study is None:
+        print(f"no CE+Dice record in {args.records} yet: tables not written")
+        return 0
     write_results(study, args.results)
     write_what_to_use(study, args.what_to_use, args.results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "study.json").write_text(json.dumps(
-        [{"job": job.__dict__, "results": res} for job, res in results.items()], indent=1, default=str))
-    print(f"wrote {args.results} and {args.what_to_use}")
+    print(f"wrote {args.results} and {args.what_to_use} from {len(records)} record(s)")
     return 0
 
 

@@ -8,9 +8,13 @@ from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "hippocampus"
-LONG_LOSSES = ("ce", "ce_dice", "focal", "ls", "ecp", "svls", "nacl", "mbls", "mbls_dice", "cals")  # study v1's ten
-LOSSES = LONG_LOSSES + ("dice", "focal_adaptive", "logit_l1", "cals_heuristic")  # plus the losses added since
 BASELINE = "ce_dice"
+SEED_PAPER_LOSSES = ("ce", "focal", "ls", "svls", "nacl", "mbls", "mbls_dice", "cals")  # the seed papers' losses
+OTHER_LOSSES = ("ecp", "dice", "focal_adaptive", "logit_l1", "cals_heuristic")  # and the losses added since
+LOSSES = (BASELINE, *SEED_PAPER_LOSSES, *OTHER_LOSSES)
+LONG_LOSSES = ("ce", "ce_dice", "focal", "ls", "ecp", "svls", "nacl", "mbls", "mbls_dice", "cals")  # study v1's ten
+NONE = "none"  # the "no calibrator" candidate
+LONG_TOP = 3  # the long regime trains CE+Dice and the short regime's top three losses
 REGIMES = ("short", "long")
 SMOKE_MANIFEST = REPO / "data_manifests" / "hippocampus_smoke.json"
 SMOKE_OVERRIDES = (
@@ -65,6 +69,21 @@ def job_overrides(job: Job, settings: GridSettings, config_epochs: int) -> list[
     if settings.device:
         overrides.append(f"train.device={settings.device}")
     return overrides
+
+
+def priority_order(seeds: Sequence[int], losses: Sequence[str] = LOSSES) -> list[Job]:
+    """The short regime's units in the fixed order in which the grid fills: CE+Dice's seeds, then the
+    seed papers' losses seed by seed, then the other losses seed by seed (``losses`` filters)."""
+    tiers = [(BASELINE,), SEED_PAPER_LOSSES, tuple(l for l in losses if l not in (BASELINE, *SEED_PAPER_LOSSES))]
+    jobs = []
+    for tier in tiers:
+        jobs += [Job("short", loss, seed) for seed in seeds for loss in tier if loss in losses]
+    return jobs
+
+
+def must_have_short(seeds: Sequence[int]) -> list[Job]:
+    """The short-regime units whose records the long regime's choice waits for."""
+    return [Job("short", loss, seed) for loss in (BASELINE, *SEED_PAPER_LOSSES) for seed in seeds]
 
 
 def make_jobs(regimes: Sequence[str], losses: Sequence[str], long_losses: Sequence[str], seeds: Sequence[int]) -> list[Job]:

@@ -27,8 +27,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from pipelines.study.grid import BASELINE, Job
-from pipelines.study.run import NONE
+from pipelines.study.grid import BASELINE, NONE, Job
 
 METRICS = ("nll", "ece_all", "ece_foreground", "ece_boundary")
 NO_REGION = "-"
@@ -150,3 +149,20 @@ def paired(a: Mapping[int, float], b: Mapping[int, float]) -> Paired:
     same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
     beyond = len(diffs) > 1 and same_sign and abs(mean) > 2 * std
     return Paired(mean, std, len(diffs), beyond)
+
+
+def results_from_records(records: Mapping[Job, dict[str, Any]]) -> dict[Job, dict[str, Any]]:
+    """The units' records in the shape the criterion reads: validation and test summaries (raw maps)
+    and the cross-validation tables per fit region."""
+    return {job: {"validation": r["validation"][NONE], "test": r["test"][NONE]["summary"], "cv": r["cv"]}
+            for job, r in records.items()}
+
+
+def top_losses(records: Mapping[Job, dict[str, Any]], n: int, dice_tolerance: float = 0.003) -> list[str]:
+    """The ``n`` short-regime losses other than CE+Dice whose best candidate scores lowest (admissible first)."""
+    short = {job: r for job, r in records.items() if job.regime == "short"}
+    order: list[str] = []
+    for s in score_candidates(results_from_records(short), "short", dice_tolerance):
+        if s.candidate.loss != BASELINE and s.candidate.loss not in order:
+            order.append(s.candidate.loss)
+    return order[:n]

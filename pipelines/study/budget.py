@@ -1,0 +1,61 @@
+"""Which units to run next, in the fixed priority order, within a budget of minutes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import time
+from typing import Any
+
+from pipelines.study.grid import BASELINE, LONG_TOP, GridSettings, Job, must_have_short, priority_order
+from pipelines.study.run import CVSettings, run_all
+from pipelines.study.selection import top_losses
+from pipelines.study.unit import load_records, run_unit
+
+log = logging.getLogger("segcalib.study")
+
+
+def pending_units(args: argparse.Namespace, records: dict[Job, dict[str, Any]]) -> list[Job]:
+    """Units without a record, in priority order. The long regime is queued once every must-have
+    short unit has its record (its losses are CE+Dice and the short regime's top three, unless
+    ``--long-losses`` names them)."""
+    queue = priority_order(args.seeds, args.losses) if "short" in args.regimes else []
+    if "long" in args.regimes:
+        needed = [j for j in must_have_short(args.seeds) if j.loss in args.losses]
+        if all(j in records for j in needed):
+            losses = args.long_losses or [BASELINE, *top_losses(records, LONG_TOP, args.dice_tolerance)]
+            queue += [Job("long", loss, seed) for seed in args.seeds for loss in losses]
+    return [job for job in queue if job not in records]
+
+
+def expected_seconds(records: dict[Job, dict[str, Any]], device: str | None) -> float:
+    """Median seconds of a finished unit on this kind of device (0 before the first)."""
+    kind = "cuda" if device == "cuda" else "cpu"
+    seen = [float(r["seconds"]["total"]) for r in records.values() if str(r["ran"]["device"]).startswith(kind)]
+    return statistics.median(seen) if seen else 0.0
+
+
+def run_budget(args: argparse.Namespace, grid: GridSettings, cv: CVSettings) -> list[Job]:
+    """Run pending units (``args.jobs`` at a time) while the minutes used plus a unit's expected time
+    fit in ``args.budget_min`` (no limit when None); returns the units finished here."""
+    started = time.time()
+    budget = math.inf if args.budget_min is None else 60 * args.budget_min
+    finished: list[Job] = []
+    while True:
+        records = load_records(args.records)
+        queue = pending_units(args, records)
+        if not queue:
+            log.info("no unit left to run in this grid")
+            break
+        expected = expected_seconds(records, args.device)
+        used = time.time() - started
+        if used + expected > budget:
+            log.info("budget: %.1f of %.1f min used, a unit takes about %.1f min: stopping before %s",
+                     used / 60, budget / 60, expected / 60, queue[0].folder)
+            break
+        batch = queue[: max(1, args.jobs)]
+        run_all(run_unit, [(job, grid, cv, args.records, args.hardware) for job in batch], args.jobs)
+        finished += batch
+    return finished
