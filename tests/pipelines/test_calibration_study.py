@@ -1,6 +1,7 @@
-"""Study v2 on the smoke cases end to end (a rerun retrains and re-cross-validates nothing and writes
-the same tables; no test case ever enters a fold), plus the selection criterion and the seed-noise
-rule on hand-made numbers."""
+"""Study v3 on the smoke cases end to end (a unit with a record is never redone and the tables are rebuilt
+from the records alone; no test case ever enters a fold; a record's numbers are those of
+``segcalib evaluate`` on written maps), the priority order and the budget, plus the selection
+criterion and the seed-noise rule on hand-made numbers."""
 
 from __future__ import annotations
 
@@ -50,17 +51,43 @@ def _tables(text: str) -> str:
 
 
 @pytest.mark.slow
-def test_rerun_retrains_and_refits_nothing_and_writes_the_same_tables(smoke, monkeypatch) -> None:
+def test_rerun_redoes_no_unit_and_tables_only_writes_the_same_tables(smoke, monkeypatch, tmp_path) -> None:
     study, argv, root = smoke
     first = (root / "docs" / "results.md").read_text()
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("a finished step was run again")
+        raise AssertionError("a finished unit was run again")
 
-    monkeypatch.setattr("segcalib.experiment.train", forbidden)
+    monkeypatch.setattr("pipelines.study.unit.train_or_reuse", forbidden)
     monkeypatch.setattr("pipelines.study.run.cross_validate", forbidden)
     assert study.main(argv) == 0
     assert _tables((root / "docs" / "results.md").read_text()) == _tables(first)
+    # the records alone (heavy outputs gone) rebuild the same tables
+    records = root / "runs" / "records"
+    elsewhere = tmp_path / "records"
+    import shutil
+
+    shutil.copytree(records, elsewhere)
+    out = tmp_path / "results.md"
+    assert study.main(["--smoke", "--regions", "boundary", "--tables-only", "--records", str(elsewhere),
+                       "--out", str(tmp_path / "no_runs"), "--results", str(out)]) == 0
+    # same tables; only the paragraphs naming the folders differ
+    assert out.read_text().split("## Recommended recipe")[1] == first.split("## Recommended recipe")[1]
+
+
+@pytest.mark.slow
+def test_a_killed_unit_is_redone_and_the_budget_stops_before_a_unit_that_does_not_fit(smoke) -> None:
+    study, argv, root = smoke
+    records = root / "runs" / "records"
+    victim = records / "short" / "ce" / "seed1.json"
+    kept = {p: p.stat().st_mtime_ns for p in records.glob("*/*/seed*.json") if p != victim}
+    saved = victim.read_text()
+    victim.unlink()  # as if the unit had been killed before writing its record
+    assert study.main([*argv, "--budget-min", "0"]) == 0  # a unit takes > 0 min: nothing starts
+    assert not victim.exists()
+    assert study.main(argv) == 0
+    assert victim.exists() and {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert json.loads(victim.read_text())["test"] == json.loads(saved)["test"]  # same steps, reused
 
 
 @pytest.mark.slow
@@ -82,18 +109,54 @@ def test_no_test_case_enters_a_fold(smoke) -> None:
 
 
 @pytest.mark.slow
-def test_tables_are_means_over_seeds_of_the_reports(smoke) -> None:
+def test_record_numbers_are_those_of_evaluate_on_written_maps(smoke, tmp_path) -> None:
+    from segcalib.export.posthoc import apply_to_predictions
+    from segcalib.reports import evaluate
+
+    _, _, root = smoke
+    run = root / "runs" / "short" / "ce" / "seed0"
+    record = json.loads((root / "runs" / "records" / "short" / "ce" / "seed0.json").read_text())
+    keys = ("dice_fg", "hd95", "ece_all", "ece_foreground", "ece_boundary", "media_foreground_ece", "nll", "brier")
+    raw = evaluate(run / "exports" / "test", SMOKE, tmp_path / "none", split="test", write_html=False)["summary"]
+    assert [float(record["test"]["none"]["summary"][k]) for k in keys] == pytest.approx([raw[k] for k in keys], rel=1e-6)
+    calibrator = next(run.glob("study/nontest_*/calibrators/boundary/vector"))
+    apply_to_predictions(calibrator, run / "exports" / "test", tmp_path / "vector", progress=False)
+    cal = evaluate(tmp_path / "vector", SMOKE, tmp_path / "vector_report", split="test", write_html=False)["summary"]
+    mine = [float(record["test"]["vector@boundary"]["summary"][k]) for k in keys]  # the record writes inf as "inf"
+    assert mine == pytest.approx([cal[k] for k in keys], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_tables_are_means_over_seeds_of_the_records(smoke) -> None:
     _, _, root = smoke
     text = (root / "docs" / "results.md").read_text()
-    nll = [json.loads((root / "runs" / "short" / "ce" / f"seed{s}" / "reports" / "test_T1" / "report.json").read_text())
-           ["summary"]["nll"] for s in (0, 1)]
+    nll = [json.loads((root / "runs" / "records" / "short" / "ce" / f"seed{s}.json").read_text())
+           ["test"]["none"]["summary"]["nll"] for s in (0, 1)]
     row = next(line for line in text.split("### Test, raw networks")[1].splitlines() if line.startswith("| ce |"))
     assert row.split("|")[8].strip() == f"{statistics.fmean(nll):.4f} ± {statistics.stdev(nll):.4f}"
     order = ["## Protocol", "## Recommended recipe", "## Short regime", "### Cross-validated selection log",
              "## The seed papers' claims"]
     assert [text.index(h) for h in order] == sorted(text.index(h) for h in order)
-    assert "ensemble of the recipe's 2 seeds" in text
     assert "(results.md)" in (root / "docs" / "what_to_use.md").read_text()
+
+
+def test_priority_order_and_the_long_regime_waits_for_the_must_have_units() -> None:
+    import argparse
+
+    from pipelines.study.budget import pending_units
+    from pipelines.study.grid import SEED_PAPER_LOSSES, priority_order
+
+    order = priority_order([0, 1, 2])
+    assert [j.folder for j in order[:4]] == ["short/ce_dice/seed0", "short/ce_dice/seed1", "short/ce_dice/seed2",
+                                             "short/ce/seed0"]
+    assert [j.loss for j in order[3:11]] == list(SEED_PAPER_LOSSES) and order[11] == Job("short", "ce", 1)
+    assert {j.loss for j in order[27:]} == {"ecp", "dice", "focal_adaptive", "logit_l1", "cals_heuristic"}
+    args = argparse.Namespace(seeds=[0, 1, 2], losses=list(dict.fromkeys(j.loss for j in order)),
+                              regimes=["short", "long"], long_losses=["ce_dice", "mbls"], dice_tolerance=0.003)
+    assert all(j.regime == "short" for j in pending_units(args, {}))
+    done = {j: {} for j in order[:27]}  # every must-have short unit has a record
+    pending = pending_units(args, done)
+    assert pending[-6:] == [Job("long", l, s) for s in (0, 1, 2) for l in ("ce_dice", "mbls")]
 
 
 def test_protocols_never_hold_a_test_case() -> None:
