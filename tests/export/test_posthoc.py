@@ -83,8 +83,16 @@ def test_calibrate_cli_auto_chooses_by_cross_validation_and_refuses_bad_input(sm
     table = record["selection"]["cv_table"]
     assert record["method"] == record["selection"]["selected"] and record["method"] in table
     winner = record["method"]
-    scored = {n: r["nll"]["mean"] for n, r in table.items() if "error" not in r}
-    assert scored[winner] == min(scored.values())
+    raw = record["selection"]["uncalibrated"]
+    metrics = ("nll", "ece_all", "ece_foreground", "ece_boundary")
+    ratios = {n: [r[m]["mean"] / raw[m]["mean"] for m in metrics] for n, r in table.items() if "error" not in r}
+    scores = {n: sum(v) / 4 for n, v in ratios.items()}  # the default criterion, balanced, by hand
+    admissible = [n for n, v in ratios.items() if max(v) <= 1] or list(ratios)
+    assert record["selection"]["criterion"] == "balanced"
+    assert scores[winner] == pytest.approx(min(scores[n] for n in admissible), rel=1e-12)
+    assert all("seconds" in row for row in table.values())
+    shown = capsys.readouterr().out
+    assert "uncalibrated" in shown and f"{winner} *" in shown  # the CV table is printed
     assert load_calibrator(tmp_path / "auto").name == winner
     # exit 2, one message naming the thing: a folder that is not a calibrator, an unknown method
     assert main(["calibrate", "apply", "--calibrator", str(tmp_path), "--predictions",
