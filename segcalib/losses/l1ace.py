@@ -37,6 +37,21 @@ FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 """The upper end of the bins is ``1 + FLOAT32_EPS`` (as the reference), whatever the compute dtype."""
 
 
+def _sorted_position(values: Tensor, table: Tensor) -> Tensor:
+    """``torch.bucketize(values, table)`` (smallest i with ``values <= table[i]``, else ``len(table)``)
+    for an equally spaced ``table``: an arithmetic guess, corrected by one step against the table
+    itself, so the result is bucketize's exactly (a binary search costs several times more)."""
+    n = table.numel()
+    if n == 1:
+        return (values > table[0]).long()
+    step = (table[-1] - table[0]) / (n - 1)
+    guess = torch.ceil((values - table[0]) / step).clamp_(0, n).long()
+    padded = torch.cat([table.new_full((1,), -torch.inf), table, table.new_full((1,), torch.inf)])
+    guess += (values > padded[guess + 1]).long()  # above table[guess]: one up
+    guess -= (values <= padded[guess]).long()  # not above table[guess - 1]: one down
+    return guess
+
+
 def _flat_index(index: Tensor, num_bins: int) -> Tensor:
     """``(B, C, N)`` bin indices -> indices into a flattened ``(B, C, num_bins)`` tensor."""
     batch, classes = index.shape[:2]
@@ -71,7 +86,7 @@ def hard_binned_sums(probs: Tensor, labels: Tensor, weight: Tensor, num_bins: in
     batch, classes = probs.shape[:2]
     size = batch * classes * num_bins
     edges = torch.linspace(0.0, 1.0 + FLOAT32_EPS, num_bins + 1, dtype=probs.dtype, device=probs.device)[1:]
-    index = torch.bucketize(probs.detach(), edges).clamp_(max=num_bins - 1)
+    index = _sorted_position(probs.detach(), edges).clamp_(max=num_bins - 1)
     flat = _flat_index(index, num_bins)
     w = weight.unsqueeze(1)
     sum_p = _scatter(size, probs, flat, probs * w)
@@ -88,7 +103,7 @@ def soft_binned_sums(probs: Tensor, labels: Tensor, weight: Tensor, num_bins: in
     batch, classes = probs.shape[:2]
     size = batch * classes * num_bins
     centres = torch.linspace(0.0, 1.0 + FLOAT32_EPS, 2 * num_bins + 1, dtype=probs.dtype, device=probs.device)[1::2].contiguous()
-    above = torch.bucketize(probs.detach(), centres)  # first centre >= p
+    above = _sorted_position(probs.detach(), centres)  # first centre >= p
     left = (above - 1).clamp_(0, num_bins - 1)
     right = above.clamp_(max=num_bins - 1)
     low, high = centres[left], centres[right]
