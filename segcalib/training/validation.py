@@ -1,6 +1,6 @@
 """Validation on whole volumes: sliding-window logits -> loss, Dice per class, pooled ECE.
 
-The same logits feed an adaptive loss's outer update (CALS ``accumulate``), so validation and
+The same logits (and labels) feed an adaptive loss's outer update (CALS / CRaC ``accumulate``), so validation and
 the multiplier update cost one forward pass. Under DDP every process takes its share of the
 cases; sums are all-reduced and per-case Dice values gathered, so the result equals one process.
 """
@@ -75,7 +75,7 @@ def validate(
         loss_sum += loss_fn(logits, label).double() * n
         voxels += n
         if update_adaptive_loss:
-            loss_fn.accumulate(logits)
+            loss_fn.accumulate(logits, label)
         probs = torch.softmax(logits, dim=1)
         metric.update(probs, label)
         per_case.append(dice(probs.argmax(1), label[:, 0], num_classes)[0].tolist())
