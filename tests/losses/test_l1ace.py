@@ -270,3 +270,21 @@ def test_invalid_parameters() -> None:
         build_loss("softl1ace_dice", dice_weight=-1.0)
     with pytest.raises(ConfigError, match="unknown parameter"):
         build_loss("hardl1ace", empty_weight=0.01)  # soft binning only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_bins", [1, 2, 7, 20])
+def test_bin_lookup_equals_bucketize_at_and_beside_every_edge(num_bins: int, dtype: torch.dtype) -> None:
+    from segcalib.losses.l1ace import FLOAT32_EPS, _sorted_position
+
+    grid = torch.linspace(0.0, 1.0 + FLOAT32_EPS, 2 * num_bins + 1, dtype=dtype)
+    gen = torch.Generator().manual_seed(46)
+    for table in (grid[2::2].contiguous(), grid[1::2].contiguous()):  # upper edges, centres
+        values = torch.cat([
+            torch.rand(20000, generator=gen, dtype=dtype),
+            table,
+            torch.nextafter(table, torch.full_like(table, 2.0)),
+            torch.nextafter(table, torch.full_like(table, -1.0)),
+            torch.tensor([0.0, 1.0], dtype=dtype),
+        ])
+        assert torch.equal(_sorted_position(values, table), torch.bucketize(values, table))
