@@ -13,8 +13,9 @@ bin); the loss of (b, c) is the unweighted mean over occupied bins of ``|mean p 
   (all of it to the first / last bin below the first / above the last centre); bins whose total
   weight is below ``empty_weight`` are left out. The weights are differentiable.
 
-Only two bin indices and weights are kept per voxel and class (scatter-add into ``(B, C, bins)``
-sums), never a ``(voxels, C, bins)`` membership tensor. Ignored voxels add nothing anywhere.
+The ``(B, C, bins)`` sums come from :mod:`segcalib.losses._calibration_bins`, which walks the voxels
+in chunks and recomputes the bins in backward: no ``(voxels, C, bins)`` membership tensor, and no
+per-voxel bin state kept between forward and backward. Ignored voxels add nothing anywhere.
 
 Barfoot et al., "Average Calibration Losses for Reliable Uncertainty in Medical Image
 Segmentation", arXiv 2506.03942 (IEEE TMI 2026); MICCAI 2024.
@@ -27,99 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from segcalib.losses._calibration_bins import binned_sums
 from segcalib.losses._checks import check_bool, check_float, check_int
 from segcalib.losses._inputs import LossInputs
 from segcalib.losses.base import CalibrationLoss
 from segcalib.losses.dice import soft_dice_loss
 from segcalib.losses.registry import register_loss
-
-FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
-"""The upper end of the bins is ``1 + FLOAT32_EPS`` (as the reference), whatever the compute dtype."""
-
-
-def _sorted_position(values: Tensor, table: Tensor) -> Tensor:
-    """``torch.bucketize(values, table)`` (smallest i with ``values <= table[i]``, else ``len(table)``)
-    for an equally spaced ``table``: an arithmetic guess, corrected by one step against the table
-    itself, so the result is bucketize's exactly (a binary search costs several times more)."""
-    n = table.numel()
-    if n == 1:
-        return (values > table[0]).long()
-    step = (table[-1] - table[0]) / (n - 1)
-    guess = torch.ceil((values - table[0]) / step).clamp_(0, n).long()
-    padded = torch.cat([table.new_full((1,), -torch.inf), table, table.new_full((1,), torch.inf)])
-    guess += (values > padded[guess + 1]).long()  # above table[guess]: one up
-    guess -= (values <= padded[guess]).long()  # not above table[guess - 1]: one down
-    return guess
-
-
-def _flat_index(index: Tensor, num_bins: int) -> Tensor:
-    """``(B, C, N)`` bin indices -> indices into a flattened ``(B, C, num_bins)`` tensor."""
-    batch, classes = index.shape[:2]
-    offset = torch.arange(batch * classes, device=index.device).mul_(num_bins).reshape(batch, classes, 1)
-    return (index + offset).reshape(-1)
-
-
-def _at_label(values: Tensor, labels: Tensor) -> Tensor:
-    """``values`` ``(B, C, N)`` at each voxel's label ``(B, N)`` -> ``(B, N)``."""
-    return values.gather(1, labels.unsqueeze(1)).squeeze(1)
-
-
-def _label_flat_index(index: Tensor, labels: Tensor, num_bins: int) -> Tensor:
-    """Flattened ``(B, C, bins)`` index of each voxel's bin for its own class."""
-    batch, classes = index.shape[:2]
-    rows = torch.arange(batch, device=index.device).reshape(batch, 1) * classes + labels
-    return (rows * num_bins + _at_label(index, labels)).reshape(-1)
-
-
-def _scatter(size: int, like: Tensor, index: Tensor, values: Tensor) -> Tensor:
-    return like.new_zeros(size).scatter_add(0, index, values.reshape(-1))
-
-
-def hard_binned_sums(probs: Tensor, labels: Tensor, weight: Tensor, num_bins: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per image, class and hard bin: ``(sum p, sum [y == c], count)``, each ``(B, C, num_bins)``.
-
-    Args:
-        probs: ``(B, C, N)`` probabilities.
-        labels: ``(B, N)`` int64 labels (any class on ignored voxels).
-        weight: ``(B, N)`` 1 on counted voxels, 0 on ignored ones (probs' dtype).
-    """
-    batch, classes = probs.shape[:2]
-    size = batch * classes * num_bins
-    edges = torch.linspace(0.0, 1.0 + FLOAT32_EPS, num_bins + 1, dtype=probs.dtype, device=probs.device)[1:]
-    index = _sorted_position(probs.detach(), edges).clamp_(max=num_bins - 1)
-    flat = _flat_index(index, num_bins)
-    w = weight.unsqueeze(1)
-    sum_p = _scatter(size, probs, flat, probs * w)
-    counts = _scatter(size, probs, flat, w.expand_as(probs).detach())
-    sum_y = _scatter(size, probs, _label_flat_index(index, labels, num_bins), weight)
-    shape = (batch, classes, num_bins)
-    return sum_p.reshape(shape), sum_y.reshape(shape), counts.reshape(shape)
-
-
-def soft_binned_sums(probs: Tensor, labels: Tensor, weight: Tensor, num_bins: int) -> tuple[Tensor, Tensor, Tensor]:
-    """As :func:`hard_binned_sums` with soft bins: each ``p`` weighs ``1 - t`` in the bin of the
-    centre below it and ``t`` in the next, ``t`` its relative position between the two centres
-    (``t = 0`` below the first centre and above the last). Sums and counts carry gradients."""
-    batch, classes = probs.shape[:2]
-    size = batch * classes * num_bins
-    centres = torch.linspace(0.0, 1.0 + FLOAT32_EPS, 2 * num_bins + 1, dtype=probs.dtype, device=probs.device)[1::2].contiguous()
-    above = _sorted_position(probs.detach(), centres)  # first centre >= p
-    left = (above - 1).clamp_(0, num_bins - 1)
-    right = above.clamp_(max=num_bins - 1)
-    low, high = centres[left], centres[right]
-    t = torch.where(left != right, (probs - low) / (high - low).clamp_min(FLOAT32_EPS), 0.0)
-    w = weight.unsqueeze(1)
-    right_w = t * w
-    left_w = w - right_w
-    flat_left, flat_right = _flat_index(left, num_bins), _flat_index(right, num_bins)
-    sum_p = _scatter(size, probs, flat_left, left_w * probs) + _scatter(size, probs, flat_right, right_w * probs)
-    counts = _scatter(size, probs, flat_left, left_w) + _scatter(size, probs, flat_right, right_w)
-    t_true = _at_label(t, labels)
-    sum_y = _scatter(size, probs, _label_flat_index(left, labels, num_bins), (1 - t_true) * weight)
-    sum_y = sum_y + _scatter(size, probs, _label_flat_index(right, labels, num_bins), t_true * weight)
-    shape = (batch, classes, num_bins)
-    return sum_p.reshape(shape), sum_y.reshape(shape), counts.reshape(shape)
-
 
 def l1_average_calibration_error(
     inputs: LossInputs,
@@ -141,8 +55,7 @@ def l1_average_calibration_error(
     probs = logits.softmax(1).reshape(batch, classes, -1)
     labels = inputs.labels.reshape(batch, -1)
     weight = inputs.weight.reshape(batch, -1)
-    binning = soft_binned_sums if soft else hard_binned_sums
-    sum_p, sum_y, counts = binning(probs, labels, weight, num_bins)
+    sum_p, sum_y, counts = binned_sums(probs, labels, weight, num_bins, soft)
     occupied = counts > 0
     if soft:
         occupied &= counts >= empty_weight

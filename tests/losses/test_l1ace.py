@@ -275,7 +275,7 @@ def test_invalid_parameters() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("num_bins", [1, 2, 7, 20])
 def test_bin_lookup_equals_bucketize_at_and_beside_every_edge(num_bins: int, dtype: torch.dtype) -> None:
-    from segcalib.losses.l1ace import FLOAT32_EPS, _sorted_position
+    from segcalib.losses._calibration_bins import FLOAT32_EPS, sorted_position
 
     grid = torch.linspace(0.0, 1.0 + FLOAT32_EPS, 2 * num_bins + 1, dtype=dtype)
     gen = torch.Generator().manual_seed(46)
@@ -287,4 +287,23 @@ def test_bin_lookup_equals_bucketize_at_and_beside_every_edge(num_bins: int, dty
             torch.nextafter(table, torch.full_like(table, -1.0)),
             torch.tensor([0.0, 1.0], dtype=dtype),
         ])
-        assert torch.equal(_sorted_position(values, table), torch.bucketize(values, table))
+        assert torch.equal(sorted_position(values, table), torch.bucketize(values, table))
+
+
+@pytest.mark.parametrize("name", ["hardl1ace", "softl1ace"])
+def test_chunked_binning_equals_one_chunk(name: str, monkeypatch) -> None:
+    """Forward and backward walk the voxels in chunks; a chunk of 7 entries (uneven split) gives
+    the same value and gradient as a single chunk, ignored voxels included."""
+    import segcalib.losses._calibration_bins as bins
+
+    logits, target = random_batch(SHAPES["3d"], dtype=torch.float64, seed=47)
+    target[1, 2] = -100
+    results = []
+    for chunk in (bins.CHUNK_ELEMENTS, 7):
+        monkeypatch.setattr(bins, "CHUNK_ELEMENTS", chunk)
+        z = logits.clone().requires_grad_(True)
+        value = build_loss(name)(z, target)
+        value.backward()
+        results.append((value.detach(), z.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-14)
