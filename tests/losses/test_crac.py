@@ -170,11 +170,11 @@ def test_loss_matches_the_float64_reference(penalty: str, dims: str) -> None:
     assert boundary.any() and (~boundary & (target.numpy() != IGNORE)).any()
 
 
-@pytest.mark.parametrize("dims", sorted(BLOB_SHAPES))
-def test_gradient_by_finite_differences(dims: str) -> None:
+@pytest.mark.parametrize("dims,penalty", [("2d", "phr"), ("2d", "p2"), ("2d", "p3"), ("3d", "phr")])
+def test_gradient_by_finite_differences(dims: str, penalty: str) -> None:
     shape = (1, 3, 5, 6) if dims == "2d" else (1, 3, 4, 5, 4)
     logits, target = _blob_batch(shape, seed=52, scale=1.0)
-    loss = build_loss("crac", num_classes=3, penalty="p2", boundary_mm=1.0)
+    loss = build_loss("crac", num_classes=3, penalty=penalty, boundary_mm=1.0)
     loss.lambdas.copy_(torch.tensor([[0.5, 1.0, 2.0], [0.2, 0.7, 1.5]]))
     loss.rhos.fill_(1.5)
     z = logits.clone().requires_grad_(True)
