@@ -51,9 +51,11 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
     - interior voxels: ``h_ik = |m * tau_ik - z_ik|`` (``tau`` is the one-hot label there);
 
     and P the PHR / P2 / P3 penalty-Lagrangian of CALS (P(0) = 0, so the entries of the other region
-    add 0, but count in the mean over ``2C`` entries, as in the reference code). The boundary band is
-    segcalib's metric region: voxels within ``boundary_mm`` (with ``spacing``, mm per axis; None: 1
-    mm) of an edge voxel of any ground-truth foreground class (``segcalib.spatial``).
+    add 0, but count in the mean over ``2C`` entries, as in the reference code). The boundary region
+    (``region="band"``) is segcalib's metric band: voxels within ``boundary_mm`` (with ``spacing``,
+    mm per axis; None: 1 mm) of an edge voxel of any ground-truth foreground class
+    (``segcalib.spatial``); ``region="window"`` is the paper's: voxels whose ``k^d`` window holds more
+    than one label (the image's outside counting as background, an ignored voxel as another label).
 
     Outer update (``accumulate(val_logits, val_target)`` per validation batch, ``step()`` once per
     epoch), N the number of valid validation voxels, N_r those in region r:
@@ -86,6 +88,7 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         gamma: float = 1.2,
         tau: float = 0.9,
         kernel_size: int = 3,
+        region: str = "band",
         boundary_mm: float = DEFAULT_BOUNDARY_MM,
         spacing: Sequence[float] | None = None,
         ignore_index: int = -100,
@@ -104,6 +107,7 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         self.gamma = check_float(name, "gamma", gamma, low=1.0)
         self.tau = check_float(name, "tau", tau, low=0.0)
         self.kernel_size = check_odd(name, "kernel_size", kernel_size)
+        self.region = check_choice(name, "region", region, ("band", "window"))
         self.boundary_mm = check_float(name, "boundary_mm", boundary_mm, low=0.0)
         self.spacing = None if spacing is None else self._check_spacing(spacing)
         self._penalty = PENALTIES[self.penalty]
@@ -132,11 +136,19 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"{self.name} was built for {self.num_classes} classes, got logits {tuple(logits.shape)}")
 
-    def regions(self, inputs: LossInputs) -> Tensor:
-        """Boolean ``(B, *spatial)``: True in the boundary band (ground truth, ignored voxels excluded)."""
+    def _tau(self, inputs: LossInputs) -> Tensor:
+        return neighbour_proportions(inputs.labels, inputs.valid, self.num_classes, self.kernel_size, inputs.logits.dtype)
+
+    def regions(self, inputs: LossInputs, tau: Tensor | None = None) -> Tensor:
+        """Boolean ``(B, *spatial)``: True in the boundary region (from the ground truth; ignored
+        voxels excluded): the band (``region="band"``) or the mixed windows (``region="window"``)."""
         dims = inputs.spatial_dims
         if dims not in (2, 3):
             raise ValueError(f"{self.name} supports 2D and 3D inputs, got {dims} spatial dimensions")
+        if self.region == "window":  # the window holds another label, the outside or an ignored voxel
+            with torch.no_grad():
+                tau = self._tau(inputs) if tau is None else tau
+                return (tau.amax(1) < 1) & inputs.valid
         spacing = self.spacing or (1.0,) * dims
         if len(spacing) != dims:
             raise ValueError(f"{self.name}: spacing {spacing} has {len(spacing)} values for {dims}D inputs")
@@ -152,11 +164,9 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
     def constraints(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
         """``h`` ``(B, C, *spatial)`` (see the class docstring) and the boundary mask ``(B, *spatial)``."""
         self._check_classes(inputs.logits)
-        boundary = self.regions(inputs)
         with torch.no_grad():
-            tau = neighbour_proportions(
-                inputs.labels, inputs.valid, self.num_classes, self.kernel_size, inputs.logits.dtype
-            )
+            tau = self._tau(inputs)
+            boundary = self.regions(inputs, tau)
             goal = torch.where(boundary.unsqueeze(1), tau, self.margin * tau)
         return (goal - inputs.logits).abs(), boundary
 
@@ -234,6 +244,6 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, margin={self.margin}, penalty={self.penalty!r}, "
-            f"boundary_mm={self.boundary_mm}, spacing={self.spacing}, {super().extra_repr()}"
+            f"region={self.region!r}, boundary_mm={self.boundary_mm}, spacing={self.spacing}, {super().extra_repr()}"
         )
 

@@ -57,19 +57,29 @@ def window_shares(y: np.ndarray, classes: int, k: int = 3, ignore_index: int = I
     return tau
 
 
-def constraints(z: np.ndarray, y: np.ndarray, margin: float, spacing, width: float):
+def mixed_windows(y: np.ndarray, k: int = 3, ignore_index: int = IGNORE) -> np.ndarray:
+    """(B, *S) bool: the k^d window holds a label other than the voxel's (outside = 0, ignored = other)."""
+    out = np.zeros(y.shape, dtype=bool)
+    padded = np.pad(y, [(0, 0)] + [(k // 2, k // 2)] * (y.ndim - 1), constant_values=0)
+    for idx in np.ndindex(y.shape):
+        window = padded[(idx[0], *[slice(i, i + k) for i in idx[1:]])]
+        out[idx] = y[idx] != ignore_index and bool((window != y[idx]).any())
+    return out
+
+
+def constraints(z: np.ndarray, y: np.ndarray, margin: float, spacing, width: float, region: str = "band"):
     """h (M, C) and the boundary flag (M,) of every voxel (ignored ones included, masked later)."""
     classes = z.shape[1]
-    boundary = band(y, spacing, width)
+    boundary = band(y, spacing, width) if region == "band" else mixed_windows(y)
     tau = window_shares(y, classes)
     goal = np.where(boundary[:, None], tau, margin * tau)
     return ref.flat(np.abs(goal - z)), boundary.reshape(-1)
 
 
-def reference_loss(z, y, lambdas, rhos, margin=5.0, penalty="phr", spacing=None, width=2.0) -> float:
+def reference_loss(z, y, lambdas, rhos, margin=5.0, penalty="phr", spacing=None, width=2.0, region="band") -> float:
     """CE + mean over valid voxels x 2C of P([h b, h (1 - b)]; lambda, rho) (lambdas, rhos (2, C))."""
     spacing = spacing or (1.0,) * (z.ndim - 2)
-    h, b = constraints(z, y, margin, spacing, width)
+    h, b = constraints(z, y, margin, spacing, width, region)
     hcat = np.concatenate([h * b[:, None], h * (1 - b[:, None])], axis=1)
     p, _ = ref.penalty_and_derivative(penalty, hcat, lambdas.reshape(1, -1), rhos.reshape(1, -1))
     valid = y.reshape(-1) != IGNORE
@@ -168,6 +178,23 @@ def test_loss_matches_the_float64_reference(penalty: str, dims: str) -> None:
     boundary = loss.regions(_inputs(logits, target)).numpy()
     assert np.array_equal(boundary, band(target.numpy(), spacing, 1.6))
     assert boundary.any() and (~boundary & (target.numpy() != IGNORE)).any()
+
+
+@pytest.mark.parametrize("dims", sorted(BLOB_SHAPES))
+def test_window_regions_match_the_reference(dims: str) -> None:
+    """``region="window"``: the paper's boundary, a window holding more than one label."""
+    logits, target = _blob_batch(BLOB_SHAPES[dims], seed=59)
+    target[0, 1] = IGNORE
+    loss = build_loss("crac", num_classes=3, region="window")
+    loss.lambdas.copy_(torch.tensor([[0.3, 1.0, 2.0], [0.5, 0.2, 1.0]]))
+    loss.rhos.copy_(torch.tensor([[1.0, 2.0, 0.5], [0.7, 1.0, 3.0]]))
+    boundary = loss.regions(_inputs(logits, target)).numpy()
+    assert np.array_equal(boundary, mixed_windows(target.numpy()))
+    assert boundary.any() and (~boundary & (target.numpy() != IGNORE)).any()
+    expected = reference_loss(
+        logits.numpy(), target.numpy(), loss.lambdas.double().numpy(), loss.rhos.double().numpy(), region="window"
+    )
+    assert loss(logits, target).item() == pytest.approx(expected, rel=1e-10)
 
 
 @pytest.mark.parametrize("dims,penalty", [("2d", "phr"), ("2d", "p2"), ("2d", "p3"), ("3d", "phr")])
