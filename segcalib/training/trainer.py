@@ -143,6 +143,7 @@ class Trainer:
                     self.num_classes,
                     self.device,
                     update_adaptive_loss=self.adaptive,
+                    adaptive_slice_axis=cfg.data.slice_axis if cfg.data.mode == "2d" else None,
                 )
                 if self.adaptive:
                     self.loss_fn.step()

@@ -132,6 +132,29 @@ def test_calibration_losses_train_on_the_smoke_data(loss: str, tmp_path: Path) -
         assert {"train_ace", "train_dice"} <= set(rows[-1])
 
 
+@pytest.mark.slow
+def test_2d_training_updates_crac_on_2d_slices(tmp_path: Path, monkeypatch) -> None:
+    """In 2D mode the adaptive update sees the validation volumes as batches of slices along
+    ``data.slice_axis`` (the images the loss trains on), not as 3D volumes."""
+    import segcalib.training.trainer as trainer
+
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    build = trainer.build_loss_for
+
+    def spying_build(cfg, num_classes):
+        loss = build(cfg, num_classes)
+        accumulate = loss.accumulate
+        loss.accumulate = lambda z, y: (seen.append((tuple(z.shape), tuple(y.shape))), accumulate(z, y))[1]
+        return loss
+
+    monkeypatch.setattr(trainer, "build_loss_for", spying_build)
+    cfg = load_config(SMOKE_CONFIG, ["loss.name=crac", "data.mode=2d", "data.slice_axis=1", "data.patch_size=[32,32]",
+                                     "data.samples_per_volume=2", "train.epochs=1", "train.iterations_per_epoch=2"])
+    train(cfg, RunDir(tmp_path / "crac2d"), progress=False)
+    assert seen and all(len(z) == 4 and len(y) == 4 and z[0] == y[0] and y[1] == 1 for z, y in seen)
+    assert int(load_checkpoint(RunDir(tmp_path / "crac2d").last)["loss"]["epoch"]) == 1
+
+
 def test_loss_spacing_comes_from_the_resampled_data() -> None:
     cfg = load_config(SMOKE_CONFIG, ["loss.name=crac", "data.spacing=[1.0,1.0,1.5]"])
     assert build_loss_for(cfg, 3).spacing == (1.0, 1.0, 1.5)
