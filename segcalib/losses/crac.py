@@ -48,7 +48,7 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
 
     - boundary voxels: ``h_ik = |tau_ik - z_ik|``, ``tau`` the class shares in the ``k^d`` window
       (NACL's target);
-    - interior voxels: ``h_ik = |m * tau_ik - z_ik|`` (``tau`` is the one-hot label there);
+    - interior voxels: ``h_ik = |m * tau_ik - z_ik|`` (``tau`` is the one-hot label where the window is uniform);
 
     and P the PHR / P2 / P3 penalty-Lagrangian of CALS (P(0) = 0, so the entries of the other region
     add 0, but count in the mean over ``2C`` entries, as in the reference code). The boundary region

@@ -35,6 +35,7 @@ from segcalib.losses.base import CalibrationLoss
 from segcalib.losses.dice import soft_dice_loss
 from segcalib.losses.registry import register_loss
 
+
 def l1_average_calibration_error(
     inputs: LossInputs,
     num_bins: int = 20,
