@@ -5,8 +5,8 @@
 >>> value = loss(logits, target)            # logits (B, C, *spatial), target (B, *spatial)
 >>> loss.last_components                    # {"ce": ..., "penalty": ...}, detached
 
-Every loss is a :class:`CalibrationLoss`; CALS and its heuristic variant are
-:class:`AdaptiveLoss` es with ``accumulate(val_logits)`` / ``step()`` for the per-epoch update.
+Every loss is a :class:`CalibrationLoss`; CALS, its heuristic variant and CRaC are
+:class:`AdaptiveLoss` es with ``accumulate(val_logits, val_target)`` / ``step()`` for the per-epoch update.
 """
 
 from segcalib.losses.base import AdaptiveLoss, CalibrationLoss

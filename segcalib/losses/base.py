@@ -57,10 +57,11 @@ class CalibrationLoss(nn.Module):
 
 
 class AdaptiveLoss(CalibrationLoss):
-    """A loss whose weights are updated between epochs from validation logits (no labels).
+    """A loss whose weights are updated between epochs from validation logits (and labels).
 
-    The trainer calls ``accumulate(val_logits)`` for each validation batch (model in eval mode,
-    no grad), then ``step()`` once per epoch. All state (multipliers, epoch counter, previous
+    The trainer calls ``accumulate(val_logits, val_target)`` for each validation batch (model in
+    eval mode, no grad; CALS ignores the labels, CRaC's regions and targets come from them), then
+    ``step()`` once per epoch. All state (multipliers, epoch counter, previous
     statistics) lives in buffers, so ``state_dict()`` / ``load_state_dict()`` restore it on resume.
     """
 
@@ -73,7 +74,7 @@ class AdaptiveLoss(CalibrationLoss):
                 row.update({f"{name[:-1]}_{k}": float(v) for k, v in enumerate(values.detach().cpu().tolist())})
         return row
 
-    def accumulate(self, val_logits: Tensor) -> None:
+    def accumulate(self, val_logits: Tensor, val_target: Tensor | None = None) -> None:
         raise NotImplementedError
 
     def step(self) -> None:

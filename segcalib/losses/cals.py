@@ -92,8 +92,9 @@ class ClassAdaptiveLoss(AdaptiveLoss):
         return ce + penalty, {"ce": ce, "penalty": penalty}
 
     @torch.no_grad()
-    def accumulate(self, val_logits: Tensor) -> None:
-        """Add the statistics of one validation batch ``(B, C, *spatial)`` (no labels) to this epoch's sums."""
+    def accumulate(self, val_logits: Tensor, val_target: Tensor | None = None) -> None:
+        """Add the statistics of one validation batch ``(B, C, *spatial)`` to this epoch's sums
+        (``val_target`` is accepted for the common interface and not used: the update needs no labels)."""
         self._check_classes(val_logits)
         logits = val_logits.float() if val_logits.dtype in HALF_DTYPES else val_logits
         with torch.autocast(device_type=logits.device.type, enabled=False):

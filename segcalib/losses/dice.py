@@ -13,17 +13,27 @@ from segcalib.losses.registry import register_loss
 DICE_EPSILON = 1e-5
 
 
-def soft_dice_loss(inputs: LossInputs, include_background: bool = True, eps: float = DICE_EPSILON) -> Tensor:
-    """``mean_{b,c} 1 - (2 sum p g + eps) / (sum p + sum g + eps)`` per sample b and class c.
+def soft_dice_loss(
+    inputs: LossInputs,
+    include_background: bool = True,
+    eps: float = DICE_EPSILON,
+    *,
+    squared: bool = False,
+    smooth_nr: float | None = None,
+) -> Tensor:
+    """``mean_{b,c} 1 - (2 sum p g + nr) / (sum p + sum g + eps)`` per sample b and class c.
 
     ``p = softmax(logits)`` and ``g`` the one-hot target, both zero on ignored voxels; the one-hot
     target is never materialised (intersections and counts are scattered by label).
     ``include_background=False`` drops class 0 from the mean (after the softmax over all classes).
+    ``squared=True`` sums ``p^2`` in the denominator (MONAI's ``squared_pred``); ``smooth_nr`` is the
+    numerator's constant (default ``eps``, MONAI's ``smooth_nr = smooth_dr``).
     """
     logits = inputs.logits
     batch, classes = logits.shape[:2]
     if not include_background and classes < 2:
         raise ValueError("Dice without background needs at least 2 classes")
+    nr = eps if smooth_nr is None else smooth_nr
     probs = logits.softmax(1).reshape(batch, classes, -1)
     weight = inputs.weight.reshape(batch, -1)
     labels = inputs.labels.reshape(batch, -1)
@@ -31,8 +41,8 @@ def soft_dice_loss(inputs: LossInputs, include_background: bool = True, eps: flo
     zeros = probs.new_zeros(batch, classes)
     intersection = zeros.scatter_add(1, labels, p_true)
     target_sum = zeros.scatter_add(1, labels, weight)
-    prob_sum = torch.bmm(probs, weight.unsqueeze(2)).squeeze(2)
-    dice = 1 - (2 * intersection + eps) / (prob_sum + target_sum + eps)
+    prob_sum = torch.bmm(probs.square() if squared else probs, weight.unsqueeze(2)).squeeze(2)
+    dice = 1 - (2 * intersection + nr) / (prob_sum + target_sum + eps)
     return (dice if include_background else dice[:, 1:]).mean()
 
 

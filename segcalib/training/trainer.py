@@ -58,12 +58,16 @@ class TrainSummary:
 
 
 def build_loss_for(cfg: ExperimentConfig, num_classes: int) -> CalibrationLoss:
-    """The configured loss with data-given parameters (``num_classes``) filled in."""
+    """The configured loss with data-given parameters filled in: ``num_classes`` from the manifest,
+    and ``spacing`` (mm per axis, for losses with regions in mm) from ``data.spacing`` in 3D mode."""
     params = dict(cfg.loss.params)
-    if "num_classes" in loss_parameters(cfg.loss.name):
+    accepted = loss_parameters(cfg.loss.name)
+    if "num_classes" in accepted:
         given = params.setdefault("num_classes", num_classes)
         if given != num_classes:
             raise ConfigError(f"loss.num_classes: {given} but the manifest declares {num_classes} classes")
+    if "spacing" in accepted and cfg.data.spacing and cfg.data.mode == "3d":
+        params.setdefault("spacing", [float(s) for s in cfg.data.spacing])
     return build_loss(cfg.loss.name, **params)
 
 
@@ -139,6 +143,7 @@ class Trainer:
                     self.num_classes,
                     self.device,
                     update_adaptive_loss=self.adaptive,
+                    adaptive_slice_axis=cfg.data.slice_axis if cfg.data.mode == "2d" else None,
                 )
                 if self.adaptive:
                     self.loss_fn.step()

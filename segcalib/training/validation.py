@@ -1,6 +1,6 @@
 """Validation on whole volumes: sliding-window logits -> loss, Dice per class, pooled ECE.
 
-The same logits feed an adaptive loss's outer update (CALS ``accumulate``), so validation and
+The same logits (and labels) feed an adaptive loss's outer update (CALS / CRaC ``accumulate``), so validation and
 the multiplier update cost one forward pass. Under DDP every process takes its share of the
 cases; sums are all-reduced and per-case Dice values gathered, so the result equals one process.
 """
@@ -57,8 +57,13 @@ def validate(
     num_classes: int,
     device: torch.device,
     update_adaptive_loss: bool = False,
+    adaptive_slice_axis: int | None = None,
 ) -> ValidationResult:
-    """Evaluate ``net`` (a function of 3D windows) on preprocessed volumes with labels."""
+    """Evaluate ``net`` (a function of 3D windows) on preprocessed volumes with labels.
+
+    ``adaptive_slice_axis`` (2D training): the adaptive loss's update sees each volume as the batch
+    of its slices along that axis, the images it was trained on (CRaC's windows and regions are 2D).
+    """
     was_training = net.training
     net.eval()
     metric = CalibrationMetric(num_classes, regions=(ALL,), per_case=False)
@@ -75,7 +80,10 @@ def validate(
         loss_sum += loss_fn(logits, label).double() * n
         voxels += n
         if update_adaptive_loss:
-            loss_fn.accumulate(logits)
+            if adaptive_slice_axis is None:
+                loss_fn.accumulate(logits, label)
+            else:
+                loss_fn.accumulate(_slices(logits, adaptive_slice_axis), _slices(label, adaptive_slice_axis))
         probs = torch.softmax(logits, dim=1)
         metric.update(probs, label)
         per_case.append(dice(probs.argmax(1), label[:, 0], num_classes)[0].tolist())
@@ -102,3 +110,8 @@ def _batched(x: torch.Tensor) -> torch.Tensor:
     """A ``(C, *spatial)`` tensor from a dataset item as ``(1, C, *spatial)``."""
     x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
     return x.unsqueeze(0)
+
+
+def _slices(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``(1, C, *spatial3d)`` -> ``(S, C, *spatial2d)``: the slices along spatial ``axis`` as a batch."""
+    return x[0].movedim(1 + axis, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -138,7 +139,18 @@ def test_wrong_target_shape_is_an_error(name: str) -> None:
 
 @pytest.mark.parametrize("name", [n for n in ALL if issubclass(type(make_loss(n)), AdaptiveLoss)])
 def test_adaptive_state_is_in_buffers(name: str) -> None:
+    """Multipliers per class (CALS: ``(C,)``; CRaC: ``(regions, C)``) in buffers; one outer update
+    from validation batches (logits and labels) moves them and the epoch counter, and the logged
+    state names one finite value per multiplier."""
     loss_fn = make_loss(name)
     state = loss_fn.state_dict()
-    assert state["lambdas"].shape == (NUM_CLASSES,) and state["rhos"].shape == (NUM_CLASSES,)
+    assert state["lambdas"].shape[-1] == NUM_CLASSES and state["rhos"].shape == state["lambdas"].shape
     assert {"lambdas", "rhos", "epoch"} <= set(dict(loss_fn.named_buffers()))
+    before = loss_fn.lambdas.clone()
+    for seed in (1, 2):  # two epochs: the heuristic variant needs a previous epoch to compare with
+        logits, target = random_batch(SHAPES["3d"], scale=5.0 * seed, seed=seed)
+        loss_fn.accumulate(logits, target)
+        loss_fn.step()
+    assert int(loss_fn.epoch) == 2 and not torch.equal(loss_fn.lambdas, before)
+    logged = loss_fn.logged_state()
+    assert len(logged) == 2 * loss_fn.lambdas.numel() and all(math.isfinite(v) for v in logged.values())

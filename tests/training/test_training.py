@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from segcalib.errors import RunError
 from segcalib.losses.base import CalibrationLoss
 from segcalib.runs import RunDir
 from segcalib.training import TrainingDiverged, train
+from segcalib.training.trainer import build_loss_for
 from segcalib.runs.checkpoint import load_checkpoint
 from tests.conftest import REPO_ROOT, SMOKE_CONFIG
 
@@ -109,6 +111,57 @@ def test_cals_multipliers_move(tmp_path: Path) -> None:
     assert not torch.allclose(state["lambdas"], torch.full((3,), 1e-6))
     row = _rows(run.root)[-1]
     assert "lambda_0" in row and "rho_0" in row and "train_penalty" in row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["crac", "hardl1ace_dice", "softl1ace_dice"])
+def test_calibration_losses_train_on_the_smoke_data(loss: str, tmp_path: Path) -> None:
+    """A short run of each newer calibration loss: finite, lower training loss in epoch 2; CRaC's
+    per-(region, class) multipliers move on the validation data and are logged and checkpointed."""
+    run = RunDir(tmp_path / loss)
+    train(load_config(SMOKE_CONFIG, [f"loss.name={loss}"]), run, progress=False)
+    rows = _rows(run.root)
+    losses = [float(r["train_loss"]) for r in rows]
+    assert all(math.isfinite(v) for v in losses) and losses[1] < losses[0]
+    if loss == "crac":
+        state = load_checkpoint(run.last)["loss"]
+        assert state["lambdas"].shape == (2, 3) and int(state["epoch"]) == 2
+        assert (state["lambdas"] > 1e-6).any()
+        assert {"lambda_boundary_0", "lambda_interior_2", "rho_interior_1", "train_penalty"} <= set(rows[-1])
+    else:
+        assert {"train_ace", "train_dice"} <= set(rows[-1])
+
+
+@pytest.mark.slow
+def test_2d_training_updates_crac_on_2d_slices(tmp_path: Path, monkeypatch) -> None:
+    """In 2D mode the adaptive update sees the validation volumes as batches of slices along
+    ``data.slice_axis`` (the images the loss trains on), not as 3D volumes."""
+    import segcalib.training.trainer as trainer
+
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    build = trainer.build_loss_for
+
+    def spying_build(cfg, num_classes):
+        loss = build(cfg, num_classes)
+        accumulate = loss.accumulate
+        loss.accumulate = lambda z, y: (seen.append((tuple(z.shape), tuple(y.shape))), accumulate(z, y))[1]
+        return loss
+
+    monkeypatch.setattr(trainer, "build_loss_for", spying_build)
+    cfg = load_config(SMOKE_CONFIG, ["loss.name=crac", "data.mode=2d", "data.slice_axis=1", "data.patch_size=[32,32]",
+                                     "data.samples_per_volume=2", "train.epochs=1", "train.iterations_per_epoch=2"])
+    train(cfg, RunDir(tmp_path / "crac2d"), progress=False)
+    assert seen and all(len(z) == 4 and len(y) == 4 and z[0] == y[0] and y[1] == 1 for z, y in seen)
+    assert int(load_checkpoint(RunDir(tmp_path / "crac2d").last)["loss"]["epoch"]) == 1
+
+
+def test_loss_spacing_comes_from_the_resampled_data() -> None:
+    cfg = load_config(SMOKE_CONFIG, ["loss.name=crac", "data.spacing=[1.0,1.0,1.5]"])
+    assert build_loss_for(cfg, 3).spacing == (1.0, 1.0, 1.5)
+    assert build_loss_for(load_config(SMOKE_CONFIG, ["loss.name=crac"]), 3).spacing is None  # the data's own: 1 mm
+    given = load_config(SMOKE_CONFIG, ["loss.name=crac", "loss.spacing=[2.0,2.0,2.0]", "data.spacing=[1.0,1.0,1.5]"])
+    assert build_loss_for(given, 3).spacing == (2.0, 2.0, 2.0)
+    assert not hasattr(build_loss_for(load_config(SMOKE_CONFIG, ["data.spacing=[1.0,1.0,1.5]"]), 3), "spacing")
 
 
 class _NanAfterFirstEpoch(CalibrationLoss):

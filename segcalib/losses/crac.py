@@ -1,0 +1,249 @@
+"""Class- and region-adaptive constraints (CRaC): multipliers per class and per region, by augmented Lagrangian."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segcalib.errors import ConfigError
+from segcalib.losses._checks import check_choice, check_float, check_int, check_odd
+from segcalib.losses._inputs import LossInputs
+from segcalib.losses._margin_ce import per_class
+from segcalib.losses._penalties import PENALTIES
+from segcalib.losses.base import AdaptiveLoss
+from segcalib.losses.registry import register_loss
+from segcalib.spatial.regions import BOUNDARY, DEFAULT_BOUNDARY_MM, RegionContext, region_mask
+from segcalib.utils.distributed import all_reduce_sum
+from segcalib.utils.tensors import HALF_DTYPES
+
+_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
+REGIONS = (BOUNDARY, "interior")
+"""Row order of ``lambdas`` / ``rhos``: the boundary band, then every other voxel."""
+
+
+def neighbour_proportions(
+    labels: Tensor, valid: Tensor, num_classes: int, kernel_size: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``tau``: ``(B, C, *spatial)`` share of each class in the ``k^d`` window around every voxel.
+
+    As the reference code: voxels outside the image count as background (class 0), ignored voxels
+    as no class. Zero-padded box means (``count_include_pad``) in ``dtype``, plus the outside share on class 0.
+    """
+    onehot = torch.zeros((labels.shape[0], num_classes, *labels.shape[1:]), dtype=dtype, device=labels.device)
+    onehot.scatter_(1, labels.unsqueeze(1), valid.unsqueeze(1).to(dtype))
+    pool = _AVG_POOL[labels.dim() - 1]
+    tau = pool(onehot, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
+    inside = pool(torch.ones_like(onehot[:, :1]), kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
+    tau[:, :1] += 1 - inside  # the window's voxels outside the image count as background
+    return tau
+
+
+@register_loss("crac")
+class ClassRegionAdaptiveLoss(AdaptiveLoss):
+    """``CE + mean_{i, r, k} P(h_ik [i in r]; lambda_rk, rho_rk)`` over valid voxels i, the two
+    regions r (boundary band, interior) and the C classes k, with the L1 constraints
+
+    - boundary voxels: ``h_ik = |tau_ik - z_ik|``, ``tau`` the class shares in the ``k^d`` window
+      (NACL's target);
+    - interior voxels: ``h_ik = |m * tau_ik - z_ik|`` (``tau`` is the one-hot label where the window is uniform);
+
+    and P the PHR / P2 / P3 penalty-Lagrangian of CALS (P(0) = 0, so the entries of the other region
+    add 0, but count in the mean over ``2C`` entries, as in the reference code). The boundary region
+    (``region="band"``) is segcalib's metric band: voxels within ``boundary_mm`` (with ``spacing``,
+    mm per axis; None: 1 mm) of an edge voxel of any ground-truth foreground class
+    (``segcalib.spatial``); ``region="window"`` is the paper's: voxels whose ``k^d`` window holds more
+    than one label (the image's outside counting as background, an ignored voxel as another label).
+
+    Outer update (``accumulate(val_logits, val_target)`` per validation batch, ``step()`` once per
+    epoch), N the number of valid validation voxels, N_r those in region r:
+
+    - every ``lambda_step`` epochs: ``lambda_rk <- clamp((sum_{i in r} clamp(P'(h_ik)) + (N - N_r)
+      clamp(P'(0))) / N, lmin, lmax)`` with clamps to [lmin, lmax] -- the reference's mean over all
+      voxels of its region-masked constraints, where a voxel outside r has h = 0 (P'(0) = lambda for PHR);
+    - ``c_rk = sum_{i in r} h_ik / N``; every ``rho_step`` epochs once a previous c exists,
+      ``rho_rk <- gamma rho_rk`` where ``c_rk > tau max(c_prev_rk, 0)``, clamped to [rho_init, rho_max];
+      ``c_prev <- c`` every epoch; lambda is updated with the old rho, then rho.
+
+    Sums are all-reduced before dividing under ``torch.distributed``. State (``lambdas`` and
+    ``rhos`` ``(2, C)``, rows in :data:`REGIONS` order; ``previous_constraint``; ``epoch``) is in buffers.
+    Murugesan et al., "Class and Region-Adaptive Constraints for Network Calibration", MICCAI 2024
+    (code Bala93/CRac). Components: ``ce``, ``penalty``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        margin: float = 5.0,
+        penalty: str = "phr",
+        lambda_min: float = 1e-6,
+        lambda_max: float = 1e6,
+        lambda_step: int = 1,
+        rho_init: float = 0.1,
+        rho_max: float = 10.0,
+        rho_step: int = 10,
+        gamma: float = 1.2,
+        tau: float = 0.9,
+        kernel_size: int = 3,
+        region: str = "band",
+        boundary_mm: float = DEFAULT_BOUNDARY_MM,
+        spacing: Sequence[float] | None = None,
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__(ignore_index=ignore_index)
+        name = self.name
+        self.num_classes = check_int(name, "num_classes", num_classes, low=1)
+        self.margin = check_float(name, "margin", margin, low=0.0)
+        self.penalty = check_choice(name, "penalty", penalty, tuple(PENALTIES))
+        self.lambda_min = check_float(name, "lambda_min", lambda_min, low=0.0)
+        self.lambda_max = check_float(name, "lambda_max", lambda_max, low=self.lambda_min)
+        self.lambda_step = check_int(name, "lambda_step", lambda_step, low=1)
+        self.rho_init = check_float(name, "rho_init", rho_init, low=0.0, low_open=True)
+        self.rho_max = check_float(name, "rho_max", rho_max, low=self.rho_init)
+        self.rho_step = check_int(name, "rho_step", rho_step, low=0)
+        self.gamma = check_float(name, "gamma", gamma, low=1.0)
+        self.tau = check_float(name, "tau", tau, low=0.0)
+        self.kernel_size = check_odd(name, "kernel_size", kernel_size)
+        self.region = check_choice(name, "region", region, ("band", "window"))
+        self.boundary_mm = check_float(name, "boundary_mm", boundary_mm, low=0.0)
+        self.spacing = None if spacing is None else self._check_spacing(spacing)
+        self._penalty = PENALTIES[self.penalty]
+
+        shape = (len(REGIONS), self.num_classes)
+        self.register_buffer("lambdas", torch.full(shape, self.lambda_min))
+        self.register_buffer("rhos", torch.full(shape, self.rho_init))
+        self.register_buffer("previous_constraint", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.int64))
+        # Per-epoch sums: [0] clamped P'(h) over each region's voxels, [1] h over them; voxel counts.
+        self.register_buffer("_sums", torch.zeros(2, *shape, dtype=torch.float64), persistent=False)
+        self.register_buffer("_region_count", torch.zeros(len(REGIONS), dtype=torch.float64), persistent=False)
+        self.register_buffer("_count", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def _check_spacing(self, spacing: object) -> tuple[float, ...]:
+        if isinstance(spacing, (str, bytes)) or not isinstance(spacing, Sequence) or len(spacing) not in (2, 3):
+            raise ConfigError(
+                f"loss '{self.name}': parameter 'spacing' must be 2 or 3 positive numbers (mm per axis) or null, "
+                f"got {spacing!r}"
+            )
+        return tuple(check_float(self.name, "spacing", s, low=0.0, low_open=True) for s in spacing)
+
+    # -- constraints ---------------------------------------------------------------------------
+
+    def _check_classes(self, logits: Tensor) -> None:
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"{self.name} was built for {self.num_classes} classes, got logits {tuple(logits.shape)}")
+
+    def _tau(self, inputs: LossInputs) -> Tensor:
+        return neighbour_proportions(inputs.labels, inputs.valid, self.num_classes, self.kernel_size, inputs.logits.dtype)
+
+    def regions(self, inputs: LossInputs, tau: Tensor | None = None) -> Tensor:
+        """Boolean ``(B, *spatial)``: True in the boundary region (from the ground truth; ignored
+        voxels excluded): the band (``region="band"``) or the mixed windows (``region="window"``)."""
+        dims = inputs.spatial_dims
+        if dims not in (2, 3):
+            raise ValueError(f"{self.name} supports 2D and 3D inputs, got {dims} spatial dimensions")
+        if self.region == "window":  # the window holds another label, the outside or an ignored voxel
+            with torch.no_grad():
+                tau = self._tau(inputs) if tau is None else tau
+                return (tau.amax(1) < 1) & inputs.valid
+        spacing = self.spacing or (1.0,) * dims
+        if len(spacing) != dims:
+            raise ValueError(f"{self.name}: spacing {spacing} has {len(spacing)} values for {dims}D inputs")
+        context = RegionContext(
+            target=inputs.target,
+            spacing=[spacing] * inputs.target.shape[0],
+            num_classes=self.num_classes,
+            boundary_mm=self.boundary_mm,
+            ignore_index=self.ignore_index,
+        )
+        return region_mask(BOUNDARY, context) & inputs.valid
+
+    def constraints(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
+        """``h`` ``(B, C, *spatial)`` (see the class docstring) and the boundary mask ``(B, *spatial)``."""
+        self._check_classes(inputs.logits)
+        with torch.no_grad():
+            tau = self._tau(inputs)
+            boundary = self.regions(inputs, tau)
+            goal = torch.where(boundary.unsqueeze(1), tau, self.margin * tau)
+        return (goal - inputs.logits).abs(), boundary
+
+    def _per_voxel(self, values: Tensor, boundary: Tensor, like: Tensor) -> Tensor:
+        """``(2, C)`` multipliers -> ``(B, C, *spatial)``: each voxel gets its region's row."""
+        return torch.where(boundary.unsqueeze(1), per_class(values[0], like), per_class(values[1], like))
+
+    def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        h, boundary = self.constraints(inputs)
+        lam = self._per_voxel(self.lambdas, boundary, h)
+        rho = self._per_voxel(self.rhos, boundary, h)
+        value = self._penalty.value(h, lam, rho)
+        per_voxel = torch.where(inputs.valid.unsqueeze(1), value, 0.0).sum(1)
+        penalty = per_voxel.sum() / (inputs.count * 2 * self.num_classes)
+        ce = inputs.cross_entropy()
+        return ce + penalty, {"ce": ce, "penalty": penalty}
+
+    # -- outer update --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def accumulate(self, val_logits: Tensor, val_target: Tensor | None = None) -> None:
+        """Add one validation batch (logits ``(B, C, *spatial)``, labels ``(B, *spatial)``) to this epoch's sums."""
+        if val_target is None:
+            raise ValueError(f"{self.name}.accumulate needs the validation labels (regions and targets come from them)")
+        logits = val_logits.float() if val_logits.dtype in HALF_DTYPES else val_logits
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            inputs = LossInputs(logits, val_target, self.ignore_index)
+            h, boundary = self.constraints(inputs)
+            dims = (0, *range(2, h.dim()))
+            for r, mask in enumerate((boundary, inputs.valid & ~boundary)):
+                mask = mask.unsqueeze(1)
+                lam, rho = per_class(self.lambdas[r], h), per_class(self.rhos[r], h)
+                slope = self._penalty.derivative(h.clone(), lam, rho).clamp_(self.lambda_min, self.lambda_max)
+                self._sums[0, r] += torch.where(mask, slope, 0.0).sum(dims, dtype=torch.float64).to(self._sums.device)
+                self._sums[1, r] += torch.where(mask, h, 0.0).sum(dims, dtype=torch.float64).to(self._sums.device)
+                self._region_count[r] += float(mask.sum())
+        self._count += float(inputs.valid.sum())
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """End of epoch: update lambda (then rho) of every region and class, reset the sums."""
+        regions, classes = len(REGIONS), self.num_classes
+        packed = all_reduce_sum(torch.cat([self._sums.flatten(), self._region_count, self._count.reshape(1)]))
+        count = float(packed[-1])
+        if count == 0:
+            raise RuntimeError(f"{self.name}.step() needs accumulate() on at least one validation voxel first")
+        sums = packed[: 2 * regions * classes].reshape(2, regions, classes)
+        outside = (count - packed[2 * regions * classes : -1]).reshape(regions, 1)
+        lam64, rho64 = self.lambdas.double(), self.rhos.double()
+        slope_at_zero = self._penalty.derivative(torch.zeros_like(lam64), lam64, rho64)
+        slope_at_zero = slope_at_zero.clamp(self.lambda_min, self.lambda_max)
+        mean_slope = (sums[0] + outside * slope_at_zero) / count
+        constraint = sums[1] / count
+        epoch = int(self.epoch) + 1
+        if epoch % self.lambda_step == 0:
+            self.lambdas.copy_(mean_slope.clamp(self.lambda_min, self.lambda_max))
+        if self.rho_step > 0 and epoch % self.rho_step == 0 and epoch > 1:
+            grow = constraint > self.tau * self.previous_constraint.clamp_min(0)
+            rhos = torch.where(grow, self.rhos * self.gamma, self.rhos)
+            self.rhos.copy_(rhos.clamp(self.rho_init, self.rho_max))
+        self.previous_constraint.copy_(constraint)
+        self.epoch.fill_(epoch)
+        self._sums.zero_()
+        self._region_count.zero_()
+        self._count.zero_()
+
+    def logged_state(self) -> dict[str, float]:
+        """``lambda_<region>_<k>`` and ``rho_<region>_<k>`` for both regions and every class."""
+        row: dict[str, float] = {}
+        for name, values in (("lambda", self.lambdas), ("rho", self.rhos)):
+            for r, region in enumerate(REGIONS):
+                row.update({f"{name}_{region}_{k}": float(v) for k, v in enumerate(values[r].tolist())})
+        return row
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, margin={self.margin}, penalty={self.penalty!r}, "
+            f"region={self.region!r}, boundary_mm={self.boundary_mm}, spacing={self.spacing}, {super().extra_repr()}"
+        )
+

@@ -1,0 +1,309 @@
+"""Hard / soft L1-ACE (Barfoot et al.; MONAI PR #9092 semantics) and their Dice / CE combinations.
+
+The reference below is written from the paper and the public code's semantics with explicit loops
+over images, classes, voxels and bins on float64 scalars (autograd gives its gradient), sharing
+nothing with ``segcalib.losses.l1ace`` (no scatter, no bucketize, no vectorised binning).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from segcalib.errors import ConfigError
+from segcalib.losses import build_loss, loss_parameters
+from tests.losses import _reference as ref
+from tests.losses._helpers import SHAPES, random_batch
+
+EPS32 = 2.0**-23  # float32 machine epsilon: the bins cover [0, 1 + EPS32]
+
+
+def _value(x) -> float:
+    return float(x.detach()) if torch.is_tensor(x) else float(x)
+
+
+def _bins_of(p, num_bins: int, soft: bool) -> list:
+    """(bin, weight) pairs of one probability ``p`` (a 0-d tensor): the hard bin
+    (edge_j < p <= edge_j+1), or the two neighbouring centres with linear weights (differentiable
+    in p), all the weight to the end bin below the first / above the last centre."""
+    top = 1.0 + EPS32
+    value = _value(p)
+    if not soft:
+        for j in range(num_bins):
+            if value <= (j + 1) * top / num_bins:
+                return [(j, 1.0)]
+        return [(num_bins - 1, 1.0)]
+    centres = [(2 * j + 1) * top / (2 * num_bins) for j in range(num_bins)]
+    if value <= centres[0]:
+        return [(0, 1.0)]
+    if value > centres[-1]:
+        return [(num_bins - 1, 1.0)]
+    for j in range(num_bins - 1):
+        if centres[j] < value <= centres[j + 1]:
+            t = (p - centres[j]) / (centres[j + 1] - centres[j])
+            return [(j, 1.0 - t), (j + 1, t)]
+    raise AssertionError(value)
+
+
+def reference_l1ace(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    num_bins: int = 20,
+    soft: bool = False,
+    empty_weight: float = 0.01,
+    include_background: bool = True,
+    ignore_empty_classes: bool = True,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean over images b and classes c of the mean over occupied bins of |mean p - mean [y == c]|."""
+    batch, classes = z.shape[:2]
+    terms = []
+    for b in range(batch):
+        zb = z[b].reshape(classes, -1)
+        yb = y[b].reshape(-1).tolist()
+        kept = [i for i, label in enumerate(yb) if label != ignore_index]
+        probs = {i: torch.softmax(zb[:, i], 0) for i in kept}
+        for c in range(0 if include_background else 1, classes):
+            weight = [0.0] * num_bins
+            sum_p = [0.0] * num_bins
+            sum_y = [0.0] * num_bins
+            for i in kept:
+                p = probs[i][c]
+                for j, w in _bins_of(p, num_bins, soft):
+                    weight[j] = weight[j] + w
+                    sum_p[j] = sum_p[j] + w * p
+                    sum_y[j] = sum_y[j] + w * float(yb[i] == c)
+            gaps = [
+                abs(sum_p[j] / weight[j] - sum_y[j] / weight[j])
+                for j in range(num_bins)
+                if _value(weight[j]) > 0 and (not soft or _value(weight[j]) >= empty_weight)
+            ]
+            present = any(yb[i] == c for i in kept)
+            if not gaps or (ignore_empty_classes and not present):
+                terms.append(z.new_zeros(()))
+            else:
+                terms.append(sum(gaps) / len(gaps))
+    return torch.stack([torch.as_tensor(t, dtype=z.dtype) for t in terms]).mean()
+
+
+def _logits(*probs_per_voxel: tuple[float, ...]) -> torch.Tensor:
+    """(1, C, 1, V) float64 logits whose softmax at voxel v is ``probs_per_voxel[v]``."""
+    z = torch.tensor([[math.log(p) for p in probs] for probs in probs_per_voxel], dtype=torch.float64)
+    return z.T.reshape(1, z.shape[1], 1, z.shape[0])
+
+
+# -- hand-derived values ----------------------------------------------------------------------------
+
+
+def test_hard_two_voxels_by_hand() -> None:
+    # voxel A: label 0, p = (0.875, 0.125); voxel B: label 1, p = (0.375, 0.625); bins of width 0.05.
+    # class 0: A in bin 17 (|0.875 - 1| = 0.125), B in bin 7 (|0.375 - 0| = 0.375) -> 0.25
+    # class 1: A in bin 2 (|0.125 - 0| = 0.125), B in bin 12 (|0.625 - 1| = 0.375) -> 0.25; mean 0.25
+    z = _logits((0.875, 0.125), (0.375, 0.625))
+    y = torch.tensor([[[0, 1]]])
+    assert build_loss("hardl1ace")(z, y).item() == pytest.approx(0.25, abs=1e-14)
+    # Both voxels in one bin of class 0 (0.875 and 0.86 in bin 17): |0.8675 - 0.5| = 0.3675;
+    # class 1: 0.125 (bin 2) and 0.14 (bin 2): |0.1325 - 0.5| = 0.3675
+    z = _logits((0.875, 0.125), (0.86, 0.14))
+    assert build_loss("hardl1ace")(z, y).item() == pytest.approx(0.3675, abs=1e-14)
+
+
+def test_soft_two_voxels_sharing_a_bin_by_hand() -> None:
+    # Centres at 0.025, 0.075, ...: A (label 0) p0 = 0.85 -> bins 16, 17 half each; B (label 1)
+    # p0 = 0.8 -> bins 15, 16 half each. Class 0: bin 15 |0.8 - 0| = 0.8; bin 16 (0.425 + 0.4) / 1
+    # vs 0.5 -> 0.325; bin 17 |0.85 - 1| = 0.15 -> mean 1.275 / 3 = 0.425. Class 1 mirrors it: 0.425.
+    z = _logits((0.85, 0.15), (0.8, 0.2))
+    y = torch.tensor([[[0, 1]]])
+    # the bins end at 1 + EPS32, so t = 1/2 up to ~1e-7
+    assert build_loss("softl1ace")(z, y).item() == pytest.approx(0.425, abs=1e-6)
+    # hard binning of the same: class 0: 0.85 (bin 16, |0.85 - 1|) and 0.8 (bin 15, |0.8 - 0|) -> 0.475
+    assert build_loss("hardl1ace")(z, y).item() == pytest.approx(0.475, abs=1e-14)
+
+
+def test_absent_class_counts_zero_in_the_mean() -> None:
+    # C = 3, labels (0, 1): class 2 is absent and adds 0 to a mean over 3 classes.
+    z = _logits((0.6, 0.3, 0.1), (0.2, 0.7, 0.1))
+    y = torch.tensor([[[0, 1]]])
+    # class 0: 0.6 (bin 11, y 1) -> 0.4; 0.2 (bin 3, y 0) -> 0.2 => 0.3
+    # class 1: 0.3 (bin 5, y 0) -> 0.3; 0.7 (bin 13, y 1) -> 0.3 => 0.3
+    assert build_loss("hardl1ace")(z, y).item() == pytest.approx(0.6 / 3, abs=1e-14)
+    # counted with ignore_empty_classes=False: class 2: 0.1 twice in bin 1, y = 0 -> 0.1
+    value = build_loss("hardl1ace", ignore_empty_classes=False)(z, y).item()
+    assert value == pytest.approx(0.7 / 3, abs=1e-14)
+    # without background: mean over classes 1, 2 -> (0.3 + 0) / 2
+    assert build_loss("hardl1ace", include_background=False)(z, y).item() == pytest.approx(0.15, abs=1e-14)
+
+
+def test_soft_bins_below_the_empty_weight_are_left_out() -> None:
+    # One voxel, label 0, p0 = 0.8 + 0.001 * 0.05: weight 0.001 in bin 16 and 0.999 in bin 15.
+    # With empty_weight 0.01 bin 16 is left out; with 0 both bins count (each has mean p = p).
+    p0 = 0.8 + 0.001 * 0.05 * (1 + EPS32)
+    z = _logits((p0, 1 - p0))
+    y = torch.tensor([[[0]]])
+    assert build_loss("softl1ace")(z, y).item() == pytest.approx((1 - p0) / 2, abs=1e-12)  # class 1 absent
+    assert build_loss("softl1ace", empty_weight=0.0)(z, y).item() == pytest.approx((1 - p0) / 2, abs=1e-12)
+    expected = reference_l1ace(z, y, soft=True, empty_weight=0.01).item()
+    assert build_loss("softl1ace")(z, y).item() == pytest.approx(expected, abs=1e-14)
+
+
+# -- the reference on random inputs (values and gradients) -------------------------------------------
+
+
+CASES = {
+    "defaults": {},
+    "no_background": {"include_background": False},
+    "empty_counted": {"ignore_empty_classes": False},
+    "seven_bins": {"num_bins": 7},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("dims", sorted(SHAPES))
+def test_matches_the_float64_reference(case: str, soft: bool, dims: str) -> None:
+    params = CASES[case]
+    logits, target = random_batch(SHAPES[dims], dtype=torch.float64, seed=41, scale=2.0)
+    target[target == 2] = 1  # class 2 absent from both images
+    target[0, 0] = 2  # ... except a row of image 0 (present there only)
+    target[1, 1] = -100  # ignored voxels
+    name = "softl1ace" if soft else "hardl1ace"
+    z = logits.clone().requires_grad_(True)
+    value = build_loss(name, **params)(z, target)
+    value.backward()
+    z_ref = logits.clone().requires_grad_(True)
+    expected = reference_l1ace(z_ref, target, soft=soft, **params)
+    expected.backward()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(z.grad[1, :, 1]) == 0  # ignored voxels get no gradient
+    assert z.grad.abs().sum() > 0
+
+
+def test_soft_gradient_by_finite_differences() -> None:
+    logits, target = random_batch((1, 3, 4, 5), dtype=torch.float64, seed=42, scale=1.5)
+    loss = build_loss("softl1ace")
+    z = logits.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: loss(x, target), (z,), eps=1e-7, atol=1e-6)
+
+
+def test_float32_matches_float64() -> None:
+    logits, target = random_batch(SHAPES["3d"], dtype=torch.float64, seed=43)
+    for name in ("hardl1ace", "softl1ace"):
+        loss = build_loss(name)
+        assert loss(logits.float(), target).item() == pytest.approx(loss(logits, target).item(), abs=1e-5)
+
+
+# -- combinations (weights of the reference bundles) -------------------------------------------------
+
+
+def _squared_dice(z: np.ndarray, y: np.ndarray, ignore_index: int = -100) -> float:
+    """MONAI DiceLoss(squared_pred=True, smooth_nr=0, smooth_dr=1e-5), per image and class, mean."""
+    batch, classes = z.shape[:2]
+    out = []
+    for b in range(batch):
+        zf = ref.flat(z[b : b + 1])
+        yf = y[b].reshape(-1)
+        keep = yf != ignore_index
+        p = np.exp(ref.log_softmax(zf))[keep]
+        for c in range(classes):
+            g = (yf[keep] == c).astype(np.float64)
+            out.append(1 - 2 * (p[:, c] * g).sum() / ((p[:, c] ** 2).sum() + g.sum() + 1e-5))
+    return float(np.mean(out))
+
+
+COMPONENTS = ("ace", "dice", "ce")
+COMBINATIONS = {
+    "hardl1ace_dice": {"ace": 0.5, "dice": 0.5},
+    "softl1ace_dice": {"ace": 0.5, "dice": 0.5},
+    "hardl1ace_ce": {"ace": 0.5, "ce": 0.5},
+    "softl1ace_ce": {"ace": 0.5, "ce": 0.5},
+    "hardl1ace_dice_ce": {"ace": 0.33, "dice": 0.33, "ce": 0.33},
+    "softl1ace_dice_ce": {"ace": 0.33, "dice": 0.33, "ce": 0.33},
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMBINATIONS))
+def test_combinations_are_the_weighted_sums(name: str) -> None:
+    weights = COMBINATIONS[name]
+    defaults = loss_parameters(name)
+    assert {f"{k}_weight": v for k, v in weights.items()} == {k: v for k, v in defaults.items() if k[:-7] in COMPONENTS}
+    logits, target = random_batch(SHAPES["3d"], dtype=torch.float64, seed=44)
+    target[0, 1] = -100
+    z, y = logits.numpy(), target.numpy()
+    soft = name.startswith("soft")
+    parts = {"ace": reference_l1ace(logits, target, soft=soft).item(), "ce": ref.ce(z, y)}
+    parts["dice"] = _squared_dice(z, y) if name.endswith("dice_ce") else ref.dice(z, y)
+    loss = build_loss(name)
+    value = loss(logits, target).item()
+    assert value == pytest.approx(sum(w * parts[k] for k, w in weights.items()), rel=1e-10)
+    assert set(loss.last_components) == set(weights)
+    for key in weights:
+        assert loss.last_components[key].item() == pytest.approx(parts[key], rel=1e-10)
+    other = build_loss(name, ace_weight=2.0)
+    assert other(logits, target).item() == pytest.approx(value + (2.0 - weights["ace"]) * parts["ace"], rel=1e-10)
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_dice_terms_match_monai(squared: bool) -> None:
+    monai_losses = pytest.importorskip("monai.losses")
+    extra = {"squared_pred": True, "smooth_nr": 0.0, "smooth_dr": 1e-5} if squared else {}
+    reference = monai_losses.DiceLoss(to_onehot_y=True, softmax=True, **extra)
+    logits, target = random_batch(SHAPES["3d"], dtype=torch.float64, seed=45)
+    loss = build_loss("hardl1ace_dice_ce" if squared else "hardl1ace_dice")
+    loss(logits, target)
+    expected = reference(logits, target.unsqueeze(1)).item()
+    # MONAI 1.6 writes the squared denominator as 2 (tp + fp/2 + fn/2) with squared norms (equal to
+    # sum p^2 + sum g for one-hot g, rounded differently: ~1e-8 apart); the exact float64 check is
+    # test_combinations_are_the_weighted_sums.
+    assert loss.last_components["dice"].item() == pytest.approx(expected, rel=1e-6 if squared else 1e-10)
+
+
+def test_invalid_parameters() -> None:
+    with pytest.raises(ConfigError, match="parameter 'num_bins'"):
+        build_loss("hardl1ace", num_bins=0)
+    with pytest.raises(ConfigError, match="parameter 'empty_weight'"):
+        build_loss("softl1ace", empty_weight=-0.1)
+    with pytest.raises(ConfigError, match="parameter 'dice_weight'"):
+        build_loss("softl1ace_dice", dice_weight=-1.0)
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        build_loss("hardl1ace", empty_weight=0.01)  # soft binning only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_bins", [1, 2, 7, 20])
+def test_bin_lookup_equals_bucketize_at_and_beside_every_edge(num_bins: int, dtype: torch.dtype) -> None:
+    from segcalib.losses._calibration_bins import FLOAT32_EPS, sorted_position
+
+    grid = torch.linspace(0.0, 1.0 + FLOAT32_EPS, 2 * num_bins + 1, dtype=dtype)
+    gen = torch.Generator().manual_seed(46)
+    for table in (grid[2::2].contiguous(), grid[1::2].contiguous()):  # upper edges, centres
+        values = torch.cat([
+            torch.rand(20000, generator=gen, dtype=dtype),
+            table,
+            torch.nextafter(table, torch.full_like(table, 2.0)),
+            torch.nextafter(table, torch.full_like(table, -1.0)),
+            torch.tensor([0.0, 1.0], dtype=dtype),
+        ])
+        assert torch.equal(sorted_position(values, table), torch.bucketize(values, table))
+
+
+@pytest.mark.parametrize("name", ["hardl1ace", "softl1ace"])
+def test_chunked_binning_equals_one_chunk(name: str, monkeypatch) -> None:
+    """Forward and backward walk the voxels in chunks; a chunk of 7 entries (uneven split) gives
+    the same value and gradient as a single chunk, ignored voxels included."""
+    import segcalib.losses._calibration_bins as bins
+
+    logits, target = random_batch(SHAPES["3d"], dtype=torch.float64, seed=47)
+    target[1, 2] = -100
+    results = []
+    for chunk in (bins.CHUNK_ELEMENTS, 7):
+        monkeypatch.setattr(bins, "CHUNK_ELEMENTS", chunk)
+        z = logits.clone().requires_grad_(True)
+        value = build_loss(name)(z, target)
+        value.backward()
+        results.append((value.detach(), z.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-14)
