@@ -97,12 +97,14 @@ def _classes(pred: torch.Tensor, target: torch.Tensor, num_classes: int, spacing
 
 
 def finite_or_none(value: Any) -> Any:
-    """JSON-safe numbers: NaN becomes None, infinities stay as strings ``"inf"`` (a missed structure)."""
+    """JSON-safe, compact numbers: 7 significant digits, NaN becomes None, infinities the strings
+    ``"inf"`` / ``"-inf"`` (a missed structure)."""
     if isinstance(value, float):
         if math.isnan(value):
             return None
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
+        return float(f"{value:.7g}")
     if isinstance(value, dict):
         return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -150,7 +150,8 @@ def test_priority_order_and_the_long_regime_waits_for_the_must_have_units() -> N
     assert [j.folder for j in order[:4]] == ["short/ce_dice/seed0", "short/ce_dice/seed1", "short/ce_dice/seed2",
                                              "short/ce/seed0"]
     assert [j.loss for j in order[3:11]] == list(SEED_PAPER_LOSSES) and order[11] == Job("short", "ce", 1)
-    assert {j.loss for j in order[27:]} == {"ecp", "dice", "focal_adaptive", "logit_l1", "cals_heuristic"}
+    assert {j.loss for j in order[27:]} == {"ecp", "dice", "focal_adaptive", "logit_l1", "cals_heuristic", "hardl1ace_dice",
+                                            "softl1ace_dice", "crac"}
     args = argparse.Namespace(seeds=[0, 1, 2], losses=list(dict.fromkeys(j.loss for j in order)),
                               regimes=["short", "long"], long_losses=["ce_dice", "mbls"], dice_tolerance=0.003)
     assert all(j.regime == "short" for j in pending_units(args, {}))
