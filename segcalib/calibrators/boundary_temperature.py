@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators._lbfgs import minimize_nll
+from segcalib.calibrators._newton import fit_inverse_temperature
 from segcalib.calibrators.base import Spacing, check_positive_int, read_float
 from segcalib.calibrators.registry import register_calibrator
 from segcalib.calibrators.sample import SampledCalibrator, StratifiedSample, _labels_and_mask
@@ -166,9 +167,10 @@ class BoundaryTemperatureScaling(SampledCalibrator):
         b = torch.zeros((), dtype=torch.float64, requires_grad=True)
         c = torch.zeros((), dtype=torch.float64, requires_grad=True)
         log_s = torch.tensor(math.log(self.scale_mm), dtype=torch.float64, requires_grad=True)
-        # a global temperature first (a alone), then the distance terms
-        minimize_nll([a], lambda zd: self._scaled(zd, a, b, c, log_s), logits, labels, weights,
-                     max_iter=self.max_iter, owner=self.name)
+        # a global temperature first (Newton on 1/T, within the bounds), then the distance terms from there
+        u = fit_inverse_temperature(logits[:, :-1], labels, weights, max_iter=self.max_iter, owner=self.name)
+        with torch.no_grad():
+            a.fill_(min(max(-math.log(u), math.log(self.min_temperature)), _LOG_T_BOUNDS[1]))
         minimize_nll([a, b, c, log_s], lambda zd: self._scaled(zd, a, b, c, log_s), logits, labels, weights,
                      max_iter=self.max_iter, owner=self.name)
         a, b, c, s = (float(v.detach()) for v in (a, b, c, log_s.exp()))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from segcalib.calibrators._lbfgs import minimize_nll
+from segcalib.calibrators._newton import fit_inverse_temperature
 from segcalib.calibrators.base import Spacing, check_positive_int, read_float
 from segcalib.calibrators.registry import register_calibrator
 from segcalib.calibrators.sample import SampledCalibrator
@@ -37,7 +37,7 @@ def clamp_temperature(owner: str, value: float) -> float:
 
 @register_calibrator("temperature")
 class TemperatureScaling(SampledCalibrator):
-    """One temperature for every class and voxel, fitted by float64 L-BFGS on ``log T``.
+    """One temperature for every class and voxel, fitted by Newton's method on ``1 / T`` (convex).
 
     Preserves the argmax and the per-voxel order of the classes (``T > 0``). The fitted ``T`` is kept
     within ``T_BOUNDS`` = [0.01, 100] as in :func:`segcalib.inference.temperature.fit_temperature`.
@@ -46,7 +46,7 @@ class TemperatureScaling(SampledCalibrator):
         num_classes: C.
         seed: seed of the voxel sample.
         max_voxels: voxels kept in the sample (split equally between ground-truth classes).
-        max_iter: L-BFGS iterations.
+        max_iter: Newton iterations.
     """
 
     preserves_argmax = True
@@ -60,11 +60,8 @@ class TemperatureScaling(SampledCalibrator):
         self.temperature = 1.0
 
     def _fit_sample(self, logits: Tensor, labels: Tensor, weights: Tensor) -> None:
-        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        minimize_nll(
-            [log_t], lambda z: z / log_t.exp().to(z.dtype), logits, labels, weights, max_iter=self.max_iter, owner=self.name
-        )
-        value = float(log_t.detach().exp())
+        # the NLL is convex in 1/T: Newton's method, a few passes (max_iter bounds its iterations)
+        value = 1.0 / fit_inverse_temperature(logits, labels, weights, max_iter=self.max_iter, owner=self.name)
         if not math.isfinite(value):
             raise ValueError(f"calibrator '{self.name}': temperature fit diverged (T = {value})")
         self.temperature = clamp_temperature(self.name, value)

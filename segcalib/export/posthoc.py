@@ -37,6 +37,7 @@ from segcalib.spatial.spacing import spacing_from_affine
 from segcalib.utils.devices import select_device
 from segcalib.utils.distributed import gather_objects, is_main_process, rank, world_size
 from segcalib.utils.progress import progress_bar
+from segcalib.utils.threads import cpu_threads
 
 log = logging.getLogger("segcalib")
 PROB_FLOOR = 1e-12  # probabilities enter a calibrator as log(max(p, floor)): softmax(log p) = p
@@ -83,7 +84,17 @@ def as_logits(pred: PredictionMap, device: torch.device) -> torch.Tensor:
 
 def fit_on_predictions(predictions: str | Path, manifest_path: str | Path, output: str | Path, options: FitOptions) -> dict[str, Any]:
     """Fit ``options.method`` (or choose one, ``auto``) on the labelled ``options.split`` cases
-    of ``manifest_path`` whose maps are in ``predictions``; write ``output/calibrator.json``."""
+    of ``manifest_path`` whose maps are in ``predictions``; write ``output/calibrator.json``.
+
+    On the CPU the whole fit runs with one torch thread (:func:`segcalib.utils.threads.cpu_threads`):
+    it is many small operations per case, which extra threads slow down on a busy machine."""
+    if select_device(options.device).type == "cpu":
+        with cpu_threads():
+            return _fit_on_predictions(predictions, manifest_path, output, options)
+    return _fit_on_predictions(predictions, manifest_path, output, options)
+
+
+def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, output: str | Path, options: FitOptions) -> dict[str, Any]:
     output = Path(output)
     folder = open_predictions(predictions, **vars(options.folder))
     split_seed = options.split_seed
