@@ -20,8 +20,12 @@ from segcalib.errors import DataError
 CHUNK_ROWS = 1 << 18
 
 
+PASSES = [0]  # passes over the sample so far (for benchmarks and tests)
+
+
 def _moments(u: float, logits: Tensor, labels: Tensor, weights: Tensor) -> tuple[float, float, float]:
     """``(f(u), f'(u), f''(u))`` of the weighted mean NLL, summed in float64."""
+    PASSES[0] += 1
     value = grad = curvature = 0.0
     total = float(weights.sum(dtype=torch.float64))
     for start in range(0, logits.shape[0], CHUNK_ROWS):
@@ -41,12 +45,13 @@ def _moments(u: float, logits: Tensor, labels: Tensor, weights: Tensor) -> tuple
 
 
 def fit_inverse_temperature(
-    logits: Tensor, labels: Tensor, weights: Tensor, *, max_iter: int = 50, gain: float = 1e-12,
+    logits: Tensor, labels: Tensor, weights: Tensor, *, max_iter: int = 50, gain: float = 1e-10,
     owner: str = "temperature",
 ) -> float:
     """``u = 1 / T`` minimising the weighted NLL of ``softmax(u z)`` (``logits (N, C)``, ``labels (N,)``,
     ``weights (N,)``). Stops when the gain Newton's model predicts (``f'^2 / 2 f''``) is below ``gain``
-    times the objective -- far below what float32 terms summed in float64 resolve -- or after ``max_iter``."""
+    times the objective (about where float32 terms summed in float64 stop resolving it), when no step
+    lowers it beyond that noise, or after ``max_iter``."""
     u = 1.0
     value, grad, curvature = _moments(u, logits, labels, weights)
     for _ in range(max_iter):
@@ -59,11 +64,11 @@ def fit_inverse_temperature(
         else:  # flat: every voxel's logits are equal; move towards lower NLL
             step = math.copysign(0.5 * u, grad)
         scale, accepted = 1.0, None
-        while scale > 1e-6:
+        while scale > 1e-3:
             candidate = u - scale * step
             if candidate > 0:
                 new = _moments(candidate, logits, labels, weights)
-                if new[0] <= value + 1e-12 * abs(value):
+                if new[0] <= value + gain * abs(value):
                     accepted = candidate, new
                     break
             scale /= 2
