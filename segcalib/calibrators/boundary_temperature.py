@@ -97,6 +97,9 @@ class BoundaryTemperatureScaling(SampledCalibrator):
 
     preserves_argmax = True
     preserves_order = True
+    # 4 parameters: fitted on 500 k of the sample's voxels (test NLL of a CE+Dice hippocampus run
+    # 0.034150 against 0.034152 on all 1 M, in a third of the time; docs/benchmarks.md)
+    fit_voxels = 500_000
 
     def __init__(
         self,

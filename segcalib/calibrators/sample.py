@@ -11,7 +11,7 @@ of the mean NLL over every offered voxel, and equals it exactly while nothing wa
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -88,6 +88,18 @@ class StratifiedSample:
             self._insert(k, other.logits[k], other.keys[k])
         self.offered += other.offered
 
+    def shrink(self, max_voxels: int) -> None:
+        """Keep at most ``max_voxels // num_classes`` voxels per class: the largest keys, so what is left is
+        itself a stratified random sample of everything offered (the offered counts, and so the weights'
+        meaning, are unchanged)."""
+        capacity = max(1, max_voxels // self.num_classes)
+        for k in range(self.num_classes):
+            if self.keys[k].shape[0] > capacity:
+                top = torch.topk(self.keys[k], capacity, sorted=False).indices.sort().values
+                self.logits[k], self.keys[k] = self.logits[k][top], self.keys[k][top]
+        self.capacity = min(self.capacity, capacity)
+        self.max_voxels = min(self.max_voxels, max_voxels)
+
     def data(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(logits (N, C) float32, labels (N,) int16 (int64 from 2^15 classes), weights (N,) float32)``,
         weights = offered_k / kept_k. The reservoirs become views of the returned logits, so the sample
@@ -140,7 +152,14 @@ def _region_labels(logits: Tensor, target: Tensor, mask: Tensor | None, num_clas
 
 
 class SampledCalibrator(Calibrator):
-    """A calibrator fitted on a :class:`StratifiedSample`: subclasses implement :meth:`_fit_sample`."""
+    """A calibrator fitted on a :class:`StratifiedSample`: subclasses implement :meth:`_fit_sample`.
+
+    ``fit_voxels`` (class attribute): when set, the fit uses at most that many voxels of the sample (a
+    stratified random subsample, :meth:`StratifiedSample.shrink`), for models of a few parameters whose
+    estimate does not move beyond that while each pass over the sample is costly.
+    """
+
+    fit_voxels: ClassVar[int | None] = None
 
     def __init__(self, num_classes: int, *, seed: int = 0, max_voxels: int = DEFAULT_MAX_VOXELS, **params: Any) -> None:
         super().__init__(num_classes, seed=seed, max_voxels=max_voxels, **params)
@@ -171,6 +190,8 @@ class SampledCalibrator(Calibrator):
         self.fitted = False
 
     def _fit(self) -> None:
+        if self.fit_voxels is not None and len(self.sample) > self.fit_voxels:
+            self.sample.shrink(self.fit_voxels * self.sample.num_classes // self.num_classes)
         logits, labels, weights = self.sample.data()
         if logits.shape[0] == 0:
             raise DataError(f"calibrator '{self.name}': no voxels to fit on (is the fit region empty?)")
