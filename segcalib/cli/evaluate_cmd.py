@@ -10,13 +10,20 @@ from segcalib.reports.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from segcalib.predictions import FORMATS, INPUTS
+
     p = sub.add_parser(
         "evaluate",
         help="calibration (ECE/CECE/NLL/Brier per region) and Dice/HD95/ASSD of exported maps",
         description="Writes OUTPUT/report.json and a self-contained OUTPUT/report.html. Runs under "
         "torchrun too (cases shared out, metric states all-reduced).",
     )
-    p.add_argument("--predictions", required=True, help="folder written by segcalib export")
+    p.add_argument("--predictions", required=True,
+                   help="a segcalib export folder, an nnU-Net --save_probabilities folder or 4D NIfTI maps (read as they are)")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="folder format (default: detected)")
+    p.add_argument("--channel-axis", default="last", choices=("last", "first"), help="class axis of 4D NIfTI maps")
+    p.add_argument("--input", default="auto", choices=INPUTS,
+                   help="probabilities or logits (default: probabilities when the values sum to 1)")
     p.add_argument("--manifest", required=True, help="manifest with the ground truth")
     p.add_argument("--split", default="test", choices=("training", "validation", "test"))
     p.add_argument("--output", required=True, help="report folder")
@@ -51,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             report = evaluate(args.predictions, args.manifest, args.output, split=args.split, n_bins=args.bins,
                               boundary_mm=args.boundary_mm, device=args.device, split_seed=args.split_seed,
-                              protocol=args.protocol, binning=args.binning, uncertainty=not args.no_uncertainty)
+                              protocol=args.protocol, binning=args.binning, uncertainty=not args.no_uncertainty,
+                              format=args.format, channel_axis=args.channel_axis, input=args.input)
             main_process = is_main_process()
         finally:
             shutdown()

@@ -13,6 +13,7 @@ import torch
 from segcalib.data import Case, VolumeHeader, read_volume
 from segcalib.errors import DataError
 from segcalib.metrics import AdaptiveCalibrationError, CalibrationMetric, dice, surface_distances_per_class
+from segcalib.predictions import PredictionFolder, check_geometry
 from segcalib.reports.protocols import Protocol
 from segcalib.reports.slices import case_view_uri
 from segcalib.reports.uncertainty_report import UncertaintyReport, uncertainty_maps
@@ -32,11 +33,17 @@ def evaluate_case(
     uncertainty: UncertaintyReport | None,
     with_view: bool,
     equal_mass: AdaptiveCalibrationError | None = None,
+    folder: PredictionFolder | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """The case's row (Dice and surface distances per foreground class, protocol values, mean
-    uncertainties) and its view (``None`` unless ``with_view``); the streamed states are updated."""
+    uncertainties) and its view (``None`` unless ``with_view``); the streamed states are updated.
+    ``folder``: another model's prediction folder (nnU-Net, 4D NIfTI) read as it is; ``None``: a
+    segcalib export folder."""
     label_np, label_header = read_volume(case.label, dtype=np.int64)
-    probs = load_prediction(case, predictions, num_classes, label_header).to(device)
+    if folder is None:
+        probs = load_prediction(case, predictions, num_classes, label_header).to(device)
+    else:
+        probs = foreign_probabilities(folder, case, num_classes, label_header).to(device)
     spacing = list(label_header.spacing)
     label = torch.from_numpy(label_np).to(device).unsqueeze(0)
     metric.update(probs, label, spacing=spacing, case_ids=[case.case_id])
@@ -89,6 +96,17 @@ def _view(
         uncertainty_name="entropy (nats)",
         uncertainty_range=(0.0, math.log(num_classes)),
     )
+
+
+def foreign_probabilities(folder: PredictionFolder, case: Case, num_classes: int, label_header: VolumeHeader) -> torch.Tensor:
+    """``(1, K, *spatial)`` float32 probabilities of ``case`` from another model's folder (softmax of
+    logits), checked to lie on the label's voxels with the manifest's classes."""
+    pred = folder.read(case.case_id)
+    check_geometry(pred, label_header, num_classes)
+    values = torch.from_numpy(np.ascontiguousarray(pred.values, dtype=np.float32)).unsqueeze(0)
+    if pred.kind == "logits":
+        return torch.softmax(values, dim=1)
+    return values.clamp_(0, 1)
 
 
 def load_prediction(case: Case, predictions: Path, num_classes: int, label_header: VolumeHeader) -> torch.Tensor:

@@ -27,11 +27,12 @@ from segcalib.errors import ConfigError, DataError
 from segcalib.export.exporter import EXPORT_JSON
 from segcalib.metrics import AdaptiveCalibrationError, CalibrationMetric
 from segcalib.metrics.registry import BINNINGS
+from segcalib.predictions import match_cases, open_predictions
 from segcalib.reports.calibration_json import calibration_json
 from segcalib.reports.case_rows import evaluate_case, load_prediction
 from segcalib.reports.protocols import DEFAULT_PROTOCOL, get_protocol, protocol_section
 from segcalib.reports.report_json import finite_json, read_report
-from segcalib.reports.uncertainty_report import UncertaintyReport, available_maps
+from segcalib.reports.uncertainty_report import COMPUTED_MAPS, UncertaintyReport, available_maps
 from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, default_regions, region_description
 from segcalib.utils.devices import select_device
 from segcalib.utils.distributed import gather_objects, is_main_process, rank, world_size
@@ -55,6 +56,9 @@ def evaluate(
     protocol: str = DEFAULT_PROTOCOL,
     binning: str = "equal-width",
     uncertainty: bool = True,
+    format: str = "auto",
+    channel_axis: str = "last",
+    input: str = "auto",
 ) -> dict[str, Any]:
     """Compute the report of ``predictions`` against the manifest's ground truth; write it to ``output``.
 
@@ -63,6 +67,9 @@ def evaluate(
     are the ones the export used. ``protocol`` (:mod:`segcalib.reports.protocols`) sets the
     default ``n_bins`` and the classes of CECE and adds its own values; ``binning="equal-mass"``
     adds the pooled top-label equal-mass ECE; ``uncertainty`` the uncertainty-quality section.
+    ``format``, ``channel_axis``, ``input``: how to read a folder that is not a segcalib export (an
+    nnU-Net ``--save_probabilities`` folder, 4D NIfTI maps), as ``segcalib calibrate`` reads them;
+    such a folder is evaluated as it is, its logits through a softmax.
     """
     preset = get_protocol(protocol)
     if binning not in BINNINGS:
@@ -72,6 +79,8 @@ def evaluate(
     if not predictions.is_dir():
         raise DataError(f"{predictions}: predictions folder does not exist")
     device = select_device(device)
+    folder = open_predictions(predictions, format=format, channel_axis=channel_axis, input=input)
+    foreign = None if folder.format == "segcalib" else folder
     export_info = _export_info(predictions)
     if split_seed is None:
         split_seed = int(export_info.get("split_seed", SPLIT_SEED))
@@ -81,6 +90,8 @@ def evaluate(
     warn_if_other_manifest(export_info, manifest.path, predictions)
     cases = manifest.labelled(split)
     num_classes = manifest.num_classes
+    if foreign is not None:
+        match_cases(foreign, cases)  # every labelled case has its map, named in one message otherwise
     started = time.time()
 
     regions = default_regions()
@@ -88,11 +99,14 @@ def evaluate(
         num_classes, n_bins=n_bins, regions=regions, boundary_mm=boundary_mm, include_background=preset.include_background
     )
     equal_mass = AdaptiveCalibrationError(num_classes, n_bins, mode="top") if binning == "equal-mass" else None
-    maps = available_maps(predictions, cases[0].case_id) if uncertainty and cases else ()
+    maps: tuple[str, ...] = ()
+    if uncertainty and cases:  # another model's folder has no exported maps: the computed ones only
+        maps = available_maps(predictions, cases[0].case_id) if foreign is None else tuple(COMPUTED_MAPS)
     uncertain = UncertaintyReport(maps, num_classes, regions, boundary_mm) if maps else None
     rows, views = [], {}
     for case in cases[rank() :: world_size()]:
-        row, view = evaluate_case(case, predictions, num_classes, metric, device, preset, uncertain, write_html, equal_mass)
+        row, view = evaluate_case(case, predictions, num_classes, metric, device, preset, uncertain, write_html,
+                                  equal_mass, foreign)
         rows.append(row)
         if view is not None:
             views[case.case_id] = view
@@ -110,6 +124,7 @@ def evaluate(
     report = {
         "metadata": {
             "predictions": str(predictions.resolve()),
+            "prediction_format": folder.format,
             "manifest": str(manifest.path.resolve()),
             "split": split,
             "run": export_info.get("run"),
