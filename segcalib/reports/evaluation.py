@@ -27,7 +27,7 @@ from segcalib.errors import ConfigError, DataError
 from segcalib.export.exporter import EXPORT_JSON
 from segcalib.metrics import AdaptiveCalibrationError, CalibrationMetric
 from segcalib.metrics.registry import BINNINGS
-from segcalib.predictions import match_cases, open_predictions
+from segcalib.predictions import PredictionFolder, match_cases, open_predictions
 from segcalib.reports.calibration_json import calibration_json
 from segcalib.reports.case_rows import evaluate_case, load_prediction
 from segcalib.reports.protocols import DEFAULT_PROTOCOL, get_protocol, protocol_section
@@ -79,8 +79,7 @@ def evaluate(
     if not predictions.is_dir():
         raise DataError(f"{predictions}: predictions folder does not exist")
     device = select_device(device)
-    folder = open_predictions(predictions, format=format, channel_axis=channel_axis, input=input)
-    foreign = None if folder.format == "segcalib" else folder
+    foreign = _foreign_folder(predictions, format, channel_axis, input)
     export_info = _export_info(predictions)
     if split_seed is None:
         split_seed = int(export_info.get("split_seed", SPLIT_SEED))
@@ -124,7 +123,7 @@ def evaluate(
     report = {
         "metadata": {
             "predictions": str(predictions.resolve()),
-            "prediction_format": folder.format,
+            "prediction_format": "segcalib" if foreign is None else foreign.format,
             "manifest": str(manifest.path.resolve()),
             "split": split,
             "run": export_info.get("run"),
@@ -233,6 +232,20 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     for name, by_region in ((report.get("uncertainty") or {}).get("metrics") or {}).items():
         out[f"aurc_{name}"] = by_region.get(ALL, {}).get("aurc")
     return out
+
+
+def _foreign_folder(predictions: Path, format: str, channel_axis: str, input: str) -> PredictionFolder | None:
+    """Another model's folder to read as it is, or None for segcalib's layout (``<case>_probs.nii.gz``
+    files, with or without ``export.json``), which evaluate reads directly."""
+    if format in ("auto", "segcalib") and next(predictions.glob("*_probs.nii.gz"), None) is not None:
+        return None
+    try:
+        folder = open_predictions(predictions, format=format, channel_axis=channel_axis, input=input)
+    except DataError:
+        if format != "auto":
+            raise
+        return None  # no maps of any format: the segcalib path names the first missing <case>_probs file
+    return None if folder.format == "segcalib" else folder
 
 
 def _export_info(predictions: Path) -> dict[str, Any]:
