@@ -15,12 +15,17 @@ from typing import Sequence
 
 from segcalib import __version__
 from segcalib.errors import SegcalibError
+from segcalib.utils.progress import close_open_bars
 
 EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2
 _COMMANDS = ("data", "train", "export", "calibrate", "evaluate", "report", "demo")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``segcalib`` parser. With ``argv``, only the command it names gets its options (the other
+    commands are listed with their one-line help): building a command's options imports the
+    registries its choices come from (torch, MONAI), which ``--help``, ``--version`` and a
+    mistyped command must not wait for. Without ``argv``, every command is complete."""
     parser = argparse.ArgumentParser(
         prog="segcalib",
         description="Train segmentation networks that know how sure they are; export calibrated "
@@ -31,8 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     import importlib
 
+    chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
     for name in _COMMANDS:
-        importlib.import_module(f"segcalib.cli.{name}_cmd").add_parser(sub)
+        module = importlib.import_module(f"segcalib.cli.{name}_cmd")  # cheap: heavy imports are inside
+        if chosen is None or chosen == name:
+            module.add_parser(sub)
+        else:
+            sub.add_parser(name, help=module.HELP)
     return parser
 
 
@@ -42,10 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in args_list
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        parser = build_parser()
+        parser = build_parser(args_list)
         args = parser.parse_args(args_list)
         return int(args.func(args) or EXIT_OK)
     except SegcalibError as exc:
+        _end_progress_lines()
         if debug:
             traceback.print_exc()
         print(f"segcalib: error: {exc}", file=sys.stderr)
@@ -53,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         if not _is_gpu_out_of_memory(exc):
             raise
+        _end_progress_lines()
         if debug:
             traceback.print_exc()
         print(
@@ -66,6 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except SystemExit as exc:  # argparse: 2 for usage errors, 0 for --help
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USER
+
+
+def _end_progress_lines() -> None:
+    """Close any progress bar the failed command left open: the message gets a line of its own."""
+    close_open_bars()
+    sys.stdout.flush()
 
 
 def _is_gpu_out_of_memory(exc: BaseException) -> bool:

@@ -6,8 +6,6 @@ import argparse
 import math
 from typing import Callable
 
-from segcalib.metrics.calibration_functional import MAX_BINS  # the metric's own bound
-
 
 def bounded(kind: type, low: float | None = None, high: float | None = None,
             low_open: bool = False) -> Callable[[str], int | float]:
@@ -38,5 +36,7 @@ def positive_mm(text: str) -> float:
 
 
 def bin_count(text: str) -> int:
-    """A number of reliability bins, 1..:data:`MAX_BINS`."""
+    """A number of reliability bins, 1..MAX_BINS (the metric's own bound)."""
+    from segcalib.metrics.calibration_functional import MAX_BINS
+
     return bounded(int, low=1, high=MAX_BINS)(text)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 
 from segcalib.cli._args import positive_mm
-from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, available_regions
+
+HELP = "fit / apply a post-hoc calibrator on any model's probability maps (segcalib, nnU-Net, NIfTI)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from segcalib.calibrators import list_calibrators
+    from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, available_regions
     from segcalib.calibrators.selection import CRITERIA, PRESERVE
     from segcalib.predictions import FORMATS, INPUTS
 
     p = sub.add_parser(
         "calibrate",
-        help="fit / apply a post-hoc calibrator on any model's probability maps (segcalib, nnU-Net, NIfTI)",
+        help=HELP,
         description="Calibrate the maps of any segmentation model: fit on a labelled split (one method, or "
         "'auto': chosen by cross-validation over cases), then apply to other maps.",
     )

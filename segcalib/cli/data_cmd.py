@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from segcalib.data import check_manifest, load_manifest
-from segcalib.data.manifest import SPLIT_SEED
+HELP = "dataset tools"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="dataset tools")
+    from segcalib.data.manifest import SPLIT_SEED
+
+    data = sub.add_parser("data", help=HELP)
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     check = data_sub.add_parser(
         "check", help="validate a manifest: files load, shapes/affines agree, labels are declared, images finite"
@@ -25,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from segcalib.data import check_manifest, load_manifest
+
     manifest = load_manifest(args.manifest, split_seed=args.split_seed, allow_unlabelled=args.allow_unlabelled)
     summary = check_manifest(manifest)
     print(summary.format(verbose=args.verbose))

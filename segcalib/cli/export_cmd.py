@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 
 from segcalib.cli._args import positive_mm
-from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, available_regions
+
+HELP = "write calibrated probability maps (NIfTI, the input's own geometry)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, available_regions
+
     p = sub.add_parser(
         "export",
-        help="write calibrated probability maps (NIfTI, the input's own geometry)",
+        help=HELP,
         description="Sliding-window inference of a split, post-hoc calibration (a temperature or a calibrator), "
         "back to each input's geometry: <case>_probs.nii.gz (class last), <case>_seg.nii.gz, optional "
         "<case>_uncertainty.nii.gz. Several --run, --tta and --mc-dropout make an ensemble, averaged in "

@@ -97,7 +97,7 @@ def fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outpu
     started = time.time()
     kinds: set[str] = set()
     for case, _ in pairs:  # before anything is fitted: every map has the manifest's classes
-        folder.class_count(case.case_id, expected=num_classes)
+        folder.class_count(case.case_id, expected=num_classes, by=f"the manifest {manifest.path}")
 
     def stream(share: bool) -> Iterator[tuple]:
         mine = pairs[rank() :: world_size()] if share else pairs
@@ -199,7 +199,7 @@ def apply_to_predictions(
     device_ = select_device(device)
     case_ids = folder.case_ids()
     for case_id in case_ids:
-        folder.class_count(case_id, expected=calibrator.num_classes)
+        folder.class_count(case_id, expected=calibrator.num_classes, by=f"the calibrator {calibrator_dir}")
     space = calibrator.input_space
     if space is None:
         warn_unrecorded(str(calibrator_dir))

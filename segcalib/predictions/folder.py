@@ -133,9 +133,10 @@ class PredictionFolder:
         return PredictionMap(values=values, kind=kind, affine=header.affine, source=entry.path,
                              geometry_file=header.path)
 
-    def class_count(self, case_id: str, expected: int | None = None) -> int:
+    def class_count(self, case_id: str, expected: int | None = None, by: str = "") -> int:
         """The number of classes of ``case_id``'s map, from the file's header alone; a DataError
-        naming the file when it is not ``expected`` (with a hint when the class axis looks wrong)."""
+        naming the file when it is not ``expected`` (``by``: who expects it), with a hint when the
+        class axis looks wrong."""
         entry = self.entry(case_id)
         if self.format == "nnunet":
             count, shape = nnunet_class_count(entry.path)
@@ -145,7 +146,7 @@ class PredictionFolder:
             hint = class_axis_hint(shape, self.channel_axis, expected)
         if expected is not None and count != expected:
             raise DataError(f"{entry.path}: {count} classes (shape {shape}, class axis {self.channel_axis if self.format != 'nnunet' else 'first'}), "
-                            f"expected {expected}{hint}")
+                            f"expected {expected}{f' by {by}' if by else ''}{hint}")
         return count
 
     def _check_same_kind(self, kind: str, case_id: str) -> None:
