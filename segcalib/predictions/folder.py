@@ -32,7 +32,7 @@ import numpy as np
 
 from segcalib.data.manifest import safe_case_id
 from segcalib.data.volumes import read_header
-from segcalib.errors import ConfigError, DataError
+from segcalib.errors import DataError
 from segcalib.predictions.maps import PredictionMap, check_input, resolve_kind
 from segcalib.predictions.readers import (
     check_channel_axis,
@@ -43,9 +43,15 @@ from segcalib.predictions.readers import (
     read_nnunet_map,
 )
 
+from segcalib.utils.names import Registry
+
 log = logging.getLogger("segcalib")
 
-FORMATS = ("auto", "segcalib", "nnunet", "nifti")
+PREDICTION_FORMATS: Registry[str] = Registry("prediction format")  # name -> what its folder holds
+PREDICTION_FORMATS.register("segcalib", "<case>_probs.nii.gz or <case>_logits.nii.gz beside export.json")
+PREDICTION_FORMATS.register("nnunet", "<case>.npz from nnUNetv2_predict --save_probabilities, beside <case>.nii.gz")
+PREDICTION_FORMATS.register("nifti", "<case>.nii, <case>.nii.gz, <case>_probs.nii.gz or <case>_logits.nii.gz")
+FORMATS = ("auto", *PREDICTION_FORMATS)
 EXPORT_JSON = "export.json"  # segcalib.export.exporter.EXPORT_JSON (not imported: export needs torch)
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 NNUNET_SEG_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
@@ -171,8 +177,8 @@ def open_predictions(folder: str | Path, format: str = "auto", channel_axis: str
             :func:`segcalib.predictions.maps.resolve_kind`).
     """
     root = Path(folder)
-    if format not in FORMATS:
-        raise ConfigError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
+    if format != "auto":
+        PREDICTION_FORMATS.check(format, "format")
     check_channel_axis(channel_axis)
     check_input(input)
     if not root.is_dir():
@@ -335,8 +341,4 @@ def _optional_json(path: Path) -> dict[str, Any]:
 
 
 def _expected(format: str) -> str:
-    return {
-        "segcalib": "<case>_probs.nii.gz or <case>_logits.nii.gz beside export.json",
-        "nnunet": "<case>.npz from nnUNetv2_predict --save_probabilities, beside <case>.nii.gz",
-        "nifti": "<case>.nii, <case>.nii.gz, <case>_probs.nii.gz or <case>_logits.nii.gz",
-    }.get(format, "segcalib export, nnU-Net --save_probabilities .npz, or 4D NIfTI maps")
+    return PREDICTION_FORMATS.get(format, "segcalib export, nnU-Net --save_probabilities .npz, or 4D NIfTI maps")

@@ -36,7 +36,7 @@ def test_defaults_and_relative_manifest(tmp_path: Path) -> None:
         ({"data": {"manifest": "m.json", "patch_size": [32, 32]}}, "data.patch_size"),
         ({"data": {"manifest": "m.json", "patch_size": [30, 32, 32]}}, "multiple of 8"),
         ({"data": {"manifest": "m.json", "orientation": "RAX"}}, "data.orientation"),
-        ({"loss": {"name": "mbls", "margn": 3}}, "loss.margn: unknown parameter for loss 'mbls'"),
+        ({"loss": {"name": "mbls", "margn": 3}}, "loss.margn: unknown parameter 'margn' of loss 'mbls'; did you mean 'margin'?"),
         ({"loss": {"name": "hinge"}}, "loss.name: unknown loss 'hinge'"),
         ({"model": {"name": "smp_unet"}}, "is a 2D model"),
         ({"model": {"name": "unet", "chanels": [8, 16]}}, "model.chanels: unknown parameter"),
