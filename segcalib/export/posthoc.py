@@ -265,6 +265,7 @@ def _apply_settings(record: dict, calibrator_dir, folder, dtype: str, uncertaint
         "source_format": folder.format,
         "calibrator": {"folder": str(Path(calibrator_dir).resolve()), "method": record.get("method"),
                        "fit_region": record.get("fit_region"), "params": params,
+                       "input_space": (record.get("input_space") or {}).get("space"),
                        "selection": (record.get("selection") or {}).get("selected")},
         "temperature": params.get("temperature"),
         "temperature_fit": {"mode": "calibrator", "method": record.get("method"), "region": record.get("fit_region")},
