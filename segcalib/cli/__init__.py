@@ -21,12 +21,26 @@ EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2
 _COMMANDS = ("data", "train", "export", "calibrate", "evaluate", "report", "demo")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the registries' "did you mean" for a mistyped choice (commands, methods, regions)."""
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        if action.choices is not None and value not in action.choices:
+            from segcalib.utils.names import suggestion
+
+            close = suggestion(value, [str(c) for c in action.choices])
+            if close is not None:
+                raise argparse.ArgumentError(action, f"invalid choice: {value!r}; did you mean {close!r}? (choose "
+                                                     f"from {', '.join(map(repr, action.choices))})")
+        super()._check_value(action, value)
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``segcalib`` parser. With ``argv``, only the command it names gets its options (the other
     commands are listed with their one-line help): building a command's options imports the
     registries its choices come from (torch, MONAI), which ``--help``, ``--version`` and a
     mistyped command must not wait for. Without ``argv``, every command is complete."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="segcalib",
         description="Train segmentation networks that know how sure they are; export calibrated "
         "probability maps; evaluate and report their calibration.",

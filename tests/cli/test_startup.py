@@ -44,3 +44,13 @@ def test_a_command_still_gets_its_full_options(capsys) -> None:
     assert args.method == "vector" and args.func.__name__ == "run_fit"
     full = build_parser()  # without argv: every command complete (documentation, tests)
     assert full.parse_args(["export", "--run", "r", "--manifest", "m", "--output", "o"]).command == "export"
+
+
+def test_a_mistyped_command_or_choice_gets_a_suggestion(capsys) -> None:
+    from segcalib.cli import main
+
+    assert main(["exprot"]) == 2
+    assert "invalid choice: 'exprot'; did you mean 'export'?" in capsys.readouterr().err
+    assert main(["calibrate", "fit", "--predictions", "p", "--manifest", "m", "--output", "o", "--method", "vectr"]) == 2
+    assert "invalid choice: 'vectr'; did you mean 'vector'?" in capsys.readouterr().err
+    assert _probe(["exprot"]) == {"code": 2, "heavy": []}
