@@ -145,3 +145,23 @@ def test_extreme_temperatures_give_one_hot_maps_or_exit_2_never_nan(maps: Path, 
     for path in (tmp_path / "b").glob("*_probs.nii.gz"):
         probs = np.asarray(nib.load(str(path)).dataobj)
         assert np.isfinite(probs).all() and set(np.unique(probs)) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("method, fitted_on", [("temperature", "validation"), ("dirichlet", "validation_probs"),
+                                               ("boundary_temperature", "validation_probs")])
+def test_export_and_apply_agree_for_other_calibrators(smoke_run: Path, maps: Path, tmp_path: Path, method: str,
+                                                     fitted_on: str) -> None:
+    manifest = _manifest(smoke_run)
+    cal = tmp_path / "cal"
+    assert main(["calibrate", "fit", "--predictions", str(maps / fitted_on), "--manifest", manifest,
+                 "--method", method, "--output", str(cal)]) == 0
+    assert main(["export", "--run", str(smoke_run), "--manifest", manifest, "--output", str(tmp_path / "exported"),
+                 "--calibrator", str(cal)]) == 0
+    sources = ["test"] + (["test_probs"] if fitted_on.endswith("_probs") else [])
+    for source in sources:
+        assert main(["calibrate", "apply", "--calibrator", str(cal), "--predictions", str(maps / source),
+                     "--output", str(tmp_path / source)]) == 0
+    for case in load_manifest(manifest).cases("test"):
+        exported = _probs(tmp_path / "exported", case.case_id)
+        for source in sources:
+            np.testing.assert_allclose(_probs(tmp_path / source, case.case_id), exported, atol=1e-5)
