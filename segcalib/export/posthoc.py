@@ -242,7 +242,8 @@ def _calibrate_case(calibrator: Calibrator, calibrator_dir, folder, case_id: str
                     paths: dict[str, Path], dtype: str) -> None:
     pred = folder.read(case_id)
     if pred.num_classes != calibrator.num_classes:
-        raise DataError(f"{pred.source}: {pred.num_classes} classes; the calibrator {calibrator_dir} has {calibrator.num_classes}")
+        raise DataError(f"{pred.source}: {pred.num_classes} classes; the calibrator {calibrator_dir} has "
+                        f"{calibrator.num_classes}")
     check_convertible(calibrator.input_space, pred.kind, str(calibrator_dir), case_id)
     image = _image(images, case_id, device)
     inputs = as_logits(pred, device, calibrator.input_space)

@@ -58,7 +58,8 @@ def check_maps(maps: np.ndarray, what: str, producer: Callable[[], str] | None =
         if sums.size:
             off = max(off, float(np.abs(sums - 1.0).max()))
     if bad or off > SUM_TOL:
-        problem = f"{bad} NaN or infinite value(s)" if bad else f"classes that sum to 1 only within {off:.3g} (> {SUM_TOL:g})"
+        problem = (f"{bad} NaN or infinite value(s)" if bad
+                   else f"classes that sum to 1 only within {off:.3g} (> {SUM_TOL:g})")
         by = f", made by {producer()}" if producer is not None else ""
         raise DataError(f"{what}: the calibrated map has {problem}{by}; nothing was written for this case")
 

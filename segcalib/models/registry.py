@@ -75,7 +75,8 @@ def check_model_params(name: str, spatial_dims: int, params: dict[str, Any]) -> 
     allowed = model_parameters(name)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ConfigError(f"model.{unknown[0]}: " + unknown_name_message("parameter", unknown[0], allowed, f"model {name!r}"))
+        message = unknown_name_message("parameter", unknown[0], allowed, f"model {name!r}")
+        raise ConfigError(f"model.{unknown[0]}: {message}")
 
 
 def build_model(name: str, spatial_dims: int, in_channels: int, out_channels: int, **params: Any) -> nn.Module:

@@ -151,8 +151,10 @@ class PredictionFolder:
             count, shape = nifti_class_count(entry.path, self.channel_axis)
             hint = class_axis_hint(shape, self.channel_axis, expected)
         if expected is not None and count != expected:
-            raise DataError(f"{entry.path}: {count} classes (shape {shape}, class axis {self.channel_axis if self.format != 'nnunet' else 'first'}), "
-                            f"expected {expected}{f' by {by}' if by else ''}{hint}")
+            axis = "first" if self.format == "nnunet" else self.channel_axis
+            who = f" by {by}" if by else ""
+            raise DataError(f"{entry.path}: {count} classes (shape {shape}, class axis {axis}), expected {expected}{who}"
+                            f"{hint}")
         return count
 
     def _check_same_kind(self, kind: str, case_id: str) -> None:
@@ -222,8 +224,8 @@ def _nnunet_entries(root: Path, files: list[Path]) -> dict[str, PredictionEntry]
         if len(segs) > 1:
             raise DataError(f"{path}: several segmentations beside it ({', '.join(str(s) for s in segs)}); keep one")
         if segs and _is_nifti_map(segs[0]):
-            raise DataError(f"case {safe_case_id(stem)}: two maps in {root}, {path} and the 4D {segs[0]} (where nnU-Net "
-                            "keeps the segmentation); keep one")
+            raise DataError(f"case {safe_case_id(stem)}: two maps in {root}, {path} and the 4D {segs[0]} (where "
+                            "nnU-Net keeps the segmentation); keep one")
         _add(entries, PredictionEntry(safe_case_id(stem), path, segs[0] if segs else None, "probs"))
     if npz_stems:
         _refuse_nifti_maps(root, files, npz_stems)

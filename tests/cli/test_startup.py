@@ -51,6 +51,7 @@ def test_a_mistyped_command_or_choice_gets_a_suggestion(capsys) -> None:
 
     assert main(["exprot"]) == 2
     assert "invalid choice: 'exprot'; did you mean 'export'?" in capsys.readouterr().err
-    assert main(["calibrate", "fit", "--predictions", "p", "--manifest", "m", "--output", "o", "--method", "vectr"]) == 2
+    fit = ["calibrate", "fit", "--predictions", "p", "--manifest", "m", "--output", "o"]
+    assert main([*fit, "--method", "vectr"]) == 2
     assert "invalid choice: 'vectr'; did you mean 'vector'?" in capsys.readouterr().err
     assert _probe(["exprot"]) == {"code": 2, "heavy": []}

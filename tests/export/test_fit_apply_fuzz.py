@@ -6,6 +6,7 @@ with the output folder as it was; never exit 1 (an exception out of ``main``).""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def folders(draw) -> dict:
     return {
         "format": draw(st.sampled_from(["segcalib", "nnunet", "nifti"])),
         "kind": draw(st.sampled_from(["probs", "logits"])),
-        "flaw": draw(st.sampled_from(["none", "none", "none", "none", "nan", "shape", "classes", "stray", "mixed", "bad_json",
-                                      "second_case_nan"])),
+        "flaw": draw(st.sampled_from(["none", "none", "none", "none", "nan", "shape", "classes", "stray", "mixed",
+                                      "bad_json", "second_case_nan"])),
         "input": draw(st.sampled_from(["auto", "auto", "probs", "logits"])),
         "seed": draw(st.integers(0, 2**16)),
     }
@@ -135,7 +136,8 @@ def _check_maps(out: Path) -> None:
         assert np.isfinite(probs).all() and np.abs(probs.sum(-1) - 1).max() < 1e-4, path
 
 
-@settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 40)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(folder=folders(), calibrator=calibrator_documents(), verb=st.sampled_from(["apply", "apply", "fit"]),
        out_exists=st.booleans())
 def test_fit_and_apply_exit_0_with_good_maps_or_2_with_the_folder_untouched(world, folder, calibrator, verb,

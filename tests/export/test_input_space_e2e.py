@@ -101,7 +101,9 @@ def test_a_logits_calibrator_refuses_probability_maps_and_leaves_the_folder(
     assert listing(out) == before
 
 
-def test_refused_exports_leave_the_folder_and_the_corrected_rerun_works(smoke_run: Path, maps: Path, tmp_path: Path) -> None:
+def test_refused_exports_leave_the_folder_and_the_corrected_rerun_works(
+    smoke_run: Path, maps: Path, tmp_path: Path
+) -> None:
     manifest = _manifest(smoke_run)
     out = tmp_path / "mc"
     assert main(["export", "--run", str(smoke_run), "--manifest", manifest, "--output", str(out),
@@ -124,7 +126,9 @@ def test_refused_exports_leave_the_folder_and_the_corrected_rerun_works(smoke_ru
 
 
 @pytest.mark.parametrize("source", ["test", "test_probs"])
-def test_extreme_temperatures_give_one_hot_maps_or_exit_2_never_nan(maps: Path, tmp_path: Path, source: str, capsys) -> None:
+def test_extreme_temperatures_give_one_hot_maps_or_exit_2_never_nan(
+    maps: Path, tmp_path: Path, source: str, capsys
+) -> None:
     cal = tmp_path / "cal"
     cal.mkdir()
 

@@ -27,7 +27,8 @@ def _probs(seed: int = 0, classes: int = 3) -> np.ndarray:
 
 def _nnunet(folder: Path, case: str, probs_xyzc: np.ndarray, dtype=np.float32) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(folder / f"{case}.npz", probabilities=np.moveaxis(probs_xyzc, -1, 0).transpose(0, 3, 2, 1).astype(dtype))
+    probs_czyx = np.moveaxis(probs_xyzc, -1, 0).transpose(0, 3, 2, 1)
+    np.savez_compressed(folder / f"{case}.npz", probabilities=probs_czyx.astype(dtype))
     write_nifti(folder / f"{case}.nii.gz", probs_xyzc.argmax(-1).astype(np.uint8))
 
 
