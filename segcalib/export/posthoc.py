@@ -144,13 +144,15 @@ def fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outpu
     return read_calibrator_json(output)
 
 
-def _fit_item(folder, case, num_classes: int, device: torch.device, use_image: bool, kinds: set[str]) -> tuple:
+def _fit_item(folder, case, num_classes: int, device: torch.device, use_image: bool,
+              kinds: set[str] | None = None) -> tuple:
     """``(case_id, logits (1, C, *S), target (1, *S), spacing, image (1, Cin, *S) | None)``; the
-    map's kind is added to ``kinds``."""
+    map's kind is added to ``kinds`` (what the fitted calibrator records as its input space)."""
     label, header = read_volume(case.label, dtype=np.int64)
     pred = folder.read(case.case_id)
     check_geometry(pred, header, num_classes)
-    kinds.add(pred.kind)
+    if kinds is not None:
+        kinds.add(pred.kind)
     image = None
     if use_image:
         arrays = [read_volume(p, dtype=np.float32)[0] for p in case.images]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from segcalib import __version__
-from segcalib.errors import RunError, SegcalibError
+from segcalib.errors import ConfigError, DataError, RunError
 from segcalib.utils.files import write_text_atomic
 
 EXPORT_JSON = "export.json"
@@ -77,10 +77,11 @@ def claim_output(output: Path, settings: dict[str, Any], previous: dict[str, Any
 def claimed_output(
     output: Path, settings: dict[str, Any], previous: dict[str, Any] | None, keys: Sequence[str]
 ) -> Iterator[None]:
-    """:func:`claim_output` for the block; a refusal inside it (a :class:`SegcalibError`, such as a
-    map that fails its checks) puts the folder back as it was: the files this command added are
-    removed and ``export.json`` is restored (or removed). The caller holds the folder's lock, so
-    every file that appears meanwhile is this command's."""
+    """:func:`claim_output` for the block; a refusal inside it (a DataError or ConfigError: a map
+    that fails its checks, a case of another kind) puts the folder back as it was: the files this
+    command added are removed and ``export.json`` is restored (or removed). A full disk or an
+    interruption is no refusal: the complete maps stay, and the rerun resumes. The caller holds
+    the folder's lock, so every file that appears meanwhile is this command's."""
     existed = output.is_dir()
     before = {p.name for p in output.iterdir()} if existed else set()
     record = output / EXPORT_JSON
@@ -88,7 +89,7 @@ def claimed_output(
     claim_output(output, settings, previous, keys)
     try:
         yield
-    except SegcalibError:
+    except (DataError, ConfigError):
         for path in output.iterdir():
             if path.name not in before and path.is_file():
                 path.unlink(missing_ok=True)
