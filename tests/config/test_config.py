@@ -125,3 +125,10 @@ def test_repository_configs_validate(repo_root: str) -> None:
     for path in paths:
         cfg = load_config(path)
         assert cfg.data.manifest.exists(), path
+
+
+def test_an_unknown_key_gets_the_closest_valid_one(tmp_path: Path) -> None:
+    raw = {**MINIMAL, "data": {**MINIMAL["data"], "patch_sise": [32, 32, 32]}}
+    with pytest.raises(ConfigError, match=r"data.patch_sise: unknown key 'patch_sise'; did you mean 'patch_size'\? "
+                                          r"valid keys: manifest, "):
+        load_config(_write(tmp_path, raw))
