@@ -16,8 +16,11 @@ Formats (``format="auto"`` tells them apart by content, in this order):
 Case ids are the file names without suffix and without ``_probs`` / ``_logits``, made file-name
 safe as manifest ids are (:func:`segcalib.data.safe_case_id`). Where a case has both a logits
 and a probabilities map, logits are read (no information lost to rounding), unless
-``input="probs"``. Two files for one case in the same role (``a.nii`` and ``a.nii.gz``) are an
-error that names both.
+``input="probs"``. Two files for one case in the same role (``a.nii`` and ``a.nii.gz``), an
+``.npz`` and a NIfTI map of one case, and folders that mix nnU-Net ``.npz`` maps with NIfTI maps
+are errors that name the files; files that are not maps (``.pkl``, ``plans.json``, an unreadable
+``dataset.json``, 3D segmentations without an ``.npz``) are ignored. Class counts come from the
+headers (:meth:`PredictionFolder.class_count`), before any voxel is read.
 """
 
 from __future__ import annotations
