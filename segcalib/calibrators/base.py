@@ -166,7 +166,12 @@ class Calibrator(abc.ABC):
         """The fitted parameters in a few words (extremes of lists), for messages about a bad output."""
         parts = []
         for key, value in self._state().items():
-            flat = torch.tensor(value, dtype=torch.float64).flatten() if isinstance(value, list) else None
+            flat = None
+            if isinstance(value, list):
+                try:
+                    flat = torch.tensor(value, dtype=torch.float64).flatten()
+                except (TypeError, ValueError, RuntimeError):  # ragged lists (isotonic knots)
+                    flat = torch.tensor([float(v) for v in _flatten_numbers(value)], dtype=torch.float64)
             if flat is not None and flat.numel() > 1:
                 parts.append(f"{key} in [{float(flat.min()):.4g}, {float(flat.max()):.4g}]")
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -211,6 +216,12 @@ def check_positive_int(owner: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"calibrator '{owner}': {key} must be an integer >= 1, got {value!r}")
     return value
+
+
+def _flatten_numbers(value: Any) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _flatten_numbers(item)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
 def check_ranges(owner: str, state: dict[str, Any], ranges: dict[str, tuple[float, float]]) -> None:

@@ -23,7 +23,8 @@ from tests.synthetic import make_dataset, write_nifti
 
 SHAPE = (6, 5, 4)
 CLASSES = 3
-METHODS = ("temperature", "vector", "class_temperature", "dirichlet", "histogram_binning", "ensemble_temperature")
+METHODS = ("temperature", "vector", "class_temperature", "dirichlet", "histogram_binning", "ensemble_temperature",
+           "isotonic", "boundary_temperature")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def _write_folder(folder: Path, spec: dict) -> None:
 
 def _write_calibrator(folder: Path, documents: dict, spec: dict) -> None:
     document = json.loads(json.dumps(documents[spec["method"]]))
-    key = next(k for k in ("temperature", "temperatures", "weight", "bin_values") if k in document["params"])
+    key = next(k for k in ("temperature", "temperatures", "weight", "bin_values", "x", "s") if k in document["params"])
     if spec["change"] == "param":
         document["params"][key] = spec["value"]
     elif spec["change"] == "unknown_param":
