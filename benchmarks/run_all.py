@@ -17,6 +17,7 @@ import torch
 
 from benchmarks import (
     bench_calibrators,
+    bench_cli_startup,
     bench_ensemble_memory,
     bench_evaluate,
     bench_export,
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
          ["--cases", "4", "--size", "16", "--test-cases", "2", "--sweep", "2", "4", "--sweep-size", "16",
           "--methods", "temperature", "vector", "auto"] if args.quick else []),
         ("training throughput, 3D hippocampus recipe", bench_training.main, ["--steps", "5"] if args.quick else ["--steps", "30"]),
+        ("command-line start-up (--help, --version, usage errors)", bench_cli_startup.main,
+         ["--repeat", "2"] if args.quick else []),
     ]
     for title, fn, argv_ in sections:
         print(f"\n## {title}\n", flush=True)

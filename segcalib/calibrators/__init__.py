@@ -26,7 +26,7 @@ from segcalib.calibrators.registry import (
 from segcalib.calibrators.sample import SampledCalibrator, StratifiedSample
 from segcalib.calibrators.serialization import load_calibrator, read_calibrator_json, save_calibrator
 
-_FRAMEWORK = {"base", "registry", "sample", "serialization"}
+_FRAMEWORK = {"base", "input_space", "registry", "sample", "serialization"}
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_") and _module.name not in _FRAMEWORK:
         importlib.import_module(f"{__name__}.{_module.name}")

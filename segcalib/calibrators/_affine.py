@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators._lbfgs import minimize_nll
-from segcalib.calibrators.base import Spacing, check_positive_int, read_array
+from segcalib.calibrators.base import SAFE_AFFINE, Spacing, check_positive_int, read_array
 from segcalib.calibrators.sample import SampledCalibrator
 from segcalib.errors import ConfigError
 from segcalib.inference.temperature import DEFAULT_MAX_VOXELS, apply_temperature_
@@ -31,6 +31,7 @@ class AffineCalibrator(SampledCalibrator):
     general (unequal scales or any bias can swap two classes).
     """
 
+    parameter_ranges = {"weight": SAFE_AFFINE, "bias": SAFE_AFFINE}
     diagonal: ClassVar[bool] = False
     log_probs: ClassVar[bool] = False
     translation_invariant: ClassVar[bool] = False

@@ -20,6 +20,11 @@ from segcalib.inference.temperature import DEFAULT_MAX_VOXELS
 from segcalib.utils.threads import cpu_threads
 
 Spacing = Sequence[Sequence[float]] | None
+# Numerically safe ranges of saved parameters (float32 maps, stable softmax): a temperature is a
+# normal float32 far from under/overflow; affine weights and biases keep W x + b finite for logits
+# up to ~1e30.
+SAFE_TEMPERATURE = (1e-30, 1e30)
+SAFE_AFFINE = (-1e6, 1e6)
 
 
 class Calibrator(abc.ABC):
@@ -34,11 +39,21 @@ class Calibrator(abc.ABC):
         name: registry name (set by :func:`~segcalib.calibrators.registry.register_calibrator`).
         preserves_argmax: the calibrated argmax equals the input argmax for every voxel (ties aside).
         preserves_order: the per-voxel order of the classes is unchanged (implies ``preserves_argmax``).
+        parameter_ranges: ``{param: (low, high)}``, the closed range of every number of a saved
+            parameter in which the transform is numerically safe (float32); a loaded file outside
+            it is refused, naming the parameter.
+
+    Attributes:
+        input_space: what :meth:`transform` must be given, as recorded in ``calibrator.json``
+            (``"logits"``, ``"log_probs"``, or None when unrecorded; set by ``load_calibrator``;
+            see :mod:`segcalib.calibrators.input_space`).
     """
 
     name: ClassVar[str] = ""
     preserves_argmax: ClassVar[bool] = False
     preserves_order: ClassVar[bool] = False
+    parameter_ranges: ClassVar[dict[str, tuple[float, float]]] = {}
+    input_space: str | None = None
 
     def __init__(self, num_classes: int, *, seed: int = 0, max_voxels: int = DEFAULT_MAX_VOXELS, **params: Any) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -138,9 +153,32 @@ class Calibrator(abc.ABC):
         except ConfigError as exc:
             raise DataError(str(exc)) from None
         state = {k: v for k, v in params.items() if k not in hyper}
-        calibrator._load_state(state, dict(tensors or {}))
+        calibrator._load_state(state, dict(tensors or {}))  # types and shapes first, then the ranges
+        check_ranges(cls.name, state, cls.parameter_ranges)
         calibrator.fitted = True
+        known = [*calibrator_parameters(cls.name), *calibrator._state()]
+        for key in params:
+            if key not in known:
+                from segcalib.utils.names import unknown_name_message
+
+                raise DataError(f"calibrator '{cls.name}': " + unknown_name_message("parameter", key, known))
         return calibrator
+
+    def describe_params(self) -> str:
+        """The fitted parameters in a few words (extremes of lists), for messages about a bad output."""
+        parts = []
+        for key, value in self._state().items():
+            flat = None
+            if isinstance(value, list):
+                try:
+                    flat = torch.tensor(value, dtype=torch.float64).flatten()
+                except (TypeError, ValueError, RuntimeError):  # ragged lists (isotonic knots)
+                    flat = torch.tensor([float(v) for v in _flatten_numbers(value)], dtype=torch.float64)
+            if flat is not None and flat.numel() > 1:
+                parts.append(f"{key} in [{float(flat.min()):.4g}, {float(flat.max()):.4g}]")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                parts.append(f"{key} = {value:.4g}")
+        return ", ".join(parts) or "no numeric parameters"
 
     @abc.abstractmethod
     def _state(self) -> dict[str, Any]:
@@ -180,6 +218,30 @@ def check_positive_int(owner: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"calibrator '{owner}': {key} must be an integer >= 1, got {value!r}")
     return value
+
+
+def _flatten_numbers(value: Any) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _flatten_numbers(item)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def check_ranges(owner: str, state: dict[str, Any], ranges: dict[str, tuple[float, float]]) -> None:
+    """DataError naming the parameter when a number of ``state[key]`` (a number or nested lists)
+    lies outside ``ranges[key]`` (the numerically safe range of the transform)."""
+    for key, (low, high) in ranges.items():
+        if key not in state:
+            continue  # missing: the calibrator's own reader names it
+        try:
+            values = torch.tensor(state[key], dtype=torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            continue  # malformed: the calibrator's own reader names it
+        bad = values[~((values >= low) & (values <= high))]
+        if bad.numel():
+            raise DataError(
+                f"calibrator '{owner}': parameter '{key}' = {float(bad[0]):.4g} is outside [{low:g}, {high:g}], "
+                "the range in which the calibrated maps are computed safely in float32"
+            )
 
 
 def read_float(owner: str, state: dict[str, Any], key: str, *, positive: bool = False) -> float:

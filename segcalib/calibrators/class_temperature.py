@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators._lbfgs import minimize_nll
-from segcalib.calibrators.base import Spacing, check_positive_int, read_array
+from segcalib.calibrators.base import SAFE_TEMPERATURE, Spacing, check_positive_int, read_array
 from segcalib.calibrators.registry import register_calibrator
 from segcalib.calibrators.sample import SampledCalibrator
 from segcalib.calibrators.temperature import clamp_temperature
@@ -28,6 +28,8 @@ class ClassTemperatureScaling(SampledCalibrator):
     Args:
         max_iter: L-BFGS iterations. seed, max_voxels: the voxel sample.
     """
+
+    parameter_ranges = {"temperatures": SAFE_TEMPERATURE}
 
     def __init__(
         self, num_classes: int, *, seed: int = 0, max_voxels: int = DEFAULT_MAX_VOXELS, max_iter: int = 200

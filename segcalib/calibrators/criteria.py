@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 REGION_METRICS = ("nll", "ece_all", "ece_foreground", "ece_boundary")
+PRESERVE = ("none", "argmax", "order")  # which candidates auto keeps: all, argmax-preserving, order-preserving
+CV_FIT_VOXELS = 200_000  # voxels each fold's calibrator is fitted on (the final refit uses max_voxels)
 BALANCED = "balanced"
 CRITERIA = (BALANCED, *REGION_METRICS)
 

@@ -11,8 +11,9 @@ from typing import Any, Callable, TypeVar
 
 from segcalib.calibrators.base import Calibrator
 from segcalib.errors import ConfigError
+from segcalib.utils.names import Registry, unknown_name_message
 
-_REGISTRY: dict[str, type[Calibrator]] = {}
+_REGISTRY: Registry[type[Calibrator]] = Registry("calibrator")
 _T = TypeVar("_T", bound=type[Calibrator])
 
 
@@ -20,10 +21,8 @@ def register_calibrator(name: str) -> Callable[[_T], _T]:
     """Class decorator: make the calibrator available as ``build_calibrator(name, ...)``."""
 
     def decorate(cls: _T) -> _T:
-        if name in _REGISTRY:
-            raise ValueError(f"calibrator name '{name}' is already registered by {_REGISTRY[name].__qualname__}")
+        _REGISTRY.register(name, cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return decorate
@@ -35,11 +34,8 @@ def list_calibrators() -> list[str]:
 
 
 def calibrator_class(name: str) -> type[Calibrator]:
-    """The class registered as ``name`` (ConfigError listing the valid names otherwise)."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown calibrator '{name}'; valid calibrators: {', '.join(list_calibrators())}") from None
+    """The class registered as ``name`` (UnknownNameError, a ConfigError, listing the valid names otherwise)."""
+    return _REGISTRY.lookup(name)
 
 
 def calibrator_parameters(name: str) -> dict[str, Any]:
@@ -63,7 +59,5 @@ def build_calibrator(name: str, num_classes: int, **params: Any) -> Calibrator:
     valid = calibrator_parameters(name)
     for key in params:
         if key not in valid:
-            raise ConfigError(
-                f"calibrator '{name}': unknown parameter '{key}'; valid parameters: {', '.join(valid) or 'none'}"
-            )
+            raise ConfigError(f"calibrator '{name}': " + unknown_name_message("parameter", key, valid))
     return cls(num_classes, **params)

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from segcalib.calibrators._heldout import REGIONS, HeldOutScores
 from segcalib.calibrators.base import Calibrator
-from segcalib.calibrators.criteria import BALANCED, CRITERIA, REGION_METRICS, choose
+from segcalib.calibrators.criteria import BALANCED, CRITERIA, CV_FIT_VOXELS, PRESERVE, REGION_METRICS, choose
 from segcalib.calibrators.folds import assign_folds
 from segcalib.calibrators.registry import build_calibrator, calibrator_class, list_calibrators
 from segcalib.errors import ConfigError, DataError
@@ -60,8 +60,6 @@ CaseSource = Callable[[], Iterable[CaseItem]]
 Builder = Callable[[int], Calibrator]  # max_voxels -> an unfitted calibrator
 
 METRICS = (*REGION_METRICS, "flip_rate", "dice_change")
-CV_FIT_VOXELS = 200_000  # voxels each fold's calibrator is fitted on (the final refit uses max_voxels)
-PRESERVE = ("none", "argmax", "order")
 DEFAULT_EXCLUDED = ("lts",)  # a trained network per fold: offered only when named
 
 

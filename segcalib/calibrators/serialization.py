@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from segcalib.calibrators.base import Calibrator
+from segcalib.calibrators.input_space import input_record, recorded_space
 from segcalib.calibrators.registry import calibrator_class
 from segcalib.errors import ConfigError, DataError
 from segcalib.utils.files import write_text_atomic, write_with
@@ -16,12 +17,22 @@ from segcalib.utils.files import write_text_atomic, write_with
 CONFIG_NAME = "calibrator.json"
 WEIGHTS_NAME = "weights.safetensors"
 FORMAT_VERSION = 1
-_RESERVED = ("format_version", "method", "classes", "params", "tensors")
+_RESERVED = ("format_version", "method", "classes", "params", "tensors", "input_space")
 
 
-def save_calibrator(calibrator: Calibrator, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+def save_calibrator(
+    calibrator: Calibrator,
+    folder: str | os.PathLike,
+    extra: dict[str, Any] | None = None,
+    *,
+    fitted_on: str = "logits",
+    source_format: str | None = None,
+) -> Path:
     """Write ``calibrator`` (fitted) to ``folder``; ``extra`` (JSON-able, e.g. fit region, voxels used,
-    cross-validation table) is stored beside the parameters at the top level. Returns the JSON path."""
+    cross-validation table) is stored beside the parameters at the top level. ``fitted_on`` says what
+    the calibrator was fed: ``"logits"``, or ``"probs"`` for ``log max(p, 1e-12)`` of probability maps
+    (read from a ``source_format`` folder); it is recorded as ``input_space`` (see
+    :mod:`segcalib.calibrators.input_space`). Returns the JSON path."""
     from safetensors.torch import save_file
 
     extra = dict(extra or {})
@@ -36,6 +47,7 @@ def save_calibrator(calibrator: Calibrator, folder: str | os.PathLike, extra: di
         "classes": calibrator.num_classes,
         "params": calibrator.get_params(),
         "tensors": sorted(tensors),
+        "input_space": input_record(fitted_on, source_format),
         **extra,
     }
     text = json.dumps(document, indent=2, allow_nan=False) + "\n"
@@ -73,6 +85,7 @@ def read_calibrator_json(folder: str | os.PathLike) -> dict[str, Any]:
     names = document.get("tensors", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(f"{path}: 'tensors' must be a list of names, got {names!r}")
+    recorded_space(document, str(path))  # a malformed input_space is refused here
     return document
 
 
@@ -90,9 +103,11 @@ def load_calibrator(folder: str | os.PathLike) -> Calibrator:
         raise DataError(f"{path}: {exc}") from None
     tensors = _read_tensors(Path(folder) / WEIGHTS_NAME, document["tensors"])
     try:
-        return cls.from_params(document["classes"], document["params"], tensors)
+        calibrator = cls.from_params(document["classes"], document["params"], tensors)
     except (DataError, ConfigError) as exc:
         raise DataError(f"{path}: {exc}") from None
+    calibrator.input_space = recorded_space(document, str(path))
+    return calibrator
 
 
 def _read_tensors(path: Path, names: list[str]) -> dict:

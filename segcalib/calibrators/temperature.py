@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from segcalib.calibrators._newton import fit_inverse_temperature
-from segcalib.calibrators.base import Spacing, check_positive_int, read_float
+from segcalib.calibrators.base import SAFE_TEMPERATURE, Spacing, check_positive_int, read_float
 from segcalib.calibrators.registry import register_calibrator
 from segcalib.calibrators.sample import SampledCalibrator
 from segcalib.inference.temperature import DEFAULT_MAX_VOXELS, T_BOUNDS, apply_temperature
@@ -51,6 +51,7 @@ class TemperatureScaling(SampledCalibrator):
 
     preserves_argmax = True
     preserves_order = True
+    parameter_ranges = {"temperature": SAFE_TEMPERATURE}
 
     def __init__(
         self, num_classes: int, *, seed: int = 0, max_voxels: int = DEFAULT_MAX_VOXELS, max_iter: int = 100

@@ -15,13 +15,32 @@ from typing import Sequence
 
 from segcalib import __version__
 from segcalib.errors import SegcalibError
+from segcalib.utils.progress import close_open_bars
 
 EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2
 _COMMANDS = ("data", "train", "export", "calibrate", "evaluate", "report", "demo")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the registries' "did you mean" for a mistyped choice (commands, methods, regions)."""
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        if action.choices is not None and value not in action.choices:
+            from segcalib.utils.names import suggestion
+
+            close = suggestion(value, [str(c) for c in action.choices])
+            if close is not None:
+                raise argparse.ArgumentError(action, f"invalid choice: {value!r}; did you mean {close!r}? (choose "
+                                                     f"from {', '.join(map(repr, action.choices))})")
+        super()._check_value(action, value)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``segcalib`` parser. With ``argv``, only the command it names gets its options (the other
+    commands are listed with their one-line help): building a command's options imports the
+    registries its choices come from (torch, MONAI), which ``--help``, ``--version`` and a
+    mistyped command must not wait for. Without ``argv``, every command is complete."""
+    parser = _Parser(
         prog="segcalib",
         description="Train segmentation networks that know how sure they are; export calibrated "
         "probability maps; evaluate and report their calibration.",
@@ -31,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     import importlib
 
+    chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
     for name in _COMMANDS:
-        importlib.import_module(f"segcalib.cli.{name}_cmd").add_parser(sub)
+        module = importlib.import_module(f"segcalib.cli.{name}_cmd")  # cheap: heavy imports are inside
+        if chosen is None or chosen == name:
+            module.add_parser(sub)
+        else:
+            sub.add_parser(name, help=module.HELP)
     return parser
 
 
@@ -42,10 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in args_list
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        parser = build_parser()
+        parser = build_parser(args_list)
         args = parser.parse_args(args_list)
         return int(args.func(args) or EXIT_OK)
     except SegcalibError as exc:
+        _end_progress_lines()
         if debug:
             traceback.print_exc()
         print(f"segcalib: error: {exc}", file=sys.stderr)
@@ -53,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         if not _is_gpu_out_of_memory(exc):
             raise
+        _end_progress_lines()
         if debug:
             traceback.print_exc()
         print(
@@ -66,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except SystemExit as exc:  # argparse: 2 for usage errors, 0 for --help
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USER
+
+
+def _end_progress_lines() -> None:
+    """Close any progress bar the failed command left open: the message gets a line of its own."""
+    close_open_bars()
+    sys.stdout.flush()
 
 
 def _is_gpu_out_of_memory(exc: BaseException) -> bool:

@@ -4,9 +4,41 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from typing import Callable
 
-from segcalib.metrics.calibration_functional import MAX_BINS  # the metric's own bound
+
+class LazyChoices(Sequence[str]):
+    """argparse ``choices`` read from a registry only when needed (a value to check, a ``--help``
+    to print): building the parser then imports no registry. Give the argument a ``metavar`` so
+    that usage lines do not list them."""
+
+    def __init__(self, load: Callable[[], Sequence[str]]) -> None:
+        self._load = load
+        self._values: list[str] | None = None
+
+    def _get(self) -> list[str]:
+        if self._values is None:
+            self._values = list(self._load())
+        return self._values
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._get()
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._get()[index]
+
+
+def region_names() -> list[str]:
+    from segcalib.spatial.regions import available_regions
+
+    return available_regions()
 
 
 def bounded(kind: type, low: float | None = None, high: float | None = None,
@@ -38,5 +70,7 @@ def positive_mm(text: str) -> float:
 
 
 def bin_count(text: str) -> int:
-    """A number of reliability bins, 1..:data:`MAX_BINS`."""
+    """A number of reliability bins, 1..MAX_BINS (the metric's own bound)."""
+    from segcalib.metrics.calibration_functional import MAX_BINS
+
     return bounded(int, low=1, high=MAX_BINS)(text)

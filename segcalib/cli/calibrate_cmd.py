@@ -4,19 +4,35 @@ from __future__ import annotations
 
 import argparse
 
-from segcalib.cli._args import positive_mm
-from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, available_regions
+from segcalib.cli._args import LazyChoices, positive_mm, region_names
+
+HELP = "fit / apply a post-hoc calibrator on any model's probability maps (segcalib, nnU-Net, NIfTI)"
+
+
+def _methods() -> list[str]:
+    from segcalib.calibrators import list_calibrators
+
+    return ["auto", *list_calibrators()]
+
+
+def _criteria() -> tuple[str, ...]:
+    from segcalib.calibrators.criteria import CRITERIA
+
+    return CRITERIA
+
+
+def _preserve() -> tuple[str, ...]:
+    from segcalib.calibrators.criteria import PRESERVE
+
+    return PRESERVE
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from segcalib.calibrators import list_calibrators
-    from segcalib.calibrators.criteria import BALANCED, CRITERIA
-    from segcalib.calibrators.selection import CV_FIT_VOXELS, PRESERVE
     from segcalib.predictions import FORMATS, INPUTS
 
     p = sub.add_parser(
         "calibrate",
-        help="fit / apply a post-hoc calibrator on any model's probability maps (segcalib, nnU-Net, NIfTI)",
+        help=HELP,
         description="Calibrate the maps of any segmentation model: fit on a labelled split (one method, or "
         "'auto': chosen by cross-validation over cases), then apply to other maps.",
     )
@@ -35,21 +51,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     folder_args(fit)
     fit.add_argument("--manifest", required=True, help="manifest with the ground truth")
     fit.add_argument("--split", default="validation", choices=("training", "validation", "test"))
-    fit.add_argument("--method", default="auto", choices=("auto", *list_calibrators()),
-                     help="calibrator, or auto: chosen by k-fold cross-validation over cases (default)")
+    fit.add_argument("--method", default="auto", choices=LazyChoices(_methods), metavar="METHOD",
+                     help="a registered calibrator, or auto: chosen by k-fold cross-validation over cases (default)")
     fit.add_argument("--output", required=True, help="calibrator folder (CAL_DIR)")
-    fit.add_argument("--region", default=ALL, choices=available_regions(),
+    fit.add_argument("--region", default=None, choices=LazyChoices(region_names), metavar="REGION",
                      help="ground-truth voxels the calibrator is fitted on (default: all)")
-    fit.add_argument("--preserve", default="none", choices=PRESERVE,
+    fit.add_argument("--preserve", default="none", choices=LazyChoices(_preserve), metavar="{none,argmax,order}",
                      help="auto: only calibrators that keep the argmax / the class order")
     fit.add_argument("--folds", type=int, default=5, help="auto: folds of the cross-validation over cases")
-    fit.add_argument("--criterion", default=BALANCED, choices=CRITERIA,
-                     help="auto: held-out criterion (default balanced: NLL and the ECE of all voxels, foreground "
-                     "and boundary relative to the uncalibrated maps, none of them worse)")
-    fit.add_argument("--fit-voxels", type=int, default=CV_FIT_VOXELS,
-                     help=f"auto: voxels each fold's calibrator is fitted on (default {CV_FIT_VOXELS:,}); held-out "
-                     "folds are scored on all their voxels, the chosen method is refitted on --max-voxels")
-    fit.add_argument("--boundary-mm", type=positive_mm, default=DEFAULT_BOUNDARY_MM,
+    fit.add_argument("--criterion", default=None, choices=LazyChoices(_criteria), metavar="CRITERION",
+                     help="auto: held-out criterion, balanced (default: NLL and the ECE of all voxels, foreground "
+                     "and boundary relative to the uncalibrated maps, none of them worse), nll or ece_<region>")
+    fit.add_argument("--fit-voxels", type=int, default=None,
+                     help="auto: voxels each fold's calibrator is fitted on (default 200,000); held-out folds are "
+                     "scored on all their voxels, the chosen method is refitted on --max-voxels")
+    fit.add_argument("--boundary-mm", type=positive_mm, default=None,
                      help="half-width in mm of the boundary region (default 2)")
     fit.add_argument("--max-voxels", type=int, default=None, help="bound of the voxel sample (default 2,000,000)")
     fit.add_argument("--seed", type=int, default=0)
@@ -86,17 +102,19 @@ def run_fit(args: argparse.Namespace) -> int:
         try:
             record = fit_on_predictions(
                 args.predictions, args.manifest, args.output,
-                FitOptions(split=args.split, method=args.method, region=args.region, preserve=args.preserve,
-                           folds=args.folds, criterion=args.criterion, boundary_mm=args.boundary_mm,
-                           max_voxels=args.max_voxels, seed=args.seed, use_image=args.use_image,
-                           fit_voxels=args.fit_voxels, progress=not args.quiet,
+                FitOptions(split=args.split, method=args.method, preserve=args.preserve, folds=args.folds,
+                           **{k: v for k, v in (("region", args.region), ("boundary_mm", args.boundary_mm),
+                                                ("criterion", args.criterion), ("fit_voxels", args.fit_voxels))
+                              if v is not None},
+                           max_voxels=args.max_voxels, seed=args.seed, use_image=args.use_image, progress=not args.quiet,
                            split_seed=args.split_seed, device=args.device, folder=_folder_options(args)),
             )
         finally:
             shutdown()
     if record:
         chosen = (record.get("selection") or {}).get("selected")
-        how = f" (chosen by {args.folds}-fold cross-validation on {args.criterion})" if chosen else ""
+        criterion = (record.get("selection") or {}).get("criterion")
+        how = f" (chosen by {args.folds}-fold cross-validation on {criterion})" if chosen else ""
         how += f" in {record.get('seconds', 0):.1f} s"
         print(f"calibrator {record['method']}{how} fitted on {len(record.get('cases', []))} {args.split} case(s), "
               f"region {record.get('fit_region')}: {args.output}/calibrator.json")

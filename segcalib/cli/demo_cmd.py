@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from segcalib.spatial.regions import ALL, FOREGROUND, available_regions
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
+HELP = "the whole path on the embedded demo data (reuses a finished demo run)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from segcalib.spatial.regions import ALL, FOREGROUND, available_regions
+
     p = sub.add_parser(
         "demo",
-        help="the whole path on the embedded demo data (reuses a finished demo run)",
+        help=HELP,
         description="Trains configs/demo.yaml (or reuses/resumes runs/demo), exports the test split without "
         "calibration and with fitted temperatures, fits a calibrator on the validation maps (auto: chosen by "
         "cross-validation over cases) and applies it, evaluates every variant and writes one comparison report.",

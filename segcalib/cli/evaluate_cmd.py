@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from segcalib.cli._args import MAX_BINS, bin_count, positive_mm
-from segcalib.metrics.registry import list_binnings
-from segcalib.reports.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+from segcalib.cli._args import bin_count, positive_mm
+
+HELP = "calibration (ECE/CECE/NLL/Brier per region) and Dice/HD95/ASSD of exported maps"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from segcalib.metrics.calibration_functional import MAX_BINS
+    from segcalib.metrics.registry import list_binnings
     from segcalib.predictions import FORMATS, INPUTS
+    from segcalib.reports.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 
     p = sub.add_parser(
         "evaluate",
-        help="calibration (ECE/CECE/NLL/Brier per region) and Dice/HD95/ASSD of exported maps",
+        help=HELP,
         description="Writes OUTPUT/report.json and a self-contained OUTPUT/report.html. Runs under "
         "torchrun too (cases shared out, metric states all-reduced).",
     )

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 
-from segcalib.cli._args import positive_mm
-from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, available_regions
+from segcalib.cli._args import LazyChoices, positive_mm, region_names
+
+HELP = "write calibrated probability maps (NIfTI, the input's own geometry)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write calibrated probability maps (NIfTI, the input's own geometry)",
+        help=HELP,
         description="Sliding-window inference of a split, post-hoc calibration (a temperature or a calibrator), "
         "back to each input's geometry: <case>_probs.nii.gz (class last), <case>_seg.nii.gz, optional "
         "<case>_uncertainty.nii.gz. Several --run, --tta and --mc-dropout make an ensemble, averaged in "
@@ -25,9 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("training", "validation", "test"))
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--temperature", default="none", help="none, fit (on the run's validation voxels) or a value T > 0")
-    p.add_argument("--temperature-region", default=ALL, choices=available_regions(),
-                   help="ground-truth voxels the temperature is fitted on (default: all)")
-    p.add_argument("--boundary-mm", type=positive_mm, default=DEFAULT_BOUNDARY_MM,
+    p.add_argument("--temperature-region", default=None, choices=LazyChoices(region_names), metavar="REGION",
+                   help="ground-truth voxels the temperature is fitted on: %(choices)s (default: all)")
+    p.add_argument("--boundary-mm", type=positive_mm, default=None,
                    help="half-width in mm of the boundary region a temperature is fitted on (default 2); "
                    "recorded in export.json, and evaluate uses the same band")
     p.add_argument("--calibrator", default=None,
@@ -55,10 +56,12 @@ def run(args: argparse.Namespace) -> int:
     from segcalib.errors import DataError
     from segcalib.inference.temperature import TemperatureRequest
     from segcalib.utils.files import remove_stale_temporaries
+    from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM
     from segcalib.utils.locks import folder_lock
 
+    boundary_mm = DEFAULT_BOUNDARY_MM if args.boundary_mm is None else args.boundary_mm
     try:
-        request = TemperatureRequest.parse(args.temperature, args.temperature_region)
+        request = TemperatureRequest.parse(args.temperature, args.temperature_region or ALL)
     except ValueError as exc:
         raise DataError(f"--temperature: {exc}") from None
     if args.calibrator is not None and request.mode != "none":
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                 mc_dropout=args.mc_dropout,
                 variance=args.variance,
                 logits=args.logits,
-                boundary_mm=args.boundary_mm,
+                boundary_mm=boundary_mm,
                 checkpoint=args.checkpoint,
                 dtype=args.dtype,
                 uncertainty=args.uncertainty,

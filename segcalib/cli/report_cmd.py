@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 
 
+HELP = "compare several runs or reports (table + overlaid reliability diagrams)"
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
-        help="compare several runs or reports (table + overlaid reliability diagrams)",
+        help=HELP,
         description="Each input is a report.json, or a folder searched for report.json files.",
     )
     p.add_argument("inputs", nargs="+", metavar="RUN_OR_REPORT")

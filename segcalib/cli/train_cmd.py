@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from segcalib.config import load_config
 from segcalib.errors import ConfigError
-from segcalib.runs.run_dir import RunDir
+
+HELP = "train a network with a calibration loss (runs under torchrun for several GPUs/nodes)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a network with a calibration loss (runs under torchrun for several GPUs/nodes)",
+        help=HELP,
         description="Train one experiment. Writes RUN_DIR (default runs/<name>/): config.yaml, "
         "checkpoints/last.pt and best.pt, metrics.csv, TensorBoard events.",
     )
@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segcalib.config import load_config
+    from segcalib.runs.run_dir import RunDir
     from segcalib.training import train
     from segcalib.utils.distributed import init_from_env, is_main_process, shutdown
     from segcalib.utils.files import remove_stale_temporaries

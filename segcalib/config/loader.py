@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from segcalib.config.schema import ExperimentConfig
 from segcalib.errors import ConfigError
+from segcalib.utils.names import unknown_name_message
 from segcalib.losses import check_loss_params, loss_parameters
 from segcalib.models import check_model_params, size_divisor
 
@@ -213,12 +214,26 @@ def _drop_foreign_loss_params(merged: dict[str, Any]) -> dict[str, Any]:
     return {**merged, "loss": kept}
 
 
+def _keys_beside(loc: Sequence[Any]) -> list[str]:
+    """The valid keys of the section that holds ``loc`` (empty when it is not a config section)."""
+    section: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        section = annotation
+    return list(section.model_fields)
+
+
 def _format_validation_error(exc: ValidationError) -> str:
     messages = []
     for error in exc.errors():
         key = ".".join(str(p) for p in error["loc"])
         if error["type"] == "extra_forbidden":
-            messages.append(f"{key}: unknown key")
+            valid = _keys_beside(error["loc"])
+            messages.append(f"{key}: " + unknown_name_message("key", error["loc"][-1], valid) if valid
+                            else f"{key}: unknown key")
         elif error["type"] == "missing":
             messages.append(f"{key}: required key is missing")
         else:

@@ -28,9 +28,10 @@ import torch
 from segcalib.data import Case, check_manifest, load_manifest
 from segcalib.data.volumes import header_rewritten
 from segcalib.errors import ConfigError, DataError
-from segcalib.export.members import Member, calibrate_member, member_maps, tta_flips
-from segcalib.export.record import EXPORT_JSON, claim_output, finish, now, previous_record, versions
+from segcalib.export.members import Member, calibrate_member, member_maps, note_member_provenance, tta_flips
+from segcalib.export.record import EXPORT_JSON, claimed_output, finish, now, previous_record, versions
 from segcalib.export.writers import ENSEMBLE_MAPS, all_written, check_dtype, output_paths, write_probability_maps
+from segcalib.inference.augmentation import active_dropout_layers
 from segcalib.inference.ensemble import ProbabilityEnsemble
 from segcalib.inference.temperature import DEFAULT_MAX_VOXELS, TemperatureRequest
 from segcalib.inference.trained_model import load_trained_model
@@ -95,6 +96,9 @@ def export(
     check_manifest(manifest, splits=(options.split,))
     flips = [tta_flips(m, options.tta) for m in models]
     mc = max(1, int(options.mc_dropout))
+    if mc > 1:
+        for model in models:  # before export.json says "running"
+            active_dropout_layers(model.net, f"--mc-dropout {options.mc_dropout}: {model.run_dir}")
     n_predictions = len(models) * mc * max(1, len(flips[0] or [None]))
     if options.logits and n_predictions > 1:
         raise ConfigError("--logits writes one model's logits: not with several runs, --tta or --mc-dropout")
@@ -110,19 +114,20 @@ def export(
     members = [_member(m, options, previous["members"][i] if reuse else None) for i, m in enumerate(models)]
     settings["members"] = [m.record() for m in members]
     settings.update({k: settings["members"][0][k] for k in ("temperature", "temperature_fit")})
-    claim_output(output, settings, previous, _SAME_KEYS)
+    note_member_provenance(members)
 
     done, skipped = [], []
-    bar = progress_bar(len(cases), "export", options.progress)
-    for case in cases:
-        paths = output_paths(output, case.case_id, extra)
-        if all_written(paths):
-            skipped.append(case.case_id)
-        else:
-            _export_case(members, flips, mc, case, paths, options)
-            done.append(case.case_id)
-        bar.update(1)
-    bar.close()
+    with claimed_output(output, settings, previous, _SAME_KEYS):
+        bar = progress_bar(len(cases), "export", options.progress)
+        for case in cases:
+            paths = output_paths(output, case.case_id, extra)
+            if all_written(paths):
+                skipped.append(case.case_id)
+            else:
+                _export_case(members, flips, mc, case, paths, options)
+                done.append(case.case_id)
+            bar.update(1)
+        bar.close()
     settings["header_rewritten"] = [c.case_id for c in cases if header_rewritten(c.images[0])]
     finish(output, settings, [c.case_id for c in cases])
     return ExportResult(output, done, skipped, settings["temperature"], settings)
@@ -133,6 +138,10 @@ def _export_case(
 ) -> None:
     """Predict one case with every member and write its maps (each file atomically)."""
     reference = case.images[0]
+
+    def producer() -> str:
+        return "; ".join(m.describe() for m in members)
+
     ensemble: ProbabilityEnsemble | None = None
     single = len(members) == 1 and mc == 1 and not flips[0]
     logits: list[np.ndarray] | None = [] if single and "logits" in paths else None
@@ -140,7 +149,7 @@ def _export_case(
         for maps in member_maps(member, case, member_flips, mc, logits):
             if single:
                 extras = {"logits": logits[0]} if logits else {}
-                write_probability_maps(maps, reference, paths, options.dtype, extras)
+                write_probability_maps(maps, reference, paths, options.dtype, extras, producer)
                 return
             if ensemble is None:
                 ensemble = ProbabilityEnsemble(variance=options.variance, dtype=torch.float32)
@@ -150,7 +159,7 @@ def _export_case(
     extras = {name: getattr(result, name)[0].numpy() for name in ENSEMBLE_MAPS}
     if result.variance is not None:
         extras["variance"] = result.variance[0].numpy()
-    write_probability_maps(result.mean[0].numpy(), reference, paths, options.dtype, extras)
+    write_probability_maps(result.mean[0].numpy(), reference, paths, options.dtype, extras, producer)
 
 
 def export_case(model, case: Case, chain, paths: dict[str, Path], temperature: float = 1.0, dtype: str = "float32") -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from segcalib.calibrators import Calibrator, load_calibrator, read_calibrator_json
+from segcalib.calibrators.input_space import to_space, warn_unrecorded
 from segcalib.data import Case, load_manifest
 from segcalib.data.transforms import case_to_item, preprocessing
 from segcalib.errors import ConfigError, DataError, RunError
@@ -50,9 +51,17 @@ class Member:
     def to_probs(self, logits: torch.Tensor, spacing: tuple[float, ...]) -> torch.Tensor:
         """Calibrated probabilities ``(B, K, *S)`` from this member's logits (float32; in place
         for a temperature)."""
-        if self.calibrator is not None:
-            return self.calibrator.transform(logits, spacing=[spacing] * logits.shape[0])
+        if self.calibrator is not None:  # logits convert exactly into either input space
+            inputs = to_space(logits, "logits", self.calibrator.input_space, dim=1)
+            return self.calibrator.transform(inputs, spacing=[spacing] * logits.shape[0])
         return apply_temperature_(logits.float(), self.temperature, dim=1)
+
+    def describe(self) -> str:
+        """This member's calibration in a few words (for a message about a bad map)."""
+        if self.calibrator is not None:
+            where = self.fit_info.get("folder", "")
+            return f"calibrator '{self.calibrator.name}' of {where} ({self.calibrator.describe_params()})"
+        return f"{self.model.run_dir} at temperature {self.temperature:.4g}"
 
     def record(self) -> dict[str, Any]:
         """The member as export.json describes it."""
@@ -64,6 +73,7 @@ class Member:
             "checkpoint": str(Path(model.checkpoint).resolve()),
             "checkpoint_epoch": model.epoch,
             **model.record(),  # run_finished, foreign_checkpoint (and its own config)
+            "manifest": str(Path(model.cfg.data.manifest).resolve()),
             "config_hash": model.config_hash,
             "temperature": self.temperature if self.calibrator is None else None,
             "temperature_fit": self.fit_info if self.calibrator is None else None,
@@ -71,6 +81,31 @@ class Member:
         if self.calibrator is not None:
             out["calibrator"] = {"method": self.calibrator.name, **self.fit_info}
         return out
+
+
+def note_member_provenance(members: Sequence[Member]) -> list[str]:
+    """One warning line when the members of an ensemble were trained on different manifests or
+    configs (beyond ``name`` and ``train.seed``, which make a seed ensemble); returns what differs."""
+    if len(members) < 2:
+        return []
+    flat = [_flatten(m.model.cfg.to_dict()) for m in members]
+    keys = sorted({k for f in flat for k in f} - {"name", "train.seed"})
+    changed = [k for k in keys if any(f.get(k) != flat[0].get(k) for f in flat[1:])]
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        log.warning("ensemble members were trained with different settings (%s); export.json records each "
+                    "member's manifest and config hash", shown)
+    return changed
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def calibrate_member(
@@ -93,8 +128,10 @@ def calibrate_member(
                 f"{calibrator_dir}: the '{calibrator.name}' calibrator reads the image as the raw files hold it; "
                 "export maps (--logits) and use segcalib calibrate apply --manifest instead"
             )
-        info = {"folder": str(Path(calibrator_dir).resolve()), "region": record.get("region"),
-                "params": record.get("params")}
+        if calibrator.input_space is None:
+            warn_unrecorded(str(calibrator_dir))
+        info = {"folder": str(Path(calibrator_dir).resolve()), "region": record.get("fit_region", record.get("region")),
+                "params": record.get("params"), "input_space": calibrator.input_space}
         return Member(model, calibrator=calibrator, fit_info=info)
     if request.mode != "fit":
         return Member(model, temperature=request.value, fit_info={"mode": request.mode})

@@ -13,6 +13,7 @@ work unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -24,12 +25,13 @@ import numpy as np
 import torch
 
 from segcalib.calibrators import Calibrator, build_calibrator, load_calibrator, read_calibrator_json, save_calibrator
-from segcalib.calibrators.criteria import BALANCED
-from segcalib.calibrators.selection import CV_FIT_VOXELS, select_calibrator
+from segcalib.calibrators.criteria import BALANCED, CV_FIT_VOXELS
+from segcalib.calibrators.input_space import check_convertible, describe, to_space, warn_unrecorded
+from segcalib.calibrators.selection import select_calibrator
 from segcalib.data import load_manifest, read_volume
 from segcalib.data.manifest import SPLIT_SEED
 from segcalib.errors import DataError
-from segcalib.export.record import EXPORT_JSON, claim_output, differences, finish, now, previous_record, versions
+from segcalib.export.record import EXPORT_JSON, claimed_output, differences, finish, now, previous_record, versions
 from segcalib.export.writers import all_written, check_dtype, output_paths, write_probability_maps
 from segcalib.predictions import PredictionMap, check_geometry, match_cases, open_predictions
 from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, RegionContext, region_mask
@@ -40,7 +42,6 @@ from segcalib.utils.progress import progress_bar
 from segcalib.utils.threads import cpu_threads
 
 log = logging.getLogger("segcalib")
-PROB_FLOOR = 1e-12  # probabilities enter a calibrator as log(max(p, floor)): softmax(log p) = p
 
 
 @dataclass
@@ -74,12 +75,11 @@ class FitOptions:
         self.folder = self.folder or FolderOptions()
 
 
-def as_logits(pred: PredictionMap, device: torch.device) -> torch.Tensor:
-    """``(1, C, *spatial)`` float32 logits of a map (``log p`` for probabilities)."""
-    values = torch.from_numpy(pred.values).to(device)
-    if pred.kind == "probs":
-        values = values.clamp_min(PROB_FLOOR).log_()
-    return values.unsqueeze(0)
+def as_logits(pred: PredictionMap, device: torch.device, space: str | None = None) -> torch.Tensor:
+    """``(1, C, *spatial)`` float32 input of a calibrator working in ``space`` (see
+    :mod:`segcalib.calibrators.input_space`; None: logits as they are, ``log max(p, 1e-12)`` for
+    probabilities, the space of a fit on such maps)."""
+    return to_space(torch.from_numpy(pred.values).to(device), pred.kind, space, dim=0).unsqueeze(0)
 
 
 def fit_on_predictions(predictions: str | Path, manifest_path: str | Path, output: str | Path, options: FitOptions) -> dict[str, Any]:
@@ -109,11 +109,14 @@ def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outp
     num_classes = manifest.num_classes
     limits = {} if options.max_voxels is None else {"max_voxels": options.max_voxels}
     started = time.time()
+    kinds: set[str] = set()
+    for case, _ in pairs:  # before anything is fitted: every map has the manifest's classes
+        folder.class_count(case.case_id, expected=num_classes, by=f"the manifest {manifest.path}")
 
     def stream(share: bool) -> Iterator[tuple]:
         mine = pairs[rank() :: world_size()] if share else pairs
         for case, _ in mine:
-            yield _fit_item(folder, case, num_classes, device, options.use_image)
+            yield _fit_item(folder, case, num_classes, device, options.use_image, kinds)
 
     extra: dict[str, Any]
     if options.method == "auto":
@@ -153,15 +156,20 @@ def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outp
         versions=versions(),
     )
     output.mkdir(parents=True, exist_ok=True)
-    save_calibrator(calibrator, output, extra=extra)
+    (fitted_on,) = kinds or {"logits"}  # one kind per folder (PredictionFolder checks it)
+    save_calibrator(calibrator, output, extra=extra, fitted_on=fitted_on, source_format=folder.format)
     return read_calibrator_json(output)
 
 
-def _fit_item(folder, case, num_classes: int, device: torch.device, use_image: bool) -> tuple:
-    """``(case_id, logits (1, C, *S), target (1, *S), spacing, image (1, Cin, *S) | None)``."""
+def _fit_item(folder, case, num_classes: int, device: torch.device, use_image: bool,
+              kinds: set[str] | None = None) -> tuple:
+    """``(case_id, logits (1, C, *S), target (1, *S), spacing, image (1, Cin, *S) | None)``; the
+    map's kind is added to ``kinds`` (what the fitted calibrator records as its input space)."""
     label, header = read_volume(case.label, dtype=np.int64)
     pred = folder.read(case.case_id)
     check_geometry(pred, header, num_classes)
+    if kinds is not None:
+        kinds.add(pred.kind)
     image = None
     if use_image:
         arrays = [read_volume(p, dtype=np.float32)[0] for p in case.images]
@@ -193,7 +201,12 @@ def apply_to_predictions(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Calibrated maps of every case of ``predictions`` into ``output`` (the files of
-    ``segcalib export``), with an ``export.json`` that records the calibrator."""
+    ``segcalib export``), with an ``export.json`` that records the calibrator.
+
+    Every check that needs no voxel data (options, the calibrator file, the folder's format and
+    files, each map's class count, the input space of the first map) runs before ``export.json``
+    is written; a map that fails later (NaN, another kind, a calibrated map that is not finite)
+    puts the folder back as it was (:func:`~segcalib.export.record.claimed_output`)."""
     output = Path(output)
     check_dtype(dtype)
     if output.resolve() == Path(predictions).resolve():
@@ -204,6 +217,12 @@ def apply_to_predictions(
     images = _image_files(calibrator, calibrator_dir, manifest_path)
     device_ = select_device(device)
     case_ids = folder.case_ids()
+    for case_id in case_ids:
+        folder.class_count(case_id, expected=calibrator.num_classes, by=f"the calibrator {calibrator_dir}")
+    space = calibrator.input_space
+    if space is None:
+        warn_unrecorded(str(calibrator_dir))
+    _check_first_map(folder, case_ids, space, calibrator_dir)
     settings = _apply_settings(record, calibrator_dir, folder, dtype, uncertainty)
     previous = previous_record(output)
     extra = ["uncertainty"] if uncertainty else []
@@ -214,22 +233,43 @@ def apply_to_predictions(
     ):
         log.info("%s: complete with this calibrator; nothing to do", output)
         return previous
-    if is_main_process():
-        claim_output(output, settings, previous, keys)
-    bar = progress_bar(len(case_ids), "calibrate", progress and is_main_process())
-    for case_id in case_ids[rank() :: world_size()]:
-        paths = output_paths(output, case_id, extra)
-        if not all_written(paths):
-            pred = folder.read(case_id)
-            if pred.num_classes != calibrator.num_classes:
-                raise DataError(f"{pred.source}: {pred.num_classes} classes; the calibrator {calibrator_dir} has {calibrator.num_classes}")
-            image = _image(images, case_id, device_)
-            probs = calibrator.transform(as_logits(pred, device_), spacing=[spacing_from_affine(pred.affine)], image=image)
-            write_probability_maps(probs[0].cpu().numpy(), pred.geometry_file, paths, dtype)
-        bar.update(1)
-    bar.close()
+    with claimed_output(output, settings, previous, keys) if is_main_process() else contextlib.nullcontext():
+        bar = progress_bar(len(case_ids), "calibrate", progress and is_main_process())
+        for case_id in case_ids[rank() :: world_size()]:
+            paths = output_paths(output, case_id, extra)
+            if not all_written(paths):
+                _calibrate_case(calibrator, calibrator_dir, folder, case_id, images, device_, paths, dtype)
+            bar.update(1)
+        bar.close()
     gather_objects(None)  # every rank's cases are written before rank 0 marks the folder complete
     return finish(output, settings, case_ids) if is_main_process() else settings
+
+
+def _check_first_map(folder, case_ids: list[str], space: str | None, calibrator_dir) -> None:
+    """The first map's kind against the calibrator's space, before anything is written (the
+    folder holds one kind: every later map is held to it as it is read)."""
+    if not case_ids:
+        return
+    entry = folder.entry(case_ids[0])
+    kind = entry.hint if folder.input == "auto" and entry.hint == "probs" else None
+    if kind is None:
+        kind = folder.read(case_ids[0]).kind
+    check_convertible(space, kind, str(calibrator_dir), case_ids[0])
+
+
+def _calibrate_case(calibrator: Calibrator, calibrator_dir, folder, case_id: str, images, device: torch.device,
+                    paths: dict[str, Path], dtype: str) -> None:
+    pred = folder.read(case_id)
+    if pred.num_classes != calibrator.num_classes:
+        raise DataError(f"{pred.source}: {pred.num_classes} classes; the calibrator {calibrator_dir} has "
+                        f"{calibrator.num_classes}")
+    check_convertible(calibrator.input_space, pred.kind, str(calibrator_dir), case_id)
+    image = _image(images, case_id, device)
+    inputs = as_logits(pred, device, calibrator.input_space)
+    probs = calibrator.transform(inputs, spacing=[spacing_from_affine(pred.affine)], image=image)[0].cpu().numpy()
+    write_probability_maps(probs, pred.geometry_file, paths, dtype, producer=lambda: (
+        f"calibrator '{calibrator.name}' of {calibrator_dir} ({calibrator.describe_params()}; input "
+        f"{describe(calibrator.input_space)})"))
 
 
 def _apply_settings(record: dict, calibrator_dir, folder, dtype: str, uncertainty: bool) -> dict[str, Any]:
@@ -245,6 +285,7 @@ def _apply_settings(record: dict, calibrator_dir, folder, dtype: str, uncertaint
         "source_format": folder.format,
         "calibrator": {"folder": str(Path(calibrator_dir).resolve()), "method": record.get("method"),
                        "fit_region": record.get("fit_region"), "params": params,
+                       "input_space": (record.get("input_space") or {}).get("space"),
                        "selection": (record.get("selection") or {}).get("selected")},
         "temperature": params.get("temperature"),
         "temperature_fit": {"mode": "calibrator", "method": record.get("method"), "region": record.get("fit_region")},

@@ -3,17 +3,18 @@ never mix in one folder, and ``segcalib evaluate`` / ``report`` know what they a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from segcalib import __version__
-from segcalib.errors import RunError
+from segcalib.errors import ConfigError, DataError, RunError
 from segcalib.utils.files import write_text_atomic
 
 EXPORT_JSON = "export.json"
@@ -70,6 +71,36 @@ def claim_output(output: Path, settings: dict[str, Any], previous: dict[str, Any
         raise RunError(f"{output}: holds probability maps but no {EXPORT_JSON}; choose another --output")
     output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output / EXPORT_JSON, json.dumps(settings, indent=1))
+
+
+@contextlib.contextmanager
+def claimed_output(
+    output: Path, settings: dict[str, Any], previous: dict[str, Any] | None, keys: Sequence[str]
+) -> Iterator[None]:
+    """:func:`claim_output` for the block; a refusal inside it (a DataError or ConfigError: a map
+    that fails its checks, a case of another kind) puts the folder back as it was: the files this
+    command added are removed and ``export.json`` is restored (or removed). A full disk or an
+    interruption is no refusal: the complete maps stay, and the rerun resumes. The caller holds
+    the folder's lock, so every file that appears meanwhile is this command's."""
+    existed = output.is_dir()
+    before = {p.name for p in output.iterdir()} if existed else set()
+    record = output / EXPORT_JSON
+    old_text = record.read_text(encoding="utf-8") if record.is_file() else None
+    claim_output(output, settings, previous, keys)
+    try:
+        yield
+    except (DataError, ConfigError):
+        for path in output.iterdir():
+            if path.name not in before and path.is_file():
+                path.unlink(missing_ok=True)
+        if old_text is None:
+            record.unlink(missing_ok=True)
+        else:
+            write_text_atomic(record, old_text)
+        if not existed:
+            with contextlib.suppress(OSError):
+                output.rmdir()  # made by claim_output; kept if anything else is in it
+        raise
 
 
 def finish(output: Path, settings: dict[str, Any], case_ids: Sequence[str]) -> dict[str, Any]:

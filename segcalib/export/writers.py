@@ -23,6 +23,7 @@ UINT16_MAX = 65535
 DTYPES = ("float32", "float16")
 ENSEMBLE_MAPS = ("entropy", "mutual_info", "expected_entropy")
 OPTIONAL_MAPS = ("uncertainty", "logits", *ENSEMBLE_MAPS, "variance")
+SUM_TOL = 1e-4  # float32 softmax sums are within ~1e-6 of 1; beyond this the maps are wrong, not rounded
 
 
 def output_paths(output: Path, case_id: str, extra: Iterable[str] = ()) -> dict[str, Path]:
@@ -44,13 +45,36 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
+def check_maps(maps: np.ndarray, what: str, producer: Callable[[], str] | None = None) -> None:
+    """DataError unless ``maps (K, *spatial)`` are finite and sum to 1 over K within
+    :data:`SUM_TOL`; the message names ``what`` (the case) and, when given, ``producer()`` (the
+    calibration step and its parameters). Read slab by slab: no second volume."""
+    off, bad = 0.0, 0  # largest |sum - 1|, count of non-finite values
+    for i in range(0, maps.shape[-1], 16):
+        slab = maps[..., i : i + 16]
+        finite = np.isfinite(slab)
+        bad += int(slab.size - np.count_nonzero(finite))
+        sums = np.where(finite, slab, 0).sum(0, dtype=np.float64)
+        if sums.size:
+            off = max(off, float(np.abs(sums - 1.0).max()))
+    if bad or off > SUM_TOL:
+        problem = (f"{bad} NaN or infinite value(s)" if bad
+                   else f"classes that sum to 1 only within {off:.3g} (> {SUM_TOL:g})")
+        by = f", made by {producer()}" if producer is not None else ""
+        raise DataError(f"{what}: the calibrated map has {problem}{by}; nothing was written for this case")
+
+
 def write_probability_maps(
-    maps: np.ndarray, reference: Path, paths: dict[str, Path], dtype: str = "float32", extras: dict | None = None
+    maps: np.ndarray, reference: Path, paths: dict[str, Path], dtype: str = "float32", extras: dict | None = None,
+    producer: Callable[[], str] | None = None,
 ) -> None:
     """Write ``maps (K, *spatial)`` (probabilities in ``reference``'s voxel order) as probs and seg,
     plus ``uncertainty`` (entropy of ``maps``) when asked and every array in ``extras``
     (``(*spatial)`` or ``(K, *spatial)``) under its path. ``maps`` may be a view; it is read slab
-    by slab so that no second full volume is made."""
+    by slab so that no second full volume is made. Nothing is written unless ``maps`` are finite
+    and sum to 1 (:func:`check_maps`; ``producer`` names what made them)."""
+    case = paths["probs"].name[: -len("_probs.nii.gz")]
+    check_maps(maps, f"case {case}", producer)
     if dtype == "float16":
         quantised = slabwise(maps, lambda p: np.rint(np.moveaxis(p, 0, -1) * UINT16_MAX).astype(np.uint16), -2)
         _save(paths["probs"], quantised, reference, np.uint16, slope=1 / UINT16_MAX)

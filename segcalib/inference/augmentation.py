@@ -74,6 +74,22 @@ def flip_transforms(spatial_dims: int, axes: Sequence[int] | None = None) -> lis
     return [Flip(combo) for k in range(len(axes) + 1) for combo in itertools.combinations(sorted(axes), k)]
 
 
+def active_dropout_layers(model: nn.Module, owner: str = "") -> list[nn.Module]:
+    """The dropout layers of ``model`` with ``p > 0`` (modes untouched); a ConfigError when there
+    is none (``owner`` names the model's source, e.g. its run folder), so that an export can refuse
+    ``--mc-dropout`` before it writes anything."""
+    layers = [m for m in model.modules() if isinstance(m, DROPOUT_TYPES)]
+    active = [m for m in layers if float(m.p) > 0]
+    if not active:
+        found = f"its {len(layers)} dropout layers all have p=0" if layers else "it has no dropout layer"
+        where = f"{owner}: " if owner else ""
+        raise ConfigError(
+            f"{where}MC dropout needs a model trained with dropout, but {type(model).__name__} has none active "
+            f"({found}); set the model's dropout > 0 when training, or use an ensemble or test-time augmentation"
+        )
+    return active
+
+
 def enable_mc_dropout(model: nn.Module) -> list[nn.Module]:
     """Put ``model`` in eval mode except its dropout layers, which sample again (MC dropout).
 
@@ -82,14 +98,7 @@ def enable_mc_dropout(model: nn.Module) -> list[nn.Module]:
     dropout layer with ``p > 0``: its passes would all be the same and MC dropout would report
     zero uncertainty.
     """
-    layers = [m for m in model.modules() if isinstance(m, DROPOUT_TYPES)]
-    active = [m for m in layers if float(m.p) > 0]
-    if not active:
-        found = f"its {len(layers)} dropout layers all have p=0" if layers else "it has no dropout layer"
-        raise ConfigError(
-            f"MC dropout needs a model trained with dropout, but {type(model).__name__} has none active "
-            f"({found}); set the model's dropout > 0 when training, or use an ensemble or test-time augmentation"
-        )
+    active = active_dropout_layers(model)
     model.eval()
     for m in active:
         m.train()

@@ -136,8 +136,15 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def apply_temperature_(logits: torch.Tensor, temperature: float, dim: int = 1) -> torch.Tensor:
-    """In-place ``softmax(logits / T)`` over ``dim`` (float32 logits): no second volume in memory."""
+    """In-place ``softmax(logits / T)`` over ``dim`` (float32 logits): no second volume in memory.
+
+    Stable for every finite input and every ``T`` that is a normal float32: a quotient beyond the
+    float32 range is held at its largest finite value before the maximum is subtracted, so an
+    extreme (tiny) temperature gives a one-hot map, never ``inf - inf = NaN``."""
     logits.div_(float(temperature))
+    if logits.dtype == torch.float32:
+        big = torch.finfo(torch.float32).max
+        torch.nan_to_num_(logits, nan=float("nan"), posinf=big, neginf=-big)
     logits.sub_(logits.amax(dim=dim, keepdim=True))
     logits.exp_()
     logits.div_(logits.sum(dim=dim, keepdim=True))

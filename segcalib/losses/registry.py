@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from torch import nn
 
 from segcalib.errors import ConfigError
+from segcalib.utils.names import Registry, unknown_name_message
 
 if TYPE_CHECKING:
     from segcalib.losses.base import CalibrationLoss
@@ -34,7 +35,7 @@ class _Required:
 REQUIRED: Any = _Required()
 """Value of a required parameter in :func:`loss_parameters`."""
 
-_REGISTRY: dict[str, type[nn.Module]] = {}
+_REGISTRY: Registry[type[nn.Module]] = Registry("loss")
 _T = TypeVar("_T", bound=type[nn.Module])
 
 
@@ -42,10 +43,8 @@ def register_loss(name: str) -> Callable[[_T], _T]:
     """Class decorator: make the loss available as ``build_loss(name, ...)``."""
 
     def decorate(cls: _T) -> _T:
-        if name in _REGISTRY:
-            raise ValueError(f"loss name '{name}' is already registered by {_REGISTRY[name].__qualname__}")
+        _REGISTRY.register(name, cls)
         cls.loss_name = name  # type: ignore[attr-defined]
-        _REGISTRY[name] = cls
         return cls
 
     return decorate
@@ -57,10 +56,7 @@ def list_losses() -> list[str]:
 
 
 def _loss_class(name: str) -> type[nn.Module]:
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown loss '{name}'; valid losses: {', '.join(list_losses())}") from None
+    return _REGISTRY.lookup(name)
 
 
 def loss_parameters(name: str) -> dict[str, Any]:
@@ -88,13 +84,12 @@ def check_loss_params(name: str, params: dict[str, Any], allow_missing: bool = F
     """ConfigError naming ``loss.<key>`` for an unknown loss, an unknown parameter or (unless
     ``allow_missing``, for configs whose data-given parameters are filled later) a missing one.
     The one place loss parameters are checked: configs and :func:`build_loss` both call it."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"loss.name: unknown loss {name!r}; valid losses: {', '.join(list_losses())}")
+    _REGISTRY.lookup(name, "loss.name")
     valid = loss_parameters(name)
     listed = ", ".join(valid) or "none"
     for key in params:
         if key not in valid:
-            raise ConfigError(f"loss.{key}: unknown parameter for loss {name!r} ({key!r}); valid parameters: {listed}")
+            raise ConfigError(f"loss.{key}: " + unknown_name_message("parameter", key, valid, f"loss {name!r}"))
     if not allow_missing:
         for key, default in valid.items():
             if default is REQUIRED and key not in params:

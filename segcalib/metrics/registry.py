@@ -42,6 +42,7 @@ from segcalib.metrics.smooth_ece import SmoothECE, smooth_ece
 from segcalib.metrics.surface import compute_surface_distances
 from segcalib.metrics.uncertainty import UncertaintyMetric, max_uncertainty
 from segcalib.spatial.regions import ALL
+from segcalib.utils.names import Registry
 
 CALIBRATION, SEGMENTATION, UNCERTAINTY = "calibration", "segmentation", "uncertainty"
 N_BINS = 15  # SPEC §3
@@ -116,15 +117,12 @@ class MetricSpec:
     stream: Callable[[int, bool], Streamed] | None
 
 
-_REGISTRY: dict[str, MetricSpec] = {}
+_REGISTRY: Registry[MetricSpec] = Registry("metric")
 
 
 def register_metric(spec: MetricSpec) -> MetricSpec:
     """Add a metric to the registry (its name must be new)."""
-    if spec.name in _REGISTRY:
-        raise ValueError(f"metric {spec.name!r} is already registered")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _REGISTRY.register(spec.name, spec)
 
 
 def list_metrics(kind: str | None = None) -> list[str]:
@@ -133,10 +131,7 @@ def list_metrics(kind: str | None = None) -> list[str]:
 
 
 def metric_spec(name: str) -> MetricSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown metric {name!r}; known: {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.lookup(name)
 
 
 def metric_value(

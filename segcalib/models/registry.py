@@ -13,6 +13,7 @@ from typing import Any, Callable
 from torch import nn
 
 from segcalib.errors import ConfigError
+from segcalib.utils.names import Registry, unknown_name_message
 
 Builder = Callable[..., nn.Module]
 _DATA_ARGS = ("spatial_dims", "in_channels", "out_channels")
@@ -27,7 +28,7 @@ class ModelEntry:
     description: str
 
 
-_REGISTRY: dict[str, ModelEntry] = {}
+_REGISTRY: Registry[ModelEntry] = Registry("model")
 
 
 def register_model(
@@ -39,10 +40,8 @@ def register_model(
     side must be a multiple of (the sliding-window ROI and training patches are checked)."""
 
     def decorator(builder: Builder) -> Builder:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is registered twice")
         doc = (inspect.getdoc(builder) or "").splitlines()
-        _REGISTRY[name] = ModelEntry(name, builder, spatial_dims, size_divisor, doc[0] if doc else "")
+        _REGISTRY.register(name, ModelEntry(name, builder, spatial_dims, size_divisor, doc[0] if doc else ""))
         return builder
 
     return decorator
@@ -54,9 +53,7 @@ def list_models(spatial_dims: int | None = None) -> list[str]:
 
 
 def get_entry(name: str) -> ModelEntry:
-    if name not in _REGISTRY:
-        raise ConfigError(f"model.name: unknown model {name!r}; registered models: {', '.join(list_models())}")
-    return _REGISTRY[name]
+    return _REGISTRY.lookup(name, "model.name")
 
 
 def model_parameters(name: str) -> dict[str, Any]:
@@ -78,9 +75,8 @@ def check_model_params(name: str, spatial_dims: int, params: dict[str, Any]) -> 
     allowed = model_parameters(name)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ConfigError(
-            f"model.{unknown[0]}: unknown parameter for model {name!r}; allowed: {', '.join(sorted(allowed))}"
-        )
+        message = unknown_name_message("parameter", unknown[0], allowed, f"model {name!r}")
+        raise ConfigError(f"model.{unknown[0]}: {message}")
 
 
 def build_model(name: str, spatial_dims: int, in_channels: int, out_channels: int, **params: Any) -> nn.Module:

@@ -16,13 +16,17 @@ Formats (``format="auto"`` tells them apart by content, in this order):
 Case ids are the file names without suffix and without ``_probs`` / ``_logits``, made file-name
 safe as manifest ids are (:func:`segcalib.data.safe_case_id`). Where a case has both a logits
 and a probabilities map, logits are read (no information lost to rounding), unless
-``input="probs"``. Two files for one case in the same role (``a.nii`` and ``a.nii.gz``) are an
-error that names both.
+``input="probs"``. Two files for one case in the same role (``a.nii`` and ``a.nii.gz``), an
+``.npz`` and a NIfTI map of one case, and folders that mix nnU-Net ``.npz`` maps with NIfTI maps
+are errors that name the files; files that are not maps (``.pkl``, ``plans.json``, an unreadable
+``dataset.json``, 3D segmentations without an ``.npz``) are ignored. Class counts come from the
+headers (:meth:`PredictionFolder.class_count`), before any voxel is read.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +34,27 @@ from typing import Any
 import numpy as np
 
 from segcalib.data.manifest import safe_case_id
-from segcalib.errors import ConfigError, DataError
+from segcalib.data.volumes import read_header
+from segcalib.errors import DataError
 from segcalib.predictions.maps import PredictionMap, check_input, resolve_kind
-from segcalib.predictions.readers import check_channel_axis, read_nifti_map, read_nnunet_map
+from segcalib.predictions.readers import (
+    check_channel_axis,
+    class_axis_hint,
+    nifti_class_count,
+    nnunet_class_count,
+    read_nifti_map,
+    read_nnunet_map,
+)
 
-FORMATS = ("auto", "segcalib", "nnunet", "nifti")
+from segcalib.utils.names import Registry
+
+log = logging.getLogger("segcalib")
+
+PREDICTION_FORMATS: Registry[str] = Registry("prediction format")  # name -> what its folder holds
+PREDICTION_FORMATS.register("segcalib", "<case>_probs.nii.gz or <case>_logits.nii.gz beside export.json")
+PREDICTION_FORMATS.register("nnunet", "<case>.npz from nnUNetv2_predict --save_probabilities, beside <case>.nii.gz")
+PREDICTION_FORMATS.register("nifti", "<case>.nii, <case>.nii.gz, <case>_probs.nii.gz or <case>_logits.nii.gz")
+FORMATS = ("auto", *PREDICTION_FORMATS)
 EXPORT_JSON = "export.json"  # segcalib.export.exporter.EXPORT_JSON (not imported: export needs torch)
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 NNUNET_SEG_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
@@ -74,6 +94,7 @@ class PredictionFolder:
         self.metadata = metadata
         self._entries = entries
         self._kind_seen: tuple[str, str] | None = None  # (kind, case_id) of the first case read
+        self._renamed_warned = False
 
     def __repr__(self) -> str:
         return f"PredictionFolder({str(self.root)!r}, format={self.format!r}, cases={len(self._entries)})"
@@ -110,12 +131,34 @@ class PredictionFolder:
             values, header = read_nnunet_map(entry.path, entry.geometry)
         else:
             values, header = read_nifti_map(entry.path, self.channel_axis)
-        kind = resolve_kind(values, self.input, entry.hint, entry.path)
+        kind = resolve_kind(values, self.input, entry.hint, entry.path, case_id)
+        if kind != entry.hint and entry.hint == "logits" and not self._renamed_warned:
+            self._renamed_warned = True
+            log.warning("%s: named as logits, but the values are probabilities (>= 0, summing to 1); read as "
+                        "probabilities", entry.path)
         self._check_same_kind(kind, case_id)
         if kind == "probs":  # rounding (16-bit maps, float sums) may leave -1e-4: keep log(p) defined
             np.clip(values, 0.0, 1.0, out=values)
         return PredictionMap(values=values, kind=kind, affine=header.affine, source=entry.path,
                              geometry_file=header.path)
+
+    def class_count(self, case_id: str, expected: int | None = None, by: str = "") -> int:
+        """The number of classes of ``case_id``'s map, from the file's header alone; a DataError
+        naming the file when it is not ``expected`` (``by``: who expects it), with a hint when the
+        class axis looks wrong."""
+        entry = self.entry(case_id)
+        if self.format == "nnunet":
+            count, shape = nnunet_class_count(entry.path)
+            hint = ""
+        else:
+            count, shape = nifti_class_count(entry.path, self.channel_axis)
+            hint = class_axis_hint(shape, self.channel_axis, expected)
+        if expected is not None and count != expected:
+            axis = "first" if self.format == "nnunet" else self.channel_axis
+            who = f" by {by}" if by else ""
+            raise DataError(f"{entry.path}: {count} classes (shape {shape}, class axis {axis}), expected {expected}{who}"
+                            f"{hint}")
+        return count
 
     def _check_same_kind(self, kind: str, case_id: str) -> None:
         if self.input != "auto":
@@ -139,8 +182,8 @@ def open_predictions(folder: str | Path, format: str = "auto", channel_axis: str
             :func:`segcalib.predictions.maps.resolve_kind`).
     """
     root = Path(folder)
-    if format not in FORMATS:
-        raise ConfigError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
+    if format != "auto":
+        PREDICTION_FORMATS.check(format, "format")
     check_channel_axis(channel_axis)
     check_input(input)
     if not root.is_dir():
@@ -150,10 +193,11 @@ def open_predictions(folder: str | Path, format: str = "auto", channel_axis: str
         format = detect_format(root, files)
     if format == "nnunet":
         entries = _nnunet_entries(root, files)
-        metadata = _read_json(root / "dataset.json") if (root / "dataset.json").is_file() else {}
+        metadata = _optional_json(root / "dataset.json")  # informative only: a bad one is no obstacle
     else:
+        _refuse_npz(root, files, format)
         entries = _nifti_entries(root, files, input, only_named=format == "segcalib")
-        metadata = _read_json(root / EXPORT_JSON) if (root / EXPORT_JSON).is_file() else {}
+        metadata = _read_json(root / EXPORT_JSON) if format == "segcalib" and (root / EXPORT_JSON).is_file() else {}
     if not entries:
         raise DataError(f"{root}: no {format} prediction maps found ({_expected(format)})")
     return PredictionFolder(root, format, entries, channel_axis, input, metadata)
@@ -177,15 +221,60 @@ def detect_format(root: Path, files: list[Path]) -> str:
 def _nnunet_entries(root: Path, files: list[Path]) -> dict[str, PredictionEntry]:
     by_name = {p.name: p for p in files}
     entries: dict[str, PredictionEntry] = {}
-    for path in files:
-        if not path.name.endswith(".npz"):
-            continue
-        stem = path.name[: -len(".npz")]
+    npz_stems = {p.name[: -len(".npz")]: p for p in files if p.name.endswith(".npz")}
+    for stem, path in npz_stems.items():
         segs = [by_name[stem + e] for e in NNUNET_SEG_ENDINGS if stem + e in by_name]
         if len(segs) > 1:
             raise DataError(f"{path}: several segmentations beside it ({', '.join(str(s) for s in segs)}); keep one")
+        if segs and _is_nifti_map(segs[0]):
+            raise DataError(f"case {safe_case_id(stem)}: two maps in {root}, {path} and the 4D {segs[0]} (where "
+                            "nnU-Net keeps the segmentation); keep one")
         _add(entries, PredictionEntry(safe_case_id(stem), path, segs[0] if segs else None, "probs"))
+    if npz_stems:
+        _refuse_nifti_maps(root, files, npz_stems)
     return entries
+
+
+def _refuse_nifti_maps(root: Path, files: list[Path], npz_stems: dict[str, Path]) -> None:
+    """NIfTI maps in an nnU-Net folder: a second map of a case (an error naming both) or maps of
+    another format mixed in (an error naming them). 3D files without an ``.npz`` are not maps."""
+    strays = []
+    for path in files:
+        ending = next((e for e in NIFTI_ENDINGS if path.name.lower().endswith(e)), None)
+        if ending is None:
+            continue
+        stem = path.name[: -len(ending)]
+        base, role = _split_role(stem)
+        if role is not None and base in npz_stems:
+            raise DataError(f"case {safe_case_id(base)}: two maps in {root}, {npz_stems[base]} and {path}; keep one")
+        if stem not in npz_stems and (role is not None or _is_nifti_map(path, unreadable=False)):
+            strays.append(str(path))
+    if strays:
+        shown = ", ".join(strays[:3]) + (f" and {len(strays) - 3} more" if len(strays) > 3 else "")
+        raise DataError(f"{root}: mixes nnU-Net .npz maps with NIfTI maps ({shown}); keep one format per folder "
+                        "(every case would otherwise be read from the .npz files only)")
+
+
+def _refuse_npz(root: Path, files: list[Path], format: str) -> None:
+    npz = [str(p) for p in files if p.name.endswith(".npz")]
+    if npz:
+        shown = ", ".join(npz[:3]) + (f" and {len(npz) - 3} more" if len(npz) > 3 else "")
+        raise DataError(f"{root}: a {format} folder that also holds nnU-Net .npz maps ({shown}); keep one format per "
+                        "folder")
+
+
+def _is_nifti_map(path: Path, unreadable: bool | None = None) -> bool:
+    """A NIfTI file with a class axis (4D, more than one entry on the last axis); an unreadable
+    file is ``unreadable`` (None: its DataError is raised)."""
+    if not path.name.lower().endswith(NIFTI_ENDINGS):
+        return False
+    try:
+        shape = read_header(path).shape
+    except DataError:
+        if unreadable is None:
+            raise
+        return unreadable
+    return len(shape) >= 4 and shape[-1] > 1
 
 
 def _nifti_entries(root: Path, files: list[Path], input: str, only_named: bool) -> dict[str, PredictionEntry]:
@@ -245,9 +334,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def _optional_json(path: Path) -> dict[str, Any]:
+    """``path``'s JSON object, or ``{}`` when it is missing or unreadable (it is not needed)."""
+    if not path.is_file():
+        return {}
+    try:
+        return _read_json(path)
+    except DataError as exc:
+        log.info("%s (ignored: nothing here needs it)", exc)
+        return {}
+
+
 def _expected(format: str) -> str:
-    return {
-        "segcalib": "<case>_probs.nii.gz or <case>_logits.nii.gz beside export.json",
-        "nnunet": "<case>.npz from nnUNetv2_predict --save_probabilities, beside <case>.nii.gz",
-        "nifti": "<case>.nii, <case>.nii.gz, <case>_probs.nii.gz or <case>_logits.nii.gz",
-    }.get(format, "segcalib export, nnU-Net --save_probabilities .npz, or 4D NIfTI maps")
+    return PREDICTION_FORMATS.get(format, "segcalib export, nnU-Net --save_probabilities .npz, or 4D NIfTI maps")

@@ -76,27 +76,34 @@ def is_probabilities(values: np.ndarray, tol: float = PROB_TOL) -> bool:
     return probability_error(values) <= tol
 
 
-def resolve_kind(values: np.ndarray, requested: str, hint: str | None, path: Path) -> str:
+def resolve_kind(values: np.ndarray, requested: str, hint: str | None, path: Path, case_id: str | None = None) -> str:
     """Decide whether ``values`` are logits or probabilities, and check them.
 
     ``requested`` is the user's ``input`` option; ``hint`` what the file name or format declares
-    (``_probs``, ``_logits``, nnU-Net's ``probabilities``), or ``None``. Forced or declared
-    probabilities that are not probabilities are a :class:`DataError`; with neither, the values
-    decide (probabilities when they are, else logits). Non-finite values are always an error.
+    (``_probs``, ``_logits``, nnU-Net's ``probabilities``), or ``None``. Values that are
+    probabilities (>= 0 and summing to 1 over classes, within :data:`PROB_TOL`) are probabilities
+    whatever the name says; ``input=logits`` on them is a :class:`DataError` naming the case (read
+    as logits they would give flat maps and a meaningless fit). Forced or declared probabilities
+    that are not probabilities are a DataError too; otherwise the values are logits. Non-finite
+    values are always an error.
     """
     if not all(np.isfinite(values[c]).all() for c in range(values.shape[0])):
         raise DataError(f"{path}: holds NaN or infinite values")
-    claimed = requested if requested != "auto" else hint
-    if claimed == "logits":
-        return "logits"
     error = probability_error(values)
-    if claimed == "probs":
-        if error > PROB_TOL:
-            why = "the option input=probs" if requested == "probs" else "its name or format"
+    if error <= PROB_TOL:
+        if requested == "logits":
+            case = f"case {case_id}: " if case_id else ""
             raise DataError(
-                f"{path}: values are not probabilities (negative or not summing to 1 over classes, off by "
-                f"{error:.3g} > {PROB_TOL:g}), yet {why} says they are; pass input=logits if they are logits "
-                "(sigmoid / region-based maps are not supported)"
+                f"{case}{path}: input=logits, but the values are probabilities (>= 0 and summing to 1 over classes "
+                f"within {PROB_TOL:g}); read as logits they would give flattened maps. Drop --input logits"
             )
         return "probs"
-    return "probs" if error <= PROB_TOL else "logits"
+    claimed = requested if requested != "auto" else hint
+    if claimed == "probs":
+        why = "the option input=probs" if requested == "probs" else "its name or format"
+        raise DataError(
+            f"{path}: values are not probabilities (negative or not summing to 1 over classes, off by "
+            f"{error:.3g} > {PROB_TOL:g}), yet {why} says they are; pass input=logits if they are logits "
+            "(sigmoid / region-based maps are not supported)"
+        )
+    return "logits"

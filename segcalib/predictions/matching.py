@@ -40,6 +40,10 @@ def check_geometry(pred: PredictionMap, label_header: VolumeHeader, num_classes:
     """Raise a :class:`DataError` naming both files unless ``pred`` lies on the label's voxels:
     same spatial shape, affines equal within :data:`AFFINE_TOL` mm, and (if given) ``num_classes``."""
     where = str(pred.source) if pred.geometry_file == pred.source else f"{pred.source} (geometry of {pred.geometry_file})"
+    if num_classes is not None and pred.num_classes != num_classes and pred.spatial_shape[:1] == (num_classes,):
+        raise DataError(f"{where}: {pred.num_classes} classes on the last axis, the manifest of {label_header.path} "
+                        f"declares {num_classes}; its first axis has {num_classes}: if the class axis is first, "
+                        "pass --channel-axis first")
     label_shape = tuple(label_header.shape[: len(pred.spatial_shape)])
     if len(label_header.shape) < len(pred.spatial_shape) or pred.spatial_shape != label_shape:
         raise DataError(f"{where}: spatial shape {pred.spatial_shape} differs from the label {label_header.path} "

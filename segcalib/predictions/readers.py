@@ -63,10 +63,61 @@ def read_nifti_map(path: Path, channel_axis: str = "last") -> tuple[np.ndarray, 
     return values, header
 
 
+def class_axis_hint(shape: tuple[int, ...], channel_axis: str, expected: int | None) -> str:
+    """A hint for a map read with the wrong class axis: its other end has ``expected`` entries."""
+    if expected is None or len(shape) < 2:
+        return ""
+    if channel_axis == "last" and shape[0] == expected and shape[-1] != expected:
+        return f"; its first axis has {expected}: if the class axis is first, pass --channel-axis first"
+    if channel_axis == "first" and shape[-1] == expected and shape[0] != expected:
+        return f"; its last axis has {expected}: if the class axis is last, pass --channel-axis last"
+    return ""
+
+
+def nifti_class_count(path: Path, channel_axis: str = "last") -> tuple[int, tuple[int, ...]]:
+    """``(classes, file shape)`` of a NIfTI map from its header alone (no voxel data read)."""
+    shape = tuple(int(s) for s in read_header(path).shape)
+    if len(shape) < 3:
+        raise DataError(f"{path}: a probability/logit map needs a class axis, got shape {shape}")
+    return (shape[-1] if channel_axis == "last" else shape[0]), shape
+
+
+def nnunet_class_count(npz: Path) -> tuple[int, tuple[int, ...]]:
+    """``(classes, array shape)`` of nnU-Net's ``probabilities`` from the ``.npy`` header inside the
+    ``.npz`` (no voxel data read); complex or non-numeric arrays are refused here."""
+    if not zipfile.is_zipfile(npz):
+        raise DataError(f"{npz}: not a readable .npz file (not a zip archive)")
+    try:
+        with zipfile.ZipFile(npz) as archive:
+            member = f"{NNUNET_KEY}.npy"
+            if member not in archive.namelist():
+                found = ", ".join(n[:-4] for n in archive.namelist() if n.endswith(".npy")) or "none"
+                raise DataError(f"{npz}: no '{NNUNET_KEY}' array (found {found}); nnU-Net v2 writes it with "
+                                "--save_probabilities")
+            with archive.open(member) as stream:
+                version = np.lib.format.read_magic(stream)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(stream)  # the header only
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{npz}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+    _check_real(npz, dtype)
+    return (int(shape[0]) if shape else 0), tuple(int(s) for s in shape)
+
+
+def _check_real(npz: Path, dtype: np.dtype) -> None:
+    if dtype.kind == "c":
+        raise DataError(f"{npz}: '{NNUNET_KEY}' holds complex numbers ({dtype}); probabilities are real")
+    if dtype.kind not in "fiub":
+        raise DataError(f"{npz}: '{NNUNET_KEY}' holds {dtype} values, not numbers")
+
+
 def read_nnunet_map(npz: Path, segmentation: Path) -> tuple[np.ndarray, VolumeHeader]:
     """Read nnU-Net's ``probabilities`` from ``npz`` in the voxel order of ``segmentation``."""
     header = read_header(segmentation)
     array = _load_npz_key(npz, NNUNET_KEY)
+    _check_real(npz, array.dtype)  # before any cast: numpy would drop the imaginary part with a warning
     spatial = tuple(header.shape[:3]) if len(header.shape) >= 3 else tuple(header.shape)
     if array.ndim == len(spatial) + 2 and array.shape[1] == 1:
         array = array[:, 0]  # a 2D case: nnU-Net keeps a leading singleton axis

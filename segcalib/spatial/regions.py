@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from segcalib.spatial.morphology import bounding_box, dilate_ellipsoid, label_edges
+from segcalib.utils.names import Registry
 
 ALL = "all"
 FOREGROUND = "foreground"  # the seed papers' region; per-volume foreground ECE is the "MedIA" convention
@@ -62,7 +63,7 @@ class RegionContext:
 
 
 RegionFn = Callable[[RegionContext], "torch.Tensor | None"]
-_REGIONS: dict[str, RegionFn] = {}
+_REGIONS: Registry[RegionFn] = Registry("region")
 _DESCRIPTIONS: dict[str, str] = {}
 _SHORT: dict[str, str] = {}
 
@@ -76,9 +77,7 @@ def register_region(name: str, description: str = "", short: str | None = None) 
     """
 
     def wrap(fn: RegionFn) -> RegionFn:
-        if name in _REGIONS:
-            raise ValueError(f"region {name!r} is already registered")
-        _REGIONS[name] = fn
+        _REGIONS.register(name, fn)
         _DESCRIPTIONS[name] = description
         _SHORT[name] = short or name
         return fn
@@ -108,10 +107,9 @@ def region_label(name: str) -> str:
 
 
 def check_region(name: str) -> str:
-    """``name`` if it is registered, else ValueError listing the registered ones."""
-    if name not in _REGIONS:
-        raise ValueError(f"unknown region {name!r}; available: {', '.join(_REGIONS)}")
-    return name
+    """``name`` if it is registered, else :class:`~segcalib.utils.names.UnknownNameError` (a
+    ConfigError and a ValueError: exit 2) listing the registered ones."""
+    return _REGIONS.check(name)
 
 
 def region_mask(name: str, context: RegionContext) -> torch.Tensor | None:

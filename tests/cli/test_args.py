@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segcalib.cli import main
-from segcalib.cli._args import MAX_BINS, bin_count, bounded, positive_mm
+from segcalib.cli._args import bin_count, bounded, positive_mm
+from segcalib.metrics.calibration_functional import MAX_BINS
 
 
 @settings(max_examples=200, deadline=None)

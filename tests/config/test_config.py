@@ -36,7 +36,8 @@ def test_defaults_and_relative_manifest(tmp_path: Path) -> None:
         ({"data": {"manifest": "m.json", "patch_size": [32, 32]}}, "data.patch_size"),
         ({"data": {"manifest": "m.json", "patch_size": [30, 32, 32]}}, "multiple of 8"),
         ({"data": {"manifest": "m.json", "orientation": "RAX"}}, "data.orientation"),
-        ({"loss": {"name": "mbls", "margn": 3}}, "loss.margn: unknown parameter for loss 'mbls'"),
+        ({"loss": {"name": "mbls", "margn": 3}},
+         "loss.margn: unknown parameter 'margn' of loss 'mbls'; did you mean 'margin'?"),
         ({"loss": {"name": "hinge"}}, "loss.name: unknown loss 'hinge'"),
         ({"model": {"name": "smp_unet"}}, "is a 2D model"),
         ({"model": {"name": "unet", "chanels": [8, 16]}}, "model.chanels: unknown parameter"),
@@ -124,3 +125,10 @@ def test_repository_configs_validate(repo_root: str) -> None:
     for path in paths:
         cfg = load_config(path)
         assert cfg.data.manifest.exists(), path
+
+
+def test_an_unknown_key_gets_the_closest_valid_one(tmp_path: Path) -> None:
+    raw = {**MINIMAL, "data": {**MINIMAL["data"], "patch_sise": [32, 32, 32]}}
+    with pytest.raises(ConfigError, match=r"data.patch_sise: unknown key 'patch_sise'; did you mean 'patch_size'\? "
+                                          r"valid keys: manifest, "):
+        load_config(_write(tmp_path, raw))

@@ -49,7 +49,7 @@ def test_every_loss_accepts_ignore_index_and_builds_from_its_defaults(name: str)
 
 
 def test_unknown_loss_lists_the_valid_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown loss 'mlbs'; valid losses: cals, .*mbls"):
+    with pytest.raises(ConfigError, match=r"unknown loss 'mlbs'; did you mean 'mbls'\? valid losses: cals, .*mbls"):
         build_loss("mlbs")
     with pytest.raises(ConfigError, match="unknown loss"):
         loss_parameters("nope")

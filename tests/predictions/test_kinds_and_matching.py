@@ -62,7 +62,9 @@ def test_a_folder_does_not_mix_kinds_silently(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="case b reads as logits but case a as probs; pass input="):
         folder.read("b")
     forced = open_predictions(tmp_path, input="logits")
-    assert [forced.read(c).kind for c in ("a", "b")] == ["logits", "logits"]
+    with pytest.raises(DataError, match=r"case a: .*a.nii.gz: input=logits, but the values are probabilities"):
+        forced.read("a")  # read as logits, probabilities would be flattened (issue 21)
+    assert forced.read("b").kind == "logits"
     assert np.array_equal(forced.read("b").values, np.moveaxis(_logits(2), -1, 0))
 
 
@@ -72,8 +74,8 @@ def test_declared_and_forced_kinds(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"x_probs.nii.gz: values are not probabilities .* its name or format says"):
         open_predictions(tmp_path / "named").read("x")
     assert open_predictions(tmp_path / "named", input="logits").read("x").kind == "logits"
-    write_nifti(tmp_path / "named2" / "y_logits.nii.gz", _softmax(logits))  # the name wins over the values
-    assert open_predictions(tmp_path / "named2").read("y").kind == "logits"
+    write_nifti(tmp_path / "named2" / "y_logits.nii.gz", _softmax(logits))  # values in [0, 1] summing to 1
+    assert open_predictions(tmp_path / "named2").read("y").kind == "probs"  # are probabilities, whatever the name
     write_nifti(tmp_path / "plain" / "z.nii.gz", logits)
     with pytest.raises(DataError, match=r"z.nii.gz: values are not probabilities .*the option input=probs"):
         open_predictions(tmp_path / "plain", input="probs").read("z")
