@@ -15,6 +15,12 @@ def _methods() -> list[str]:
     return ["auto", *list_calibrators()]
 
 
+def _inputs() -> tuple[str, ...]:
+    from segcalib.predictions import INPUTS
+
+    return INPUTS
+
+
 def _criteria() -> tuple[str, ...]:
     from segcalib.calibrators.criteria import CRITERIA
 
@@ -27,8 +33,13 @@ def _preserve() -> tuple[str, ...]:
     return PRESERVE
 
 
+def _formats() -> tuple[str, ...]:
+    from segcalib.predictions import FORMATS
+
+    return FORMATS
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from segcalib.predictions import FORMATS, INPUTS
 
     p = sub.add_parser(
         "calibrate",
@@ -41,10 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     def folder_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--predictions", required=True,
                        help="a segcalib export folder, an nnU-Net --save_probabilities folder or 4D NIfTI maps")
-        q.add_argument("--format", default="auto", choices=FORMATS, help="folder format (default: detected)")
+        q.add_argument("--format", default="auto", choices=LazyChoices(_formats), metavar="FORMAT",
+                       help="folder format: auto (default: detected), segcalib, nnunet or nifti")
         q.add_argument("--channel-axis", default="last", choices=("last", "first"), help="class axis of 4D NIfTI maps")
-        q.add_argument("--input", default="auto", choices=INPUTS,
-                       help="probabilities or logits (default: probabilities when the values sum to 1)")
+        q.add_argument("--input", default="auto", choices=LazyChoices(_inputs), metavar="INPUT",
+                       help="probs or logits (default auto: probabilities when the values sum to 1)")
         q.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
 
     fit = verbs.add_parser("fit", help="fit a calibrator on a labelled split; writes CAL_DIR/calibrator.json")

@@ -4,16 +4,36 @@ from __future__ import annotations
 
 import argparse
 
-from segcalib.cli._args import bin_count, positive_mm
+from segcalib.cli._args import LazyChoices, bin_count, positive_mm
 
 HELP = "calibration (ECE/CECE/NLL/Brier per region) and Dice/HD95/ASSD of exported maps"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from segcalib.metrics.calibration_functional import MAX_BINS
+def _formats() -> tuple[str, ...]:
+    from segcalib.predictions import FORMATS
+
+    return FORMATS
+
+
+def _protocols() -> list[str]:
+    from segcalib.reports.protocols import PROTOCOLS
+
+    return list(PROTOCOLS)
+
+
+def _binnings() -> list[str]:
     from segcalib.metrics.registry import list_binnings
-    from segcalib.predictions import FORMATS, INPUTS
-    from segcalib.reports.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+
+    return list(list_binnings())
+
+
+def _inputs() -> tuple[str, ...]:
+    from segcalib.predictions import INPUTS
+
+    return INPUTS
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "evaluate",
@@ -23,19 +43,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--predictions", required=True,
                    help="a segcalib export folder, an nnU-Net --save_probabilities folder or 4D NIfTI maps (read as they are)")
-    p.add_argument("--format", default="auto", choices=FORMATS, help="folder format (default: detected)")
+    p.add_argument("--format", default="auto", choices=LazyChoices(_formats), metavar="FORMAT",
+                       help="folder format: auto (default: detected), segcalib, nnunet or nifti")
     p.add_argument("--channel-axis", default="last", choices=("last", "first"), help="class axis of 4D NIfTI maps")
-    p.add_argument("--input", default="auto", choices=INPUTS,
-                   help="probabilities or logits (default: probabilities when the values sum to 1)")
+    p.add_argument("--input", default="auto", choices=LazyChoices(_inputs), metavar="INPUT",
+                   help="probs or logits (default auto: probabilities when the values sum to 1)")
     p.add_argument("--manifest", required=True, help="manifest with the ground truth")
     p.add_argument("--split", default="test", choices=("training", "validation", "test"))
     p.add_argument("--output", required=True, help="report folder")
-    p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS),
-                   help="preset that reproduces a tool's or paper's table: "
-                   + "; ".join(f"{name}: {preset.title}" for name, preset in PROTOCOLS.items())
-                   + f" (default {DEFAULT_PROTOCOL}; see docs/metrics.md)")
-    p.add_argument("--bins", type=bin_count, default=None, help=f"reliability bins, 1..{MAX_BINS} (default: the protocol's)")
-    p.add_argument("--binning", default="equal-width", choices=list_binnings(),
+    p.add_argument("--protocol", default=None, choices=LazyChoices(_protocols), metavar="PROTOCOL",
+                   help="preset that reproduces a tool's or paper's table (default: segcalib's own; the presets and "
+                   "their sources are in docs/metrics.md)")
+    p.add_argument("--bins", type=bin_count, default=None, help="reliability bins (default: the protocol's)")
+    p.add_argument("--binning", default="equal-width", choices=LazyChoices(_binnings), metavar="BINNING",
                    help="equal-mass adds the pooled top-label adaptive ECE beside the equal-width one (default equal-width)")
     p.add_argument("--no-uncertainty", action="store_true",
                    help="skip the uncertainty-quality section (AURC, AUROC, UEO, QU-BraTS per map and region)")
@@ -61,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             report = evaluate(args.predictions, args.manifest, args.output, split=args.split, n_bins=args.bins,
                               boundary_mm=args.boundary_mm, device=args.device, split_seed=args.split_seed,
-                              protocol=args.protocol, binning=args.binning, uncertainty=not args.no_uncertainty,
+                              **({} if args.protocol is None else {"protocol": args.protocol}), binning=args.binning,
+                              uncertainty=not args.no_uncertainty,
                               format=args.format, channel_axis=args.channel_axis, input=args.input)
             main_process = is_main_process()
         finally:

@@ -42,6 +42,9 @@ class _LineBar:
         if time.monotonic() - self._last >= LINE_INTERVAL_S:
             self._print()
 
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -60,8 +63,8 @@ def _is_terminal() -> bool:
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
-    """A bar of ``total`` steps with ``update`` / ``close`` (a tqdm bar on a terminal, whole lines
-    elsewhere, nothing when not ``enabled``)."""
+    """A bar of ``total`` steps with ``update`` / ``set_description`` / ``close`` (a tqdm bar on a
+    terminal, whole lines elsewhere, nothing when not ``enabled``)."""
     if not enabled:
         return _NoBar()
     if not _is_terminal():
