@@ -8,7 +8,10 @@ Formats (``format="auto"`` tells them apart by content, in this order):
 - ``nnunet``: an nnU-Net v2 prediction folder written with ``--save_probabilities`` (``.npz``
   files present): ``<case>.npz`` (``probabilities``, ``(C, z, y, x)``) beside the segmentation
   ``<case>.nii.gz`` (or ``.nii``, ``.mha``, ``.nrrd``) whose header gives the geometry. The
-  ``.pkl`` files nnU-Net writes beside them are never opened.
+  ``.pkl`` files nnU-Net writes beside them are never opened. A trainer output folder
+  (``nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>``, no maps of its own) is read as the
+  union of its ``fold_<k>/validation`` folders: the out-of-fold maps of every training case that
+  ``nnUNetv2_train ... --npz`` keeps, what a calibrator should be fitted on.
 - ``nifti``: any folder of NIfTI maps ``<case>.nii``, ``<case>.nii.gz``, ``<case>_probs.nii.gz``
   or ``<case>_logits.nii.gz``, class on the last axis (``channel_axis="first"`` for the other
   layout).
@@ -189,6 +192,10 @@ def open_predictions(folder: str | Path, format: str = "auto", channel_axis: str
     if not root.is_dir():
         raise DataError(f"{root}: prediction folder does not exist" if not root.exists() else f"{root}: is not a folder")
     files = sorted(p for p in root.iterdir() if p.is_file())
+    folds = cross_validation_folders(root) if format in ("auto", "nnunet") else []
+    if folds and not any(_is_map_file(p) for p in files):
+        return PredictionFolder(root, "nnunet", _fold_entries(folds), channel_axis, input,
+                                {**_optional_json(root / "dataset.json"), "folds": [str(f) for f in folds]})
     if format == "auto":
         format = detect_format(root, files)
     if format == "nnunet":
@@ -216,6 +223,32 @@ def detect_format(root: Path, files: list[Path]) -> str:
 
 
 # -- discovery ---------------------------------------------------------------------------------
+
+
+def cross_validation_folders(root: Path) -> list[Path]:
+    """``fold_<k>/validation`` folders of an nnU-Net trainer output folder
+    (``nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>``), in fold order; ``fold_all``
+    (trained on every case, so with no held-out case) is not one of them."""
+    folds = [p / "validation" for p in root.glob("fold_*") if p.name[5:].isdigit() and (p / "validation").is_dir()]
+    return sorted(folds, key=lambda p: int(p.parent.name[5:]))
+
+
+def _fold_entries(folds: list[Path]) -> dict[str, PredictionEntry]:
+    """Every fold's held-out maps as one folder: each training case is in exactly one fold's
+    validation (a case in two folds is an error naming both files)."""
+    entries: dict[str, PredictionEntry] = {}
+    for folder in folds:
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        if not any(p.name.endswith(".npz") for p in files):
+            raise DataError(f"{folder}: no .npz probability maps; nnU-Net writes the validation probabilities only when "
+                            "trained with --npz (or rerun: nnUNetv2_train DATASET CONFIG FOLD --val --npz)")
+        for entry in _nnunet_entries(folder, files).values():
+            _add(entries, entry)
+    return entries
+
+
+def _is_map_file(path: Path) -> bool:
+    return path.name.endswith(".npz") or path.name.lower().endswith(NIFTI_ENDINGS)
 
 
 def _nnunet_entries(root: Path, files: list[Path]) -> dict[str, PredictionEntry]:
