@@ -46,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     "conformal": BASE | {"spatial", "data", "predictions"},
     "training": BASE | {"spatial", "config", "data", "models", "losses", "metrics", "runs", "inference"},
     "export": BASE | {"spatial", "data", "predictions", "inference", "calibrators"},
-    "reports": BASE | {"spatial", "data", "metrics", "predictions", "export"},
+    "reports": BASE | {"spatial", "data", "metrics", "predictions", "export", "conformal"},
 }
 ALLOWED["experiment"] = set(ALLOWED) - {"experiment"}  # the study runner: every layer above
 ALLOWED["cli"] = set(ALLOWED)  # the commands: everything

@@ -31,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="skip the uncertainty-quality section (AURC, AUROC, UEO, QU-BraTS per map and region)")
     p.add_argument("--boundary-mm", type=positive_mm, default=None,
                    help="half-width of the boundary band in mm, finite and > 0 (default: the export's, else 2)")
+    p.add_argument("--conformal", default=None,
+                   help="a segcalib conformal fit folder: add the conformal section (test risk, mask sizes)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
     p.add_argument("--split-seed", type=int, default=None,
                    help="seed of the split made when the manifest has no validation/test lists (default: the one "
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             report = evaluate(args.predictions, args.manifest, args.output, split=args.split, n_bins=args.bins,
                               boundary_mm=args.boundary_mm, device=args.device, split_seed=args.split_seed,
-                              protocol=args.protocol, binning=args.binning, uncertainty=not args.no_uncertainty)
+                              protocol=args.protocol, binning=args.binning, uncertainty=not args.no_uncertainty,
+                              conformal=args.conformal)
             main_process = is_main_process()
         finally:
             shutdown()
@@ -63,5 +66,8 @@ def run(args: argparse.Namespace) -> int:
             f"{report['counts']['cases']} cases: Dice fg {s['dice_fg']:.4f}, HD95 {s['hd95']:.2f} mm, "
             + ", ".join(f"ECE {region} {s[f'ece_{region}']:.4f}" for region in report["calibration"])
         )
+        for name, row in ((report.get("conformal") or {}).get("targets") or {}).items():
+            print(f"conformal {report['conformal']['risk']} {name}: test risk {row['test_risk']:.4f} (alpha "
+                  f"{row['alpha']:g}, {row['n']} cases), mask {row['size_vs_truth']:.2f}x the truth")
         print(f"protocol {report['metadata']['protocol']}; report: {args.output}/report.html")
     return 0

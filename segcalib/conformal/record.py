@@ -90,8 +90,8 @@ def guarantee(name: str, risk: str, chosen: dict[str, Any], n: int, alpha: float
                 f"expected false discovery rate (1 - precision, averaged over such cases) of at most {alpha:g}.")
     if risk == "margin":
         r = chosen["margin_mm"]
-        mask = ("the whole image" if r is None else
-                f"the argmax mask {'dilated' if r >= 0 else 'eroded'} by {abs(r):g} mm")
+        mask = ("the whole image" if r is None else "the argmax mask itself" if r == 0 else
+                f"the argmax mask {'dilated' if r > 0 else 'eroded'} by {abs(r):g} mm")
     else:
         mask = f"the mask p >= {chosen['threshold']:.6g}"
     return (f"For {who}, {mask} misses on average at most a fraction {alpha:g} of its true voxels (expected "

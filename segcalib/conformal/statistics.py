@@ -80,17 +80,21 @@ def threshold_counts(prob: np.ndarray, truth: np.ndarray, thresholds: np.ndarray
 
 
 def signed_distance(pred: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
-    """Signed Euclidean distance in mm (float64, ``(*spatial)``) to the predicted mask: outside
-    ``pred`` the distance to its nearest voxel (> 0), inside minus the distance to the nearest
-    voxel outside it (< 0), centre to centre with the voxel spacing. ``{sd <= r}`` is ``pred``
-    dilated by ``r`` mm (``r >= 0``) or eroded by ``-r`` mm (``r < 0``); ``inf`` everywhere when
-    ``pred`` is empty, ``-inf`` when it is the whole image."""
+    """Signed Euclidean distance in mm (float64, ``(*spatial)``) to the predicted mask, centre to
+    centre with the voxel spacing: outside ``pred`` the distance to its nearest voxel (>= the
+    smallest spacing), inside minus the depth below the mask's outer layer, i.e.
+    ``-(distance to the nearest voxel outside - smallest spacing)`` (<= 0, 0 on the layer that
+    touches the outside along the finest axis). So ``{sd <= r}`` is ``pred`` for ``0 <= r <``
+    the smallest spacing, ``pred`` dilated by ``r`` mm for ``r > 0`` and eroded by ``-r`` mm below
+    its outer layer for ``r < 0``. ``inf`` everywhere when ``pred`` is empty, ``-inf`` when it is
+    the whole image."""
     pred = torch.from_numpy(np.ascontiguousarray(pred, dtype=bool))
     if not bool(pred.any()):
         return np.full(tuple(pred.shape), np.inf)
     if bool(pred.all()):
         return np.full(tuple(pred.shape), -np.inf)
-    return (distance_transform(~pred, spacing) - distance_transform(pred, spacing)).numpy()
+    depth = (distance_transform(pred, spacing) - min(spacing)).clamp_min_(0.0)
+    return torch.where(pred, -depth, distance_transform(~pred, spacing)).numpy()
 
 
 def margin_counts(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], radii: np.ndarray) -> CaseCounts:

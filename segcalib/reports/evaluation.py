@@ -55,6 +55,7 @@ def evaluate(
     protocol: str = DEFAULT_PROTOCOL,
     binning: str = "equal-width",
     uncertainty: bool = True,
+    conformal: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compute the report of ``predictions`` against the manifest's ground truth; write it to ``output``.
 
@@ -62,7 +63,9 @@ def evaluate(
     band's half-width): by default the ones the export recorded, so that the cases and the band
     are the ones the export used. ``protocol`` (:mod:`segcalib.reports.protocols`) sets the
     default ``n_bins`` and the classes of CECE and adds its own values; ``binning="equal-mass"``
-    adds the pooled top-label equal-mass ECE; ``uncertainty`` the uncertainty-quality section.
+    adds the pooled top-label equal-mass ECE; ``uncertainty`` the uncertainty-quality section;
+    ``conformal`` (a ``segcalib conformal fit`` folder) the conformal section (test risk and mask
+    sizes of the guaranteed masks, :mod:`segcalib.conformal.evaluation`).
     """
     preset = get_protocol(protocol)
     if binning not in BINNINGS:
@@ -146,6 +149,10 @@ def evaluate(
         report["calibration_equal_mass"] = {ALL: {"ece": float(equal_mass.compute()["ace"]), "n_bins": n_bins}}
     if uncertain is not None:
         report["uncertainty"] = uncertain.section(rows)
+    if conformal is not None and is_main_process():
+        from segcalib.conformal.evaluation import evaluate_conformal
+
+        report["conformal"] = evaluate_conformal(conformal, predictions, cases)
     report["summary"] = summarise(report)
     if is_main_process():
         output.mkdir(parents=True, exist_ok=True)

@@ -152,3 +152,31 @@ def test_cli_risk_choices_are_the_library_risks() -> None:
     from segcalib.conformal import RISKS
 
     assert RISK_CHOICES == RISKS
+
+
+def test_evaluate_conformal_section_equals_the_written_masks(dataset: Path, tmp_path: Path, capsys) -> None:
+    manifest = str(dataset / "dataset.json")
+    assert main(["conformal", "fit", "--predictions", str(dataset / "val_maps"), "--manifest", manifest, "--alpha", "0.2",
+                 "--inner-alpha", "0.3", "--delta", "0.2", "--output", str(tmp_path / "conf"), "--quiet"]) == 0
+    assert main(["conformal", "apply", "--conformal", str(tmp_path / "conf"), "--predictions", str(dataset / "test_maps"),
+                 "--output", str(tmp_path / "masks"), "--quiet"]) == 0
+    assert main(["evaluate", "--predictions", str(dataset / "test_maps"), "--manifest", manifest, "--split", "test",
+                 "--no-uncertainty", "--conformal", str(tmp_path / "conf"), "--output", str(tmp_path / "report")]) == 0
+    assert "conformal fnr left: test risk" in capsys.readouterr().out
+    section = json.loads((tmp_path / "report" / "report.json").read_text())["conformal"]
+    for c, name in enumerate(("left", "right", "foreground")):
+        fnr, size, inner_fdr = [], [], []
+        for i in range(N_VAL, N_VAL + N_TEST):  # from the files conformal apply wrote
+            label = _read(dataset / "labels" / f"case_{i:02d}.nii.gz")
+            truth = label != 0 if name == "foreground" else label == c + 1
+            if not truth.any():
+                continue
+            mask = _read(tmp_path / "masks" / f"case_{i:02d}_conformal.nii.gz")[..., c].astype(bool)
+            inner = _read(tmp_path / "masks" / f"case_{i:02d}_conformal_inner.nii.gz")[..., c].astype(bool)
+            fnr.append(1 - (mask & truth).sum() / truth.sum())
+            size.append(mask.sum() / truth.sum())
+            inner_fdr.append((inner & ~truth).sum() / inner.sum() if inner.any() else 0.0)
+        row = section["targets"][name]
+        assert row["n"] == len(fnr) and row["test_risk"] == pytest.approx(np.mean(fnr), abs=1e-12)
+        assert row["size_vs_truth"] == pytest.approx(np.mean(size), abs=1e-12)
+        assert row["inner"]["fdr"] == pytest.approx(np.mean(inner_fdr), abs=1e-12)

@@ -43,11 +43,14 @@ def test_signed_distance_masks_are_scipy_dilations_and_erosions() -> None:
     sd = signed_distance(pred, SPACING)
     outside = ndimage.distance_transform_edt(~pred, sampling=SPACING)
     inside = ndimage.distance_transform_edt(pred, sampling=SPACING)
-    np.testing.assert_array_equal(sd, outside - inside)
+    np.testing.assert_array_equal(sd, np.where(pred, -(inside - min(SPACING)), outside))
     for r in (1.2, 2.0, 3.1):  # dilation by r mm: segcalib's ellipsoid dilation, written independently
         np.testing.assert_array_equal(sd <= r, dilate_ellipsoid(torch.from_numpy(pred), SPACING, r).numpy())
     np.testing.assert_array_equal(sd <= 0, pred)
-    np.testing.assert_array_equal(sd <= -1.2, pred & (inside >= 1.2))  # erosion keeps voxels >= 1.2 mm deep
+    np.testing.assert_array_equal(sd <= 0.99, pred)  # below the smallest spacing nothing is added
+    # erosion by 1.2 mm keeps the voxels at least 1.2 mm below the outer layer (1 mm deep on the finest axis)
+    np.testing.assert_array_equal(sd <= -1.2, pred & (inside >= 1.2 + 1.0))
+    assert (sd < 0).sum() < pred.sum()  # the outer layer itself sits at 0
 
 
 def test_margin_counts_and_the_whole_image_at_the_last_radius() -> None:
