@@ -180,3 +180,33 @@ def test_evaluate_conformal_section_equals_the_written_masks(dataset: Path, tmp_
         assert row["n"] == len(fnr) and row["test_risk"] == pytest.approx(np.mean(fnr), abs=1e-12)
         assert row["size_vs_truth"] == pytest.approx(np.mean(size), abs=1e-12)
         assert row["inner"]["fdr"] == pytest.approx(np.mean(inner_fdr), abs=1e-12)
+
+
+def test_nnunet_folder_masks_lie_on_the_segmentation_geometry(tmp_path: Path) -> None:
+    from segcalib.data import read_header
+    from tests.predictions.nnunet_folders import blob_label_zyx, nnunet_logits, softmax, write_like_nnunet, write_sitk
+
+    entries = []
+    for i in range(6):
+        label = blob_label_zyx(seed=i)
+        write_sitk(tmp_path / "labels" / f"case_{i}.nii.gz", label)
+        entries.append({"image": f"labels/case_{i}.nii.gz", "label": f"labels/case_{i}.nii.gz"})
+        write_like_nnunet(tmp_path / "nnunet", f"case_{i}", softmax(nnunet_logits(label, seed=i)),
+                          tmp_path / "labels" / f"case_{i}.nii.gz")
+    manifest = {"name": "nn", "labels": {"0": "background", "1": "liver", "2": "tumour"}, "modality": {"0": "CT"},
+                "training": [], "validation": entries}
+    (tmp_path / "dataset.json").write_text(json.dumps(manifest))
+    assert main(["conformal", "fit", "--predictions", str(tmp_path / "nnunet"), "--manifest", str(tmp_path / "dataset.json"),
+                 "--alpha", "0.2", "--output", str(tmp_path / "conf"), "--quiet"]) == 0
+    record = json.loads((tmp_path / "conf" / "conformal.json").read_text())
+    assert record["prediction_format"] == "nnunet"
+    assert main(["conformal", "apply", "--conformal", str(tmp_path / "conf"), "--predictions", str(tmp_path / "nnunet"),
+                 "--output", str(tmp_path / "masks"), "--quiet"]) == 0
+    seg = tmp_path / "nnunet" / "case_0.nii.gz"
+    img = nib.load(str(tmp_path / "masks" / "case_0_conformal.nii.gz"))
+    np.testing.assert_allclose(read_header(tmp_path / "masks" / "case_0_conformal.nii.gz").affine,
+                               read_header(seg).affine, atol=1e-5)
+    with np.load(tmp_path / "nnunet" / "case_0.npz") as archive:
+        probs_xyz = archive["probabilities"].transpose(0, 3, 2, 1)  # (C, z, y, x) -> (C, x, y, z)
+    masks = np.asarray(img.dataobj)
+    np.testing.assert_array_equal(masks[..., 0], probs_xyz[1] >= np.float32(record["targets"][0]["threshold"]))
