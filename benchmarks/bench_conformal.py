@@ -102,9 +102,10 @@ def validity_rows(losses: dict, sizes: dict, n_cal: int, alphas: list[float], sp
                 if risk == "fdr":
                     if n_cal < ltt_min_cases(alpha, delta):
                         continue
-                    result = ltt_split_error(matrix, n_cal, alpha, delta, splits)
+                    result = ltt_split_error(matrix, n_cal, alpha, delta, splits, sizes=sizes[name][risk])
                     rows.append({"target": name, "risk": risk, "alpha": alpha, "n": n_cal, "fwer": result.mean,
-                                 "delta": delta, "se": result.se})
+                                 "delta": delta, "se": result.se, "size": result.mean_size,
+                                 "test_risk": result.test_risk})
                 elif n_cal >= crc_min_cases(alpha):
                     result = crc_split_risk(matrix, n_cal, alpha, splits, sizes=sizes[name][risk])
                     rows.append({"target": name, "risk": risk, "alpha": alpha, "n": n_cal, "risk_mean": result.mean,
@@ -156,7 +157,7 @@ def print_validity(title: str, rows: list[dict]) -> None:
         if r["risk"] == "fdr":
             ok = r["fwer"] <= r["delta"] + 3 * r["se"]
             print(f"{r['target']:<12}{'fdr':<8}{r['alpha']:>6g}{r['n']:>4}  FWER {r['fwer']:.4f} ± {r['se']:.4f}"
-                  f"{'':<8}<= delta {r['delta']:g} {'ok' if ok else 'FAIL'}")
+                  f"{'':<8}<= delta {r['delta']:g} {'ok' if ok else 'FAIL'}{r['size']:>10.3f}  (test fdr {r['test_risk']:.4f})")
         else:
             ok_hi = r["risk_mean"] <= r["alpha"] + 3 * r["se"]
             ok_lo = r["risk_mean"] >= r["low"] - 3 * r["se"]

@@ -93,8 +93,13 @@ def signed_distance(pred: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
         return np.full(tuple(pred.shape), np.inf)
     if bool(pred.all()):
         return np.full(tuple(pred.shape), -np.inf)
-    depth = (distance_transform(pred, spacing) - min(spacing)).clamp_min_(0.0)
-    return torch.where(pred, -depth, distance_transform(~pred, spacing)).numpy()
+    inside = pred.numpy()
+    signed = distance_transform(~pred, spacing).numpy()  # 0 inside the mask
+    depth = distance_transform(pred, spacing).numpy()  # 0 outside it
+    depth -= min(spacing)
+    np.maximum(depth, 0.0, out=depth)
+    np.subtract(signed, depth, out=signed, where=inside)  # in place: few full-size temporaries
+    return signed
 
 
 def margin_counts(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], radii: np.ndarray) -> CaseCounts:

@@ -24,6 +24,7 @@ class SplitSummary:
     se: float
     splits: int
     mean_size: float | None = None
+    test_risk: float | None = None  # Learn-then-Test: mean test loss at the selected parameter
 
 
 def _splits(n_pool: int, n_cal: int, splits: int, seed: int) -> np.ndarray:
@@ -50,14 +51,20 @@ def crc_split_risk(losses: np.ndarray, n_cal: int, alpha: float, splits: int = 1
 
 
 def ltt_split_error(losses: np.ndarray, n_cal: int, alpha: float, delta: float, splits: int = 1000,
-                    seed: int = 0) -> SplitSummary:
+                    seed: int = 0, sizes: np.ndarray | None = None) -> SplitSummary:
     """Fraction of random splits in which Learn-then-Test (fixed sequence, fitted on ``n_cal``
-    cases) selects a parameter whose risk over the whole pool exceeds ``alpha``."""
+    cases) selects a parameter whose risk over the whole pool exceeds ``alpha``; also the mean
+    test loss and relative size at the selected parameter (the empty mask, loss 0, size 0,
+    where nothing is selected)."""
     pool_risk = losses.mean(0)
     orders = _splits(len(losses), n_cal, splits, seed)
-    errors = np.zeros(splits)
+    errors, risks, size = np.zeros(splits), np.zeros(splits), np.zeros(splits)
     for s, order in enumerate(orders):
         j = fixed_sequence(hb_p_values(losses[order[:n_cal]].mean(0), n_cal, alpha), delta)
         if j is not None:
             errors[s] = pool_risk[: j + 1].max() > alpha  # every rejected null, not only the last
-    return SplitSummary(float(errors.mean()), float(np.sqrt(max(delta * (1 - delta), 1e-12) / splits)), splits)
+            risks[s] = losses[order[n_cal:], j].mean()
+            if sizes is not None:
+                size[s] = sizes[order[n_cal:], j].mean()
+    return SplitSummary(float(errors.mean()), float(np.sqrt(max(delta * (1 - delta), 1e-12) / splits)), splits,
+                        float(size.mean()) if sizes is not None else None, float(risks.mean()))
