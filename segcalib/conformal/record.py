@@ -37,18 +37,19 @@ def _what(name: str) -> str:
     return "the foreground (all classes together)" if name == UNION else f"class {name}"
 
 
-def _too_few(name: str, sums: RiskSums, needed: int, how: str, trivial: str) -> DataError:
+def _too_few(name: str, sums: RiskSums, needed: int, how: str, trivial: str, levels: str) -> DataError:
     return DataError(
         f"{_what(name)}: {sums.n} calibration case(s) contain it ({len(sums.absent)} without it), {how} needs at "
         f"least {needed} for a non-trivial bound; with fewer the guarantee is only the trivial {trivial}. "
-        "Calibrate on more cases or raise --alpha"
+        f"Calibrate on more cases or raise {levels}"
     )
 
 
 def _crc_target(name: str, sums: RiskSums, risk: str, alpha: float, grid: np.ndarray) -> dict[str, Any]:
     needed = crc_min_cases(alpha)
     if sums.n < max(needed, 1):
-        raise _too_few(name, sums, max(needed, 1), f"conformal risk control at alpha {alpha:g}", "full mask (the whole image)")
+        raise _too_few(name, sums, max(needed, 1), f"conformal risk control at alpha {alpha:g}", "full mask (the whole image)",
+                       "--alpha")
     mean = sums.mean_loss()
     j = crc_index(mean, sums.n, alpha)
     assert j is not None  # the last grid point has loss 0 and n >= 1/alpha - 1
@@ -67,7 +68,8 @@ def _crc_target(name: str, sums: RiskSums, risk: str, alpha: float, grid: np.nda
 def _ltt_target(name: str, sums: RiskSums, alpha: float, delta: float, grid: np.ndarray) -> dict[str, Any]:
     needed = ltt_min_cases(alpha, delta)
     if sums.n < needed:
-        raise _too_few(name, sums, needed, f"Learn-then-Test at alpha {alpha:g}, delta {delta:g}", "empty mask")
+        raise _too_few(name, sums, needed, f"Learn-then-Test at alpha {alpha:g}, delta {delta:g}", "empty mask",
+                       "--alpha / --inner-alpha or --delta")
     mean = sums.mean_loss()
     p_values = hb_p_values(mean, sums.n, alpha)
     j = fixed_sequence(p_values, delta)
