@@ -35,6 +35,18 @@ class LazyChoices(Sequence[str]):
         return self._get()[index]
 
 
+def prediction_formats() -> tuple[str, ...]:
+    from segcalib.predictions import FORMATS
+
+    return FORMATS
+
+
+def prediction_inputs() -> tuple[str, ...]:
+    from segcalib.predictions import INPUTS
+
+    return INPUTS
+
+
 def region_names() -> list[str]:
     from segcalib.spatial.regions import available_regions
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from segcalib.cli._args import LazyChoices, positive_mm, region_names
+from segcalib.cli._args import LazyChoices, prediction_formats, prediction_inputs, positive_mm, region_names
 
 HELP = "fit / apply a post-hoc calibrator on any model's probability maps (segcalib, nnU-Net, NIfTI)"
 
@@ -13,12 +13,6 @@ def _methods() -> list[str]:
     from segcalib.calibrators import list_calibrators
 
     return ["auto", *list_calibrators()]
-
-
-def _inputs() -> tuple[str, ...]:
-    from segcalib.predictions import INPUTS
-
-    return INPUTS
 
 
 def _criteria() -> tuple[str, ...]:
@@ -31,12 +25,6 @@ def _preserve() -> tuple[str, ...]:
     from segcalib.calibrators.criteria import PRESERVE
 
     return PRESERVE
-
-
-def _formats() -> tuple[str, ...]:
-    from segcalib.predictions import FORMATS
-
-    return FORMATS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,10 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     def folder_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--predictions", required=True,
                        help="a segcalib export folder, an nnU-Net --save_probabilities folder or 4D NIfTI maps")
-        q.add_argument("--format", default="auto", choices=LazyChoices(_formats), metavar="FORMAT",
+        q.add_argument("--format", default="auto", choices=LazyChoices(prediction_formats), metavar="FORMAT",
                        help="folder format: auto (default: detected), segcalib, nnunet or nifti")
         q.add_argument("--channel-axis", default="last", choices=("last", "first"), help="class axis of 4D NIfTI maps")
-        q.add_argument("--input", default="auto", choices=LazyChoices(_inputs), metavar="INPUT",
+        q.add_argument("--input", default="auto", choices=LazyChoices(prediction_inputs), metavar="INPUT",
                        help="probs or logits (default auto: probabilities when the values sum to 1)")
         q.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
 

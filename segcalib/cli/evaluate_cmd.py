@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from segcalib.cli._args import LazyChoices, bin_count, positive_mm
+from segcalib.cli._args import LazyChoices, prediction_formats, prediction_inputs, bin_count, positive_mm
 
 HELP = "calibration (ECE/CECE/NLL/Brier per region) and Dice/HD95/ASSD of exported maps"
-
-
-def _formats() -> tuple[str, ...]:
-    from segcalib.predictions import FORMATS
-
-    return FORMATS
 
 
 def _protocols() -> list[str]:
@@ -27,12 +21,6 @@ def _binnings() -> list[str]:
     return list(list_binnings())
 
 
-def _inputs() -> tuple[str, ...]:
-    from segcalib.predictions import INPUTS
-
-    return INPUTS
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
@@ -43,10 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--predictions", required=True,
                    help="a segcalib export folder, an nnU-Net --save_probabilities folder or 4D NIfTI maps (read as they are)")
-    p.add_argument("--format", default="auto", choices=LazyChoices(_formats), metavar="FORMAT",
+    p.add_argument("--format", default="auto", choices=LazyChoices(prediction_formats), metavar="FORMAT",
                        help="folder format: auto (default: detected), segcalib, nnunet or nifti")
     p.add_argument("--channel-axis", default="last", choices=("last", "first"), help="class axis of 4D NIfTI maps")
-    p.add_argument("--input", default="auto", choices=LazyChoices(_inputs), metavar="INPUT",
+    p.add_argument("--input", default="auto", choices=LazyChoices(prediction_inputs), metavar="INPUT",
                    help="probs or logits (default auto: probabilities when the values sum to 1)")
     p.add_argument("--manifest", required=True, help="manifest with the ground truth")
     p.add_argument("--split", default="test", choices=("training", "validation", "test"))
@@ -61,6 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="skip the uncertainty-quality section (AURC, AUROC, UEO, QU-BraTS per map and region)")
     p.add_argument("--boundary-mm", type=positive_mm, default=None,
                    help="half-width of the boundary band in mm, finite and > 0 (default: the export's, else 2)")
+    p.add_argument("--conformal", default=None,
+                   help="a segcalib conformal fit folder: add the conformal section (test risk, mask sizes)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
     p.add_argument("--split-seed", type=int, default=None,
                    help="seed of the split made when the manifest has no validation/test lists (default: the one "
@@ -82,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             report = evaluate(args.predictions, args.manifest, args.output, split=args.split, n_bins=args.bins,
                               boundary_mm=args.boundary_mm, device=args.device, split_seed=args.split_seed,
                               **({} if args.protocol is None else {"protocol": args.protocol}), binning=args.binning,
-                              uncertainty=not args.no_uncertainty,
+                              uncertainty=not args.no_uncertainty, conformal=args.conformal,
                               format=args.format, channel_axis=args.channel_axis, input=args.input)
             main_process = is_main_process()
         finally:
@@ -95,5 +85,8 @@ def run(args: argparse.Namespace) -> int:
             f"{report['counts']['cases']} cases: Dice fg {s['dice_fg']:.4f}, HD95 {s['hd95']:.2f} mm, "
             + ", ".join(f"ECE {region} {s[f'ece_{region}']:.4f}" for region in report["calibration"])
         )
+        for name, row in ((report.get("conformal") or {}).get("targets") or {}).items():
+            print(f"conformal {report['conformal']['risk']} {name}: test risk {row['test_risk']:.4f} (alpha "
+                  f"{row['alpha']:g}, {row['n']} cases), mask {row['size_vs_truth']:.2f}x the truth")
         print(f"protocol {report['metadata']['protocol']}; report: {args.output}/report.html")
     return 0

@@ -59,6 +59,7 @@ def evaluate(
     format: str = "auto",
     channel_axis: str = "last",
     input: str = "auto",
+    conformal: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compute the report of ``predictions`` against the manifest's ground truth; write it to ``output``.
 
@@ -66,7 +67,9 @@ def evaluate(
     band's half-width): by default the ones the export recorded, so that the cases and the band
     are the ones the export used. ``protocol`` (:mod:`segcalib.reports.protocols`) sets the
     default ``n_bins`` and the classes of CECE and adds its own values; ``binning="equal-mass"``
-    adds the pooled top-label equal-mass ECE; ``uncertainty`` the uncertainty-quality section.
+    adds the pooled top-label equal-mass ECE; ``uncertainty`` the uncertainty-quality section;
+    ``conformal`` (a ``segcalib conformal fit`` folder) the conformal section (test risk and mask
+    sizes of the guaranteed masks, :mod:`segcalib.conformal.evaluation`).
     ``format``, ``channel_axis``, ``input``: how to read a folder that is not a segcalib export (an
     nnU-Net ``--save_probabilities`` folder, 4D NIfTI maps), as ``segcalib calibrate`` reads them;
     such a folder is evaluated as it is, its logits through a softmax.
@@ -160,6 +163,10 @@ def evaluate(
         report["calibration_equal_mass"] = {ALL: {"ece": float(equal_mass.compute()["ace"]), "n_bins": n_bins}}
     if uncertain is not None:
         report["uncertainty"] = uncertain.section(rows)
+    if conformal is not None and is_main_process():
+        from segcalib.conformal.evaluation import evaluate_conformal
+
+        report["conformal"] = evaluate_conformal(conformal, predictions, cases)
     report["summary"] = summarise(report)
     if is_main_process():
         output.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ def _probe(args: list[str]) -> dict:
 @pytest.mark.parametrize("args, code", [(["--help"], 0), (["--version"], 0), (["bogus"], 2), ([], 2),
                                         (["--debug", "nope"], 2), (["export"], 2), (["data", "check"], 2),
                                         (["train", "--bogus"], 2), (["report"], 2), (["evaluate"], 2),
-                                        (["calibrate", "fit", "--predictions", "x"], 2), (["calibrate"], 2)])
+                                        (["calibrate", "fit", "--predictions", "x"], 2), (["calibrate"], 2),
+                                        (["conformal", "fit", "--predictions", "x"], 2)])
 def test_top_level_answers_import_nothing_heavy(args: list[str], code: int) -> None:
     result = _probe(args)
     assert result == {"code": code, "heavy": []}
