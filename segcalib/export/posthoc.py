@@ -124,7 +124,8 @@ def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outp
             lambda: stream(False), [c.case_id for c, _ in pairs], num_classes, criterion=options.criterion,
             preserve=options.preserve, folds=options.folds, seed=options.seed, fit_region=options.region,
             boundary_mm=options.boundary_mm, fit_voxels=options.fit_voxels,
-            groups={c.case_id: c.group for c, _ in pairs}, progress=options.progress, **limits,
+            groups={c.case_id: folder.fold_of(c.case_id) or c.group for c, _ in pairs}, progress=options.progress,
+            **limits,
         ) if is_main_process() else None
         if selection is None:
             return {}

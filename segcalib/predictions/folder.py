@@ -119,6 +119,13 @@ class PredictionFolder:
                             f"map(s): {found or 'none'})")
         return self._entries[case_id]
 
+    def fold_of(self, case_id: str) -> str | None:
+        """The nnU-Net fold (``fold_<k>``) whose validation holds ``case_id`` when this folder is a
+        trainer folder read through its folds; None otherwise."""
+        if "folds" not in self.metadata:
+            return None
+        return self.entry(case_id).path.parent.parent.name
+
     def path_of(self, case_id: str) -> tuple[Path, ...]:
         """The file(s) of ``case_id``: the map, then the geometry file when it is another one."""
         return self.entry(case_id).files

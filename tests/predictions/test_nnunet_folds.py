@@ -66,3 +66,14 @@ def test_calibrate_fit_on_the_folds_uses_every_out_of_fold_case(tmp_path: Path) 
     record = json.loads((tmp_path / "cal" / "calibrator.json").read_text())
     assert sorted(record["cases"]) == sorted(probs) and record["prediction_format"] == "nnunet"
     assert record["params"]["temperature"] < 1  # the maps were made twice too soft
+
+
+def test_auto_keeps_each_nnunet_folds_cases_in_one_cross_validation_fold(tmp_path: Path) -> None:
+    folds = {0: ["c_01", "c_02"], 1: ["c_03", "c_04"], 2: ["c_05", "c_06"]}
+    trainer, manifest, _ = _trainer_folder(tmp_path, folds)
+    assert main(["calibrate", "fit", "--predictions", str(trainer), "--manifest", str(manifest), "--split",
+                 "training", "--method", "auto", "--folds", "3", "--quiet", "--output", str(tmp_path / "cal")]) == 0
+    assigned = json.loads((tmp_path / "cal" / "calibrator.json").read_text())["selection"]["folds"]
+    for cases in folds.values():  # one model's held-out maps are never split between fitting and scoring
+        assert len({assigned[c] for c in cases}) == 1
+    assert len(set(assigned.values())) == 3
