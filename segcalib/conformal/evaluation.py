@@ -36,6 +36,16 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(kept)) if kept else math.nan
 
 
+def foreground_band(record: dict[str, Any], probs: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray | None, np.ndarray]:
+    """The union-of-foreground target's ``(inner or None, outer)`` masks of one case from its
+    probabilities ``(C, *spatial)`` (what the report's case views outline)."""
+    union = [t for t in targets(probs, record["class_names"]) if t.index is None][0]
+    row = {r["name"]: r for r in record["targets"]}[union.name]
+    outer = target_mask(union, row, record["risk"], spacing)
+    inner = target_mask(union, row["inner"], "fdr", spacing) if "inner" in row else None
+    return inner, outer
+
+
 def evaluate_conformal(conformal_dir: str | Path, predictions: str | Path, cases: Iterable[Case]) -> dict[str, Any]:
     """The conformal section for the labelled ``cases`` whose maps are in ``predictions``."""
     record = read_record(conformal_dir)

@@ -34,11 +34,13 @@ def evaluate_case(
     with_view: bool,
     equal_mass: AdaptiveCalibrationError | None = None,
     folder: PredictionFolder | None = None,
+    conformal: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """The case's row (Dice and surface distances per foreground class, protocol values, mean
     uncertainties) and its view (``None`` unless ``with_view``); the streamed states are updated.
     ``folder``: another model's prediction folder (nnU-Net, 4D NIfTI) read as it is; ``None``: a
-    segcalib export folder."""
+    segcalib export folder. ``conformal``: a ``conformal.json`` record whose foreground masks the
+    view outlines."""
     label_np, label_header = read_volume(case.label, dtype=np.int64)
     if folder is None:
         probs = load_prediction(case, predictions, num_classes, label_header).to(device)
@@ -66,7 +68,12 @@ def evaluate_case(
         row["uncertainty"] = uncertainty.update(maps, pred, label, spacing)
     view = None
     if with_view:
-        view = _view(case, label_np, label_header, pred, probs, maps.get(VIEW_MAP), num_classes)
+        band = None
+        if conformal is not None:
+            from segcalib.conformal.evaluation import foreground_band
+
+            band = foreground_band(conformal, probs[0].cpu().numpy(), tuple(spacing))
+        view = _view(case, label_np, label_header, pred, probs, maps.get(VIEW_MAP), num_classes, band)
     return row, view
 
 
@@ -78,8 +85,10 @@ def _view(
     probs: torch.Tensor,
     uncertainty: torch.Tensor | None,
     num_classes: int,
+    band: tuple[np.ndarray | None, np.ndarray] | None = None,
 ) -> str:
-    """The case's three-plane view: its first image channel, outlines, P(foreground), entropy."""
+    """The case's three-plane view: its first image channel, outlines (and the conformal band),
+    P(foreground), entropy."""
     image, image_header = read_volume(case.images[0], dtype=np.float32)
     if image.ndim == 4:
         image = image[..., 0]
@@ -95,6 +104,7 @@ def _view(
         None if uncertainty is None else uncertainty[0].cpu().numpy(),
         uncertainty_name="entropy (nats)",
         uncertainty_range=(0.0, math.log(num_classes)),
+        band=band,
     )
 
 

@@ -106,9 +106,14 @@ def evaluate(
         maps = available_maps(predictions, cases[0].case_id) if foreign is None else tuple(COMPUTED_MAPS)
     uncertain = UncertaintyReport(maps, num_classes, regions, boundary_mm) if maps else None
     rows, views = [], {}
+    band_record = None
+    if conformal is not None and write_html:  # the case views outline the conformal band
+        from segcalib.conformal.record import read_record as read_conformal
+
+        band_record = read_conformal(conformal)
     for case in cases[rank() :: world_size()]:
         row, view = evaluate_case(case, predictions, num_classes, metric, device, preset, uncertain, write_html,
-                                  equal_mass, foreign)
+                                  equal_mass, foreign, band_record)
         rows.append(row)
         if view is not None:
             views[case.case_id] = view

@@ -42,6 +42,8 @@ from segcalib.reports.slice_layout import (
 
 GT_COLOUR = (0, 230, 255)  # cyan: ground-truth outline, just outside the true mask
 PRED_COLOUR = (255, 40, 200)  # magenta: predicted outline, just inside the predicted mask
+OUTER_COLOUR = (255, 170, 0)  # orange: the conformal outer mask (its guaranteed coverage), just inside it
+INNER_COLOUR = (60, 200, 60)  # green: the conformal inner mask (its precision guarantee), just inside it
 PROB_CMAP = "inferno"
 UNCERTAINTY_CMAP = "viridis"
 WINDOW_PERCENTILES = (0.5, 99.5)
@@ -81,6 +83,7 @@ def compose_case_view(
     uncertainty_range: tuple[float, float] | None = None,
     convention: str = "radiological",
     panel_px: int = 128,
+    band: tuple[np.ndarray | None, np.ndarray] | None = None,
 ) -> Canvas:
     """Compose the pixels of one case view (no text drawn yet; see :func:`case_view_png`).
 
@@ -94,10 +97,17 @@ def compose_case_view(
         uncertainty_range: colour-bar limits; default 0 to its largest value.
         convention: ``"radiological"`` (patient's right on the viewer's left) or ``"neurological"``.
         panel_px: pixels given to the longest slice side; all planes share one mm-to-pixel scale.
+        band: optional conformal masks ``(inner or None, outer)`` ``(X, Y, Z)`` of the foreground,
+            outlined on the image (inner ⊆ prediction ⊆ outer shows the uncertainty band).
     """
     given = {"image": image, "labels": labels, "prediction": prediction, "probability": foreground_prob}
     if uncertainty is not None:
         given["uncertainty"] = uncertainty
+    inner, outer = band if band is not None else (None, None)
+    if outer is not None:
+        given["conformal outer mask"] = outer
+    if inner is not None:
+        given["conformal inner mask"] = inner
     shape = np.shape(image)
     if len(shape) != 3:
         raise DataError(f"case view: image of shape {shape}, expected three spatial axes (one channel)")
@@ -113,14 +123,15 @@ def compose_case_view(
     columns = ["image", "probability"] + (["uncertainty"] if uncertainty is not None else [])
     col_w = max(s[1] for s in sizes.values()) + 2 * _MARGIN + _GAP
     row_h = {p: sizes[p][0] + 2 * _MARGIN for p in PLANES}
-    height = _TOP + sum(row_h.values()) + _BOTTOM
+    height = _TOP + sum(row_h.values()) + _BOTTOM + 12 * ((outer is not None) + (inner is not None))
     width = _LEFT + col_w * len(columns) - _GAP
     canvas = Canvas(np.full((height, width, 3), 255, np.uint8), views, px_per_mm)
 
     if uncertainty is not None and uncertainty_range is None:
         top = float(np.nanmax(uncertainty)) if np.size(uncertainty) else 0.0
         uncertainty_range = (0.0, top if top > 0 else 1.0)
-    maps = {"image": image, "truth": truth, "predicted": predicted, "probability": foreground_prob, "uncertainty": uncertainty}
+    maps = {"image": image, "truth": truth, "predicted": predicted, "probability": foreground_prob, "uncertainty": uncertainty,
+            "outer": None if outer is None else np.asarray(outer) > 0, "inner": None if inner is None else np.asarray(inner) > 0}
     window = _window(np.asarray(image))
     top_px = _TOP
     for plane in PLANES:
@@ -143,7 +154,7 @@ def compose_case_view(
         left, inner = _LEFT + c * col_w, col_w - _GAP - 2 * _MARGIN
         canvas.texts.append((left + (col_w - _GAP) / 2, _TOP / 2, titles[column], {"bold": True}))
         if column == "image":
-            _legend(canvas, left + _MARGIN, top_px + 4, inner)
+            _legend(canvas, left + _MARGIN, top_px + 4, inner, maps["outer"] is not None, maps["inner"] is not None)
         else:
             limits = (0.0, 1.0) if column == "probability" else uncertainty_range
             _colour_bar(canvas, left + _MARGIN, top_px + 6, inner, limits, PROB_CMAP if column == "probability" else UNCERTAINTY_CMAP)
@@ -169,6 +180,10 @@ def _plane_panels(
     gt_ring = ndimage.binary_dilation(gt) & ~gt
     pred_ring = pred & ~ndimage.binary_erosion(pred, border_value=1)
     panels = {"image": grey.copy()}
+    for name, colour in (("outer", OUTER_COLOUR), ("inner", INNER_COLOUR)):
+        if maps.get(name) is not None:
+            mask = resample(view.extract(maps[name]), size, order=0)
+            panels["image"][mask & ~ndimage.binary_erosion(mask, border_value=1)] = colour
     panels["image"][pred_ring] = PRED_COLOUR
     panels["probability"] = _heat(grey, resample(view.extract(maps["probability"]), size, order=1), (0.0, 1.0), PROB_CMAP)
     if maps["uncertainty"] is not None:
@@ -303,15 +318,18 @@ def _edge_letters(canvas: Canvas, box: tuple[int, int, int, int], edges: tuple[s
     ]
 
 
-def _legend(canvas: Canvas, left: int, top: int, width: int) -> None:
-    """Swatches for the two outlines and the scale bar (all planes share one mm scale)."""
-    for i, (colour, name) in enumerate(((GT_COLOUR, "ground truth"), (PRED_COLOUR, "prediction"))):
+def _legend(canvas: Canvas, left: int, top: int, width: int, outer: bool = False, inner: bool = False) -> None:
+    """Swatches for the outlines and the scale bar (all planes share one mm scale)."""
+    entries = [(GT_COLOUR, "ground truth"), (PRED_COLOUR, "prediction")]
+    entries += [(OUTER_COLOUR, "conformal outer")] if outer else []
+    entries += [(INNER_COLOUR, "conformal inner")] if inner else []
+    for i, (colour, name) in enumerate(entries):
         y = top + 6 + 12 * i
         canvas.rgb[y - 1 : y + 2, left : left + 14] = colour
         canvas.texts.append((left + 18, y, name, {"anchor": "lm"}))
     bar_mm = scale_bar_mm(width / canvas.px_per_mm)
     bar_px = max(1, int(round(bar_mm * canvas.px_per_mm)))
-    y = top + 30
+    y = top + 6 + 12 * len(entries)
     canvas.rgb[y - 1 : y + 2, left : left + bar_px] = 0
     canvas.texts.append((left + bar_px + 4, y, f"{bar_mm:g} mm", {"anchor": "lm"}))
 

@@ -183,6 +183,19 @@ def test_evaluate_conformal_section_equals_the_written_masks(dataset: Path, tmp_
         assert row["n"] == len(fnr) and row["test_risk"] == pytest.approx(np.mean(fnr), abs=1e-12)
         assert row["size_vs_truth"] == pytest.approx(np.mean(size), abs=1e-12)
         assert row["inner"]["fdr"] == pytest.approx(np.mean(inner_fdr), abs=1e-12)
+    # the report's case views outline the foreground band: the masks conformal apply wrote
+    from segcalib.conformal.evaluation import foreground_band
+    from segcalib.conformal.record import read_record
+    from segcalib.predictions import open_predictions
+
+    maps = open_predictions(dataset / "test_maps")
+    case = f"case_{N_VAL:02d}"
+    pred = maps.read(case)
+    probs = pred.values if pred.kind == "probs" else np.exp(pred.values) / np.exp(pred.values).sum(0)
+    inner, outer = foreground_band(read_record(tmp_path / "conf"), probs.astype(np.float32), pred.spacing)
+    assert np.array_equal(outer, _read(tmp_path / "masks" / f"{case}_conformal.nii.gz")[..., 2].astype(bool))
+    assert np.array_equal(inner, _read(tmp_path / "masks" / f"{case}_conformal_inner.nii.gz")[..., 2].astype(bool))
+    assert "report.html" in {p.name for p in (tmp_path / "report").iterdir()}
 
 
 def test_nnunet_folder_masks_lie_on_the_segmentation_geometry(tmp_path: Path) -> None:

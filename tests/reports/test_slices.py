@@ -21,6 +21,8 @@ from segcalib.errors import DataError
 from segcalib.reports.slice_layout import PLANES, busiest_slices, plane_views, scale_bar_mm
 from segcalib.reports.slices import (
     GT_COLOUR,
+    INNER_COLOUR,
+    OUTER_COLOUR,
     PRED_COLOUR,
     CaseView,
     case_view_html,
@@ -159,6 +161,31 @@ def test_outlines_are_drawn_at_the_mask_edges_and_nowhere_else() -> None:
     assert near(GT_COLOUR)[gt_ring].mean() > 0.95
     assert near(PRED_COLOUR)[pred_ring & ~gt_ring].mean() > 0.95
     assert near(GT_COLOUR)[~ndimage.binary_dilation(gt_ring, iterations=2)].mean() < 0.01
+
+
+def test_the_conformal_band_is_outlined_inside_its_masks() -> None:
+    image, affine, labels, prediction, prob = _ras_case()
+    outer = ndimage.binary_dilation(prediction > 0, iterations=2)
+    inner = ndimage.binary_erosion(prediction > 0, iterations=2)
+    canvas = compose_case_view(image, affine, labels, prediction, prob, panel_px=96, band=(inner, outer))
+    k = busiest_slices(labels > 0)[2]
+
+    def shown(volume):  # as above: RAS, radiological axial, 3 px per mm
+        return np.kron(volume[:, :, k].T[::-1, ::-1], np.ones((3, 3), int)).astype(bool)
+
+    gt, pred, out, inn = shown(labels > 0), shown(prediction > 0), shown(outer), shown(inner)
+    covered = (ndimage.binary_dilation(gt) & ~gt) | (pred & ~ndimage.binary_erosion(pred, border_value=1))
+    out_ring = out & ~ndimage.binary_erosion(out, border_value=1) & ~covered
+    in_ring = inn & ~ndimage.binary_erosion(inn, border_value=1) & ~covered
+    top, left, h, w = canvas.boxes[("axial", "image")]
+    panel = canvas.rgb[top : top + h, left : left + w]
+    is_outer, is_inner = (panel == OUTER_COLOUR).all(-1), (panel == INNER_COLOUR).all(-1)
+    assert out_ring.sum() > 50 and in_ring.sum() > 20
+    assert is_outer[out_ring].all() and not is_outer[~out].any()
+    assert is_inner[in_ring].all() and not is_inner[~inn].any()
+    assert {"conformal outer", "conformal inner"} <= {t[2] for t in canvas.texts}
+    plain = compose_case_view(image, affine, labels, prediction, prob, panel_px=96)
+    assert not (plain.rgb == OUTER_COLOUR).all(-1).any() and "conformal outer" not in {t[2] for t in plain.texts}
 
 
 def test_heat_maps_are_the_colour_map_over_the_image() -> None:
