@@ -83,3 +83,27 @@ def test_evaluate_reads_4d_nifti_logits_class_first(tmp_path: Path) -> None:
     hand = _by_hand(np.concatenate(probs, 1), np.concatenate(labels))
     assert [s["nll"], s["brier"], s["ece_all"], s["dice_fg"]] == pytest.approx(
         [hand["nll"], hand["brier"], hand["ece_all"], hand["dice_fg"]], rel=1e-5)
+
+
+def test_an_export_rewritten_as_an_nnunet_folder_evaluates_to_the_same_numbers(smoke_run: Path, tmp_path: Path) -> None:
+    """The smoke run's exported test maps, written as nnU-Net writes them (``(C, z, y, x)`` .npz beside a
+    segmentation with the image's geometry), give ``evaluate`` the same report to 1e-6."""
+    from segcalib.config import load_config
+    from segcalib.data import load_manifest
+    from segcalib.export import ExportOptions, export
+    from tests.predictions.nnunet_folders import write_like_nnunet
+
+    manifest = Path(load_config(smoke_run / "config.yaml").data.manifest)
+    export(smoke_run, manifest, tmp_path / "segcalib", ExportOptions(progress=False))
+    for case in load_manifest(manifest).labelled("test"):
+        probs_xyzc = np.asarray(nib.load(str(tmp_path / "segcalib" / f"{case.case_id}_probs.nii.gz")).dataobj)
+        write_like_nnunet(tmp_path / "nnunet", case.case_id, probs_xyzc.transpose(3, 2, 1, 0), case.images[0])
+    reports = {}
+    for name in ("segcalib", "nnunet"):
+        assert main(["evaluate", "--predictions", str(tmp_path / name), "--manifest", str(manifest), "--split", "test",
+                     "--no-uncertainty", "--output", str(tmp_path / f"report_{name}")]) == 0
+        reports[name] = json.loads((tmp_path / f"report_{name}" / "report.json").read_text())
+    assert reports["nnunet"]["metadata"]["prediction_format"] == "nnunet"
+    a, b = reports["segcalib"]["summary"], reports["nnunet"]["summary"]
+    keys = ["dice_fg", "hd95", "assd", "ece_all", "ece_foreground", "ece_boundary", "cece", "nll", "brier"]
+    assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], rel=1e-6, abs=1e-9)
