@@ -1,5 +1,5 @@
 """The ``segcalib`` command: ``data check``, ``train``, ``export``, ``calibrate``, ``evaluate``, ``report``,
-``demo``.
+``nnunet``, ``demo``.
 
 Exit codes: 0 success; 2 bad input or configuration (one clear message, no traceback unless
 ``--debug``); 1 a bug (with its traceback).
@@ -17,7 +17,7 @@ from segcalib import __version__
 from segcalib.errors import SegcalibError
 
 EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2
-_COMMANDS = ("data", "train", "export", "calibrate", "evaluate", "report", "demo")
+_COMMANDS = ("data", "train", "export", "calibrate", "evaluate", "report", "nnunet", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
