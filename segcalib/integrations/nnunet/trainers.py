@@ -17,8 +17,10 @@
 from __future__ import annotations
 
 import io
+import pickle
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -183,16 +185,24 @@ class nnUNetTrainerSegcalib(nnUNetTrainer):
 
 
 def _read_segcalib_entry(path: str) -> dict[str, Any] | None:
-    """The ``"segcalib_loss"`` entry of an nnU-Net checkpoint file.
+    """The ``"segcalib_loss"`` entry of an nnU-Net checkpoint file, read with ``weights_only=True``.
 
-    nnU-Net's own reader has already loaded the whole file (``weights_only=False``, its choice); the
-    entry is read again here with ``weights_only=True`` where the file allows it (nnU-Net's logging
-    holds numpy scalars, which the safe loader refuses; then nnU-Net's reading is repeated)."""
+    nnU-Net's part of the file holds numpy scalars (its logging), allowed here as plain data. Should
+    a later nnU-Net store something the safe loader refuses, the file is read as nnU-Net's own
+    ``load_checkpoint`` has just read it (``weights_only=False``): no exposure beyond nnU-Net's."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - numpy objects in nnU-Net's part of the file
+        with torch.serialization.safe_globals(_numpy_data_types()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     return checkpoint.get(CHECKPOINT_KEY)
+
+
+def _numpy_data_types() -> list:
+    """numpy's scalar constructor and dtype classes: what nnU-Net's logged numbers unpickle through."""
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [core.multiarray.scalar, np.dtype, *dtypes]
 
 
 def _named_trainer(class_name: str, loss_name: str) -> type[nnUNetTrainerSegcalib]:
