@@ -94,3 +94,13 @@ def test_one_epoch_of_nnunet_with_cals_then_a_second_from_the_checkpoint(tmp_pat
     assert int(second.segcalib_loss.epoch) == 1 and second.current_epoch == 1
     second.run_training()
     assert int(second.segcalib_loss.epoch) == 2
+
+    # plain nnU-Net inference finds the trainer class through nnUNet_extTrainer alone (no SEGCALIB_LOSS)
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    monkeypatch.delenv("SEGCALIB_LOSS")
+    predictor = nnUNetPredictor(device=torch.device("cpu"), verbose=False)
+    predictor.initialize_from_trained_model_folder(second.output_folder_base, use_folds=(0,),
+                                                   checkpoint_name="checkpoint_final.pth")
+    net = second.network.state_dict()
+    assert all(torch.equal(v.cpu(), net[k].cpu()) for k, v in predictor.list_of_parameters[0].items())

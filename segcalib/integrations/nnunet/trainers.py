@@ -88,8 +88,8 @@ class nnUNetTrainerSegcalib(nnUNetTrainer):
         self.print_to_log_file(f"{describe(spec.name, params)} (from {spec.source})", also_print_to_console=True)
         if self.adaptive_loss is not None:
             self.print_to_log_file(
-                f"segcalib: {spec.name}'s multipliers are updated after each epoch from the "
-                f"{self.num_val_iterations_per_epoch} validation batches and saved in the checkpoints"
+                f"segcalib: {spec.name}'s multipliers are updated after each epoch from that epoch's "
+                "validation batches (full-resolution logits) and saved in the checkpoints"
             )
 
     @classmethod
