@@ -12,6 +12,9 @@
   ``step()`` runs at the end of each validation epoch (its sums are all-reduced under DDP), and the
   state is stored in nnU-Net's checkpoint under ``"segcalib_loss"`` (plain tensors and strings, so
   it loads with ``weights_only=True``) and restored by ``--c``.
+
+CRaC's boundary band (``region="band"``) is measured in voxels of each deep-supervision scale
+(``spacing`` None) unless ``SEGCALIB_LOSS_PARAMS`` sets ``spacing``, which then holds at every scale.
 """
 
 from __future__ import annotations
