@@ -47,8 +47,9 @@ ALLOWED: dict[str, set[str]] = {
     "training": BASE | {"spatial", "config", "data", "models", "losses", "metrics", "runs", "inference"},
     "export": BASE | {"spatial", "data", "predictions", "inference", "calibrators"},
     "reports": BASE | {"spatial", "data", "metrics", "predictions", "export", "conformal"},
+    "integrations": BASE | {"config", "losses"},  # nnU-Net trainers; only the CLI imports them
 }
-ALLOWED["experiment"] = set(ALLOWED) - {"experiment"}  # the study runner: every layer above
+ALLOWED["experiment"] = set(ALLOWED) - {"experiment", "integrations"}  # the study runner: every layer above
 ALLOWED["cli"] = set(ALLOWED)  # the commands: everything
 ALLOWED["__main__"] = {"cli"}
 

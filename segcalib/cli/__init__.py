@@ -1,5 +1,5 @@
 """The ``segcalib`` command: ``data check``, ``train``, ``export``, ``calibrate``, ``conformal``, ``evaluate``,
-``report``, ``demo``.
+``report``, ``nnunet``, ``demo``.
 
 Exit codes: 0 success; 2 bad input or configuration (one clear message, no traceback unless
 ``--debug``); 1 a bug (with its traceback).
@@ -18,7 +18,7 @@ from segcalib.errors import SegcalibError
 from segcalib.utils.progress import close_open_bars
 
 EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2
-_COMMANDS = ("data", "train", "export", "calibrate", "conformal", "evaluate", "report", "demo")
+_COMMANDS = ("data", "train", "export", "calibrate", "conformal", "evaluate", "report", "nnunet", "demo")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -33,7 +33,7 @@ def _probe(args: list[str]) -> dict:
                                         (["--debug", "nope"], 2), (["export"], 2), (["data", "check"], 2),
                                         (["train", "--bogus"], 2), (["report"], 2), (["evaluate"], 2),
                                         (["calibrate", "fit", "--predictions", "x"], 2), (["calibrate"], 2),
-                                        (["conformal", "fit", "--predictions", "x"], 2)])
+                                        (["conformal", "fit", "--predictions", "x"], 2), (["nnunet"], 2)])
 def test_top_level_answers_import_nothing_heavy(args: list[str], code: int) -> None:
     result = _probe(args)
     assert result == {"code": code, "heavy": []}
