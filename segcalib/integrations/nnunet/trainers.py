@@ -171,7 +171,7 @@ class nnUNetTrainerSegcalib(nnUNetTrainer):
         buffer = io.BytesIO()
         super().save_checkpoint(buffer)  # type: ignore[arg-type]  # torch.save takes a file object
         buffer.seek(0)
-        checkpoint = torch.load(buffer, map_location="cpu", weights_only=False)  # our own bytes, just made
+        checkpoint = _load_plain(buffer, "the checkpoint nnU-Net just wrote")
         checkpoint[CHECKPOINT_KEY] = self.segcalib_checkpoint()
         torch.save(checkpoint, filename)
 
@@ -188,17 +188,19 @@ class nnUNetTrainerSegcalib(nnUNetTrainer):
 
 
 def _read_segcalib_entry(path: str) -> dict[str, Any] | None:
-    """The ``"segcalib_loss"`` entry of an nnU-Net checkpoint file, read with ``weights_only=True``.
+    """The ``"segcalib_loss"`` entry of an nnU-Net checkpoint file, read with ``weights_only=True``
+    (nnU-Net's part of the file holds numpy scalars from its logging, allowed as plain data)."""
+    return _load_plain(path, path).get(CHECKPOINT_KEY)
 
-    nnU-Net's part of the file holds numpy scalars (its logging), allowed here as plain data. Should
-    a later nnU-Net store something the safe loader refuses, the file is read as nnU-Net's own
-    ``load_checkpoint`` has just read it (``weights_only=False``): no exposure beyond nnU-Net's."""
+
+def _load_plain(source: Any, where: str) -> dict[str, Any]:
+    """``torch.load(source, weights_only=True)`` with numpy's scalar types allowed; nothing read can
+    run code. A checkpoint the safe loader refuses is an error naming it, never a second, unsafe read."""
     try:
         with torch.serialization.safe_globals(_numpy_data_types()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    return checkpoint.get(CHECKPOINT_KEY)
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(f"{where}: holds objects that cannot be read safely (weights_only=True): {exc}") from None
 
 
 def _numpy_data_types() -> list:
