@@ -47,6 +47,18 @@ def prediction_inputs() -> tuple[str, ...]:
     return INPUTS
 
 
+def prediction_folder_args(parser: argparse.ArgumentParser) -> None:
+    """``--predictions``, ``--format``, ``--channel-axis``, ``--input``: how every command reads a folder
+    of another model's maps (:func:`segcalib.predictions.open_predictions`)."""
+    parser.add_argument("--predictions", required=True,
+                        help="a segcalib export folder, an nnU-Net --save_probabilities folder or 4D NIfTI maps")
+    parser.add_argument("--format", default="auto", choices=LazyChoices(prediction_formats), metavar="FORMAT",
+                        help="folder format: auto (default: detected), segcalib, nnunet or nifti")
+    parser.add_argument("--channel-axis", default="last", choices=("last", "first"), help="class axis of 4D NIfTI maps")
+    parser.add_argument("--input", default="auto", choices=LazyChoices(prediction_inputs), metavar="INPUT",
+                        help="probs or logits (default auto: probabilities when the values sum to 1)")
+
+
 def region_names() -> list[str]:
     from segcalib.spatial.regions import available_regions
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from segcalib.cli._args import LazyChoices, prediction_formats, prediction_inputs, positive_mm, region_names
+from segcalib.cli._args import LazyChoices, prediction_folder_args, positive_mm, region_names
 
 HELP = "fit / apply a post-hoc calibrator on any model's probability maps (segcalib, nnU-Net, NIfTI)"
 
@@ -38,13 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def folder_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--predictions", required=True,
-                       help="a segcalib export folder, an nnU-Net --save_probabilities folder or 4D NIfTI maps")
-        q.add_argument("--format", default="auto", choices=LazyChoices(prediction_formats), metavar="FORMAT",
-                       help="folder format: auto (default: detected), segcalib, nnunet or nifti")
-        q.add_argument("--channel-axis", default="last", choices=("last", "first"), help="class axis of 4D NIfTI maps")
-        q.add_argument("--input", default="auto", choices=LazyChoices(prediction_inputs), metavar="INPUT",
-                       help="probs or logits (default auto: probabilities when the values sum to 1)")
+        prediction_folder_args(q)
         q.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
 
     fit = verbs.add_parser("fit", help="fit a calibrator on a labelled split; writes CAL_DIR/calibrator.json")
@@ -56,8 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--output", required=True, help="calibrator folder (CAL_DIR)")
     fit.add_argument("--region", default=None, choices=LazyChoices(region_names), metavar="REGION",
                      help="ground-truth voxels the calibrator is fitted on (default: all)")
-    fit.add_argument("--preserve", default="none", choices=LazyChoices(_preserve), metavar="{none,argmax,order}",
-                     help="auto: only calibrators that keep the argmax / the class order")
+    fit.add_argument("--preserve", default="none", choices=LazyChoices(_preserve), metavar="PRESERVE",
+                     help="auto: none (default), argmax or order: only calibrators that keep the argmax / the class order")
     fit.add_argument("--folds", type=int, default=5, help="auto: folds of the cross-validation over cases")
     fit.add_argument("--criterion", default=None, choices=LazyChoices(_criteria), metavar="CRITERION",
                      help="auto: held-out criterion, balanced (default: NLL and the ECE of all voxels, foreground "

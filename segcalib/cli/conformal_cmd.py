@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from segcalib.cli._args import LazyChoices, positive_mm, prediction_formats, prediction_inputs
+from segcalib.cli._args import LazyChoices, prediction_folder_args, positive_mm
 
 HELP = "conformal risk control: masks whose expected miss rate (or false discovery rate) is at most alpha"
 
@@ -28,13 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def folder_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--predictions", required=True,
-                       help="a segcalib export folder, an nnU-Net --save_probabilities folder or 4D NIfTI maps")
-        q.add_argument("--format", default="auto", choices=LazyChoices(prediction_formats), metavar="FORMAT",
-                       help="folder format: auto (default: detected), segcalib, nnunet or nifti")
-        q.add_argument("--channel-axis", default="last", choices=("last", "first"), help="class axis of 4D NIfTI maps")
-        q.add_argument("--input", default="auto", choices=LazyChoices(prediction_inputs), metavar="INPUT",
-                       help="probs or logits (default auto: probabilities when the values sum to 1)")
+        prediction_folder_args(q)
         q.add_argument("--quiet", action="store_true", help="no progress bar")
 
     fit = verbs.add_parser("fit", help="choose thresholds / margins on a labelled split; writes CONF/conformal.json")

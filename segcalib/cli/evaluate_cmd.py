@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from segcalib.cli._args import LazyChoices, prediction_formats, prediction_inputs, bin_count, positive_mm
+from segcalib.cli._args import LazyChoices, prediction_folder_args, bin_count, positive_mm
 
 HELP = "calibration (ECE/CECE/NLL/Brier per region) and Dice/HD95/ASSD of exported maps"
 
@@ -29,13 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Writes OUTPUT/report.json and a self-contained OUTPUT/report.html. Runs under "
         "torchrun too (cases shared out, metric states all-reduced).",
     )
-    p.add_argument("--predictions", required=True,
-                   help="a segcalib export folder, an nnU-Net --save_probabilities folder or 4D NIfTI maps (read as they are)")
-    p.add_argument("--format", default="auto", choices=LazyChoices(prediction_formats), metavar="FORMAT",
-                       help="folder format: auto (default: detected), segcalib, nnunet or nifti")
-    p.add_argument("--channel-axis", default="last", choices=("last", "first"), help="class axis of 4D NIfTI maps")
-    p.add_argument("--input", default="auto", choices=LazyChoices(prediction_inputs), metavar="INPUT",
-                   help="probs or logits (default auto: probabilities when the values sum to 1)")
+    prediction_folder_args(p)
     p.add_argument("--manifest", required=True, help="manifest with the ground truth")
     p.add_argument("--split", default="test", choices=("training", "validation", "test"))
     p.add_argument("--output", required=True, help="report folder")
