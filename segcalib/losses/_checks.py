@@ -61,3 +61,21 @@ def check_choice(loss: str, name: str, value: object, choices: Sequence[str]) ->
     if value not in choices:
         raise _fail(loss, name, "one of " + ", ".join(repr(c) for c in choices), value)
     return str(value)
+
+
+def set_multiplier_schedule(
+    loss: object, name: str, *, penalty: str, lambda_min: float, lambda_max: float, lambda_step: int,
+    rho_init: float, rho_max: float, rho_step: int, gamma: float, tau: float, penalties: tuple[str, ...],
+) -> None:
+    """Check the augmented-Lagrangian schedule shared by CALS and CRaC (SPEC §2) and set it on ``loss``:
+    the penalty, multiplier bounds and update period, the penalty parameter's start, cap, growth period
+    and factor, and the progress ratio ``tau``. Each bad value is a ConfigError naming its key."""
+    loss.penalty = check_choice(name, "penalty", penalty, penalties)
+    loss.lambda_min = check_float(name, "lambda_min", lambda_min, low=0.0)
+    loss.lambda_max = check_float(name, "lambda_max", lambda_max, low=loss.lambda_min)
+    loss.lambda_step = check_int(name, "lambda_step", lambda_step, low=1)
+    loss.rho_init = check_float(name, "rho_init", rho_init, low=0.0, low_open=True)
+    loss.rho_max = check_float(name, "rho_max", rho_max, low=loss.rho_init)
+    loss.rho_step = check_int(name, "rho_step", rho_step, low=0)
+    loss.gamma = check_float(name, "gamma", gamma, low=1.0)
+    loss.tau = check_float(name, "tau", tau, low=0.0)

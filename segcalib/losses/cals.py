@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from segcalib.losses._checks import check_bool, check_choice, check_float, check_int
+from segcalib.losses._checks import check_bool, check_float, check_int, set_multiplier_schedule
 from segcalib.losses._inputs import LossInputs
 from segcalib.losses._margin_ce import cross_entropy_with_penalty, logit_constraints, per_class
 from segcalib.losses._penalties import PENALTIES
@@ -59,15 +59,10 @@ class ClassAdaptiveLoss(AdaptiveLoss):
         self.num_classes = check_int(name, "num_classes", num_classes, low=1)
         self.normalize = check_bool(name, "normalize", normalize)
         self.margin = check_float(name, "margin", margin, low=0.0, low_open=self.normalize)
-        self.penalty = check_choice(name, "penalty", penalty, tuple(PENALTIES))
-        self.lambda_min = check_float(name, "lambda_min", lambda_min, low=0.0)
-        self.lambda_max = check_float(name, "lambda_max", lambda_max, low=self.lambda_min)
-        self.lambda_step = check_int(name, "lambda_step", lambda_step, low=1)
-        self.rho_init = check_float(name, "rho_init", rho_init, low=0.0, low_open=True)
-        self.rho_max = check_float(name, "rho_max", rho_max, low=self.rho_init)
-        self.rho_step = check_int(name, "rho_step", rho_step, low=0)
-        self.gamma = check_float(name, "gamma", gamma, low=1.0)
-        self.tau = check_float(name, "tau", tau, low=0.0)
+        set_multiplier_schedule(
+            self, name, penalty=penalty, lambda_min=lambda_min, lambda_max=lambda_max, lambda_step=lambda_step,
+            rho_init=rho_init, rho_max=rho_max, rho_step=rho_step, gamma=gamma, tau=tau, penalties=tuple(PENALTIES),
+        )
         self._penalty = PENALTIES[self.penalty]
         self._scale = 1.0 / self.margin if self.normalize else 1.0
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segcalib.errors import ConfigError
-from segcalib.losses._checks import check_choice, check_float, check_int, check_odd
+from segcalib.losses._checks import check_choice, check_float, check_int, check_odd, set_multiplier_schedule
 from segcalib.losses._inputs import LossInputs
 from segcalib.losses._margin_ce import per_class
 from segcalib.losses._penalties import PENALTIES
@@ -97,15 +97,10 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         name = self.name
         self.num_classes = check_int(name, "num_classes", num_classes, low=1)
         self.margin = check_float(name, "margin", margin, low=0.0)
-        self.penalty = check_choice(name, "penalty", penalty, tuple(PENALTIES))
-        self.lambda_min = check_float(name, "lambda_min", lambda_min, low=0.0)
-        self.lambda_max = check_float(name, "lambda_max", lambda_max, low=self.lambda_min)
-        self.lambda_step = check_int(name, "lambda_step", lambda_step, low=1)
-        self.rho_init = check_float(name, "rho_init", rho_init, low=0.0, low_open=True)
-        self.rho_max = check_float(name, "rho_max", rho_max, low=self.rho_init)
-        self.rho_step = check_int(name, "rho_step", rho_step, low=0)
-        self.gamma = check_float(name, "gamma", gamma, low=1.0)
-        self.tau = check_float(name, "tau", tau, low=0.0)
+        set_multiplier_schedule(
+            self, name, penalty=penalty, lambda_min=lambda_min, lambda_max=lambda_max, lambda_step=lambda_step,
+            rho_init=rho_init, rho_max=rho_max, rho_step=rho_step, gamma=gamma, tau=tau, penalties=tuple(PENALTIES),
+        )
         self.kernel_size = check_odd(name, "kernel_size", kernel_size)
         self.region = check_choice(name, "region", region, ("band", "window"))
         self.boundary_mm = check_float(name, "boundary_mm", boundary_mm, low=0.0)
