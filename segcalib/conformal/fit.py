@@ -21,10 +21,10 @@ from segcalib.conformal.grids import DEFAULT_RADIUS_MAX_MM, DEFAULT_RADIUS_STEP_
 from segcalib.conformal.record import CONFORMAL_JSON, build_record, write_record
 from segcalib.conformal.statistics import RISKS, RiskSums, margin_counts, threshold_counts
 from segcalib.conformal.targets import probabilities, target_names, targets, truth_of
-from segcalib.data import load_manifest, read_volume
-from segcalib.data.manifest import SPLIT_SEED
+from segcalib.data import read_volume
 from segcalib.errors import ConfigError, DataError
-from segcalib.predictions import check_geometry, match_cases, open_predictions
+from segcalib.predictions import check_geometry, open_predictions
+from segcalib.predictions.matching import labelled_pairs, split_seed_of
 from segcalib.utils.progress import progress_bar
 
 
@@ -88,15 +88,8 @@ def fit_conformal(predictions: str | Path, manifest_path: str | Path, output: st
     started = time.time()
     folder = open_predictions(predictions, format=options.format, channel_axis=options.channel_axis,
                               input=options.input)
-    split_seed = options.split_seed
-    if split_seed is None:
-        split_seed = int((folder.metadata or {}).get("split_seed", SPLIT_SEED)) if folder.format == "segcalib" else SPLIT_SEED
-    manifest = load_manifest(manifest_path, split_seed=split_seed)
-    cases = manifest.labelled(options.split)
-    if not cases:
-        raise DataError(f"{manifest.path}: split {options.split!r} has no labelled cases to calibrate on "
-                        "(conformal control needs the ground truth of every calibration case)")
-    pairs = match_cases(folder, cases)
+    manifest, pairs = labelled_pairs(folder, manifest_path, options.split, options.split_seed,
+                                     "calibrate on (conformal control needs the ground truth of every calibration case)")
     names = target_names(manifest.class_names)
     radii = radius_grid(options.margin_step_mm, options.margin_max_mm)
     stats = ConformalStatistics(names, options.risk, options.inner_alpha is not None, radii)
@@ -112,7 +105,7 @@ def fit_conformal(predictions: str | Path, manifest_path: str | Path, output: st
     record = build_record(stats, options, manifest.class_names)
     record.update(
         split=options.split,
-        split_seed=split_seed,
+        split_seed=split_seed_of(folder, options.split_seed),
         cases=[c.case_id for c, _ in pairs],
         predictions=str(Path(predictions).resolve()),
         prediction_format=folder.format,

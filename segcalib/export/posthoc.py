@@ -29,11 +29,11 @@ from segcalib.calibrators.criteria import BALANCED, CV_FIT_VOXELS
 from segcalib.calibrators.input_space import check_convertible, describe, to_space, warn_unrecorded
 from segcalib.calibrators.selection import select_calibrator
 from segcalib.data import load_manifest, read_volume
-from segcalib.data.manifest import SPLIT_SEED
 from segcalib.errors import DataError
 from segcalib.export.record import EXPORT_JSON, claimed_output, differences, finish, now, previous_record, versions
 from segcalib.export.writers import all_written, check_dtype, output_paths, write_probability_maps
 from segcalib.predictions import PredictionMap, check_geometry, match_cases, open_predictions
+from segcalib.predictions.matching import labelled_pairs
 from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, RegionContext, region_mask
 from segcalib.spatial.spacing import spacing_from_affine
 from segcalib.utils.devices import select_device
@@ -97,14 +97,7 @@ def fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outpu
 def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, output: str | Path, options: FitOptions) -> dict[str, Any]:
     output = Path(output)
     folder = open_predictions(predictions, **vars(options.folder))
-    split_seed = options.split_seed
-    if split_seed is None:
-        split_seed = int((folder.metadata or {}).get("split_seed", SPLIT_SEED)) if folder.format == "segcalib" else SPLIT_SEED
-    manifest = load_manifest(manifest_path, split_seed=split_seed)
-    cases = manifest.labelled(options.split)
-    if not cases:
-        raise DataError(f"{manifest.path}: split {options.split!r} has no labelled cases to fit a calibrator on")
-    pairs = match_cases(folder, cases)
+    manifest, pairs = labelled_pairs(folder, manifest_path, options.split, options.split_seed, "fit a calibrator on")
     device = select_device(options.device)
     num_classes = manifest.num_classes
     limits = {} if options.max_voxels is None else {"max_voxels": options.max_voxels}

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from segcalib.data.manifest import Case
+from segcalib.data.manifest import SPLIT_SEED, Case, Manifest, load_manifest
 from segcalib.data.volumes import VolumeHeader
 from segcalib.errors import DataError
 from segcalib.predictions.folder import PredictionEntry, PredictionFolder
@@ -54,3 +54,23 @@ def check_geometry(pred: PredictionMap, label_header: VolumeHeader, num_classes:
                         f"(tolerance {AFFINE_TOL:g}): not on the same voxels")
     if num_classes is not None and pred.num_classes != num_classes:
         raise DataError(f"{where}: {pred.num_classes} classes, the manifest of {label_header.path} declares {num_classes}")
+
+
+def split_seed_of(folder: PredictionFolder, given: int | None = None) -> int:
+    """``given``, else the seed a segcalib export recorded for its manifest's split, else the default."""
+    if given is not None:
+        return given
+    return int((folder.metadata or {}).get("split_seed", SPLIT_SEED)) if folder.format == "segcalib" else SPLIT_SEED
+
+
+def labelled_pairs(
+    folder: PredictionFolder, manifest_path, split: str, split_seed: int | None, purpose: str
+) -> tuple[Manifest, list[tuple[Case, PredictionEntry]]]:
+    """The manifest (split as the export that wrote ``folder`` split it, unless ``split_seed`` is
+    given) and its labelled ``split`` cases matched to their maps; a DataError naming the manifest
+    when the split has no labelled case (``purpose``: what the labels are needed for)."""
+    manifest = load_manifest(manifest_path, split_seed=split_seed_of(folder, split_seed))
+    cases = manifest.labelled(split)
+    if not cases:
+        raise DataError(f"{manifest.path}: split {split!r} has no labelled cases to {purpose}")
+    return manifest, match_cases(folder, cases)
