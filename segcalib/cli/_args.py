@@ -53,7 +53,8 @@ def prediction_folder_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", required=True,
                         help="a segcalib export folder, an nnU-Net --save_probabilities folder or 4D NIfTI maps")
     parser.add_argument("--format", default="auto", choices=LazyChoices(prediction_formats), metavar="FORMAT",
-                        help="folder format: auto (default: detected), segcalib, nnunet or nifti")
+                        help="folder format: auto (default: detected from the content) or a registered one: "
+                             "segcalib, nnunet, nifti (segcalib.predictions.PREDICTION_FORMATS)")
     parser.add_argument("--channel-axis", default="last", choices=("last", "first"), help="class axis of 4D NIfTI maps")
     parser.add_argument("--input", default="auto", choices=LazyChoices(prediction_inputs), metavar="INPUT",
                         help="probs or logits (default auto: probabilities when the values sum to 1)")
