@@ -233,7 +233,7 @@ def _check_label(case: Case, manifest: Manifest, image: VolumeHeader, report: Ca
             report.problems.append(f"{where}: label {case.label} holds non-integer values")
             return
     values, counts = np.unique(label, return_counts=True)
-    undeclared = [int(v) for v in values if int(v) not in manifest.labels]
+    undeclared = [int(v) for v in values if int(v) not in manifest.labels and int(v) != manifest.ignore_label]
     if undeclared:
         report.problems.append(
             f"{where}: label {case.label} holds value(s) {undeclared} not declared in 'labels' "

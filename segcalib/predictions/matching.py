@@ -67,6 +67,21 @@ def check_geometry(pred: PredictionMap, label_header: VolumeHeader, num_classes:
         raise DataError(f"{where}: {pred.num_classes} classes, the manifest of {label_header.path} declares {num_classes}")
 
 
+def check_label_values(label: np.ndarray, num_classes: int, ignore_label: int | None, path) -> None:
+    """A DataError naming ``path`` unless every value of ``label`` is a class (``0..num_classes-1``)
+    or the manifest's ``ignore_label``."""
+    if label.size == 0 or (int(label.min()) >= 0 and int(label.max()) < num_classes):
+        return
+    bad = (label < 0) | (label >= num_classes)
+    if ignore_label is not None:
+        bad &= label != ignore_label
+    if bad.any():
+        values = np.unique(label[bad])
+        shown = ", ".join(str(int(v)) for v in values[:5]) + (" ..." if values.size > 5 else "")
+        ignore = f" or the ignore label {ignore_label}" if ignore_label is not None else ""
+        raise DataError(f"{path}: label value(s) {shown} are not classes of the manifest (0..{num_classes - 1}{ignore})")
+
+
 def split_seed_of(folder: PredictionFolder, given: int | None = None) -> int:
     """``given``, else the seed a segcalib export recorded for its manifest's split, else the default."""
     if given is not None:

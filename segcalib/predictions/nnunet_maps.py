@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from segcalib.data.manifest import safe_case_id
+from segcalib.data.manifest import refuse_regions, safe_case_id
 from segcalib.data.volumes import read_header
 from segcalib.errors import DataError
 from segcalib.predictions.formats import (
@@ -35,7 +35,6 @@ from segcalib.predictions.readers import nnunet_class_count, read_nnunet_map
 
 SEG_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
 DATASET_JSON = "dataset.json"
-REGION_KEY = "regions_class_order"
 
 
 def cross_validation_folders(root: Path) -> list[Path]:
@@ -47,17 +46,6 @@ def cross_validation_folders(root: Path) -> list[Path]:
 
 def is_map_file(path: Path) -> bool:
     return path.name.endswith(".npz") or nifti_ending(path) is not None
-
-
-def refuse_regions(dataset: dict[str, Any], path: Path) -> None:
-    """A region-based nnU-Net dataset (``regions_class_order``, labels given as lists) is refused
-    with a DataError naming the key and ``path``."""
-    lists = [k for k, v in (dataset.get("labels") or {}).items() if isinstance(v, (list, tuple))] \
-        if isinstance(dataset.get("labels"), dict) else []
-    if REGION_KEY in dataset or lists:
-        key = REGION_KEY if REGION_KEY in dataset else f"labels.{lists[0]}"
-        raise DataError(f"{path}: '{key}': a region-based nnU-Net dataset (sigmoid maps, one per region, that need "
-                        "not sum to 1) is not supported; segcalib calibrates and evaluates softmax maps over classes")
 
 
 def _discover(root: Path, files: list[Path], prefer: str) -> tuple[Entries, dict[str, Any]]:

@@ -13,6 +13,7 @@ from segcalib.data import Case, VolumeHeader, read_volume
 from segcalib.errors import DataError
 from segcalib.metrics import AdaptiveCalibrationError, CalibrationMetric, dice, surface_distances_per_class
 from segcalib.predictions import PredictionFolder, check_geometry
+from segcalib.predictions.matching import check_label_values
 from segcalib.reports.protocols import Protocol
 from segcalib.reports.slices import case_view_uri
 from segcalib.reports.uncertainty_report import UncertaintyReport, uncertainty_maps
@@ -38,14 +39,20 @@ def evaluate_case(
     probabilities, another model's maps; logits through a softmax). ``conformal``: a
     ``conformal.json`` record whose foreground masks the view outlines."""
     predictions = folder.root
+    ignore = metric.ignore_index  # nnU-Net's ignore label (the manifest's), or None
     label_np, label_header = read_volume(case.label, dtype=np.int64)
+    check_label_values(label_np, num_classes, ignore, case.label)
     probs = case_probabilities(folder, case, num_classes, label_header).to(device)
     spacing = list(label_header.spacing)
     label = torch.from_numpy(label_np).to(device).unsqueeze(0)
-    metric.update(probs, label, spacing=spacing, case_ids=[case.case_id])
-    if equal_mass is not None:
-        equal_mass.update(probs, label)
+    metric.update(probs, label, spacing=spacing, case_ids=[case.case_id])  # leaves ignored voxels out
+    valid = None if ignore is None else label != ignore
+    if equal_mass is not None:  # voxel-wise: the kept voxels as one flat case
+        equal_mass.update(*((probs, label) if valid is None else (probs[:, :, valid[0]], label[valid].unsqueeze(0))))
     pred = probs.argmax(1)
+    if valid is not None:  # ignored voxels are background in both masks: in no foreground class's Dice
+        pred, label = pred.masked_fill(~valid, 0), label.masked_fill(~valid, 0)
+        label_np = np.where(label_np == ignore, 0, label_np)
     per_class_dice = dice(pred, label, num_classes, include_background=False)[0].tolist()
     distances = surface_distances_per_class(pred[0], label[0], num_classes, spacing, include_background=False)
     classes = [
@@ -59,7 +66,7 @@ def evaluate_case(
     maps: dict[str, torch.Tensor] = {}
     if uncertainty is not None:
         maps = uncertainty_maps(uncertainty.maps, probs, case.case_id, predictions, label_header)
-        row["uncertainty"] = uncertainty.update(maps, pred, label, spacing)
+        row["uncertainty"] = uncertainty.update(maps, pred, label, spacing, valid)
     view = None
     if with_view:
         band = None

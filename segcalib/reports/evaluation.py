@@ -67,7 +67,9 @@ def evaluate(
 
     ``split_seed`` (for manifests without explicit splits) and ``boundary_mm`` (the boundary
     band's half-width): by default the ones the export recorded, so that the cases and the band
-    are the ones the export used. ``protocol`` (:mod:`segcalib.reports.protocols`) sets the
+    are the ones the export used. Voxels of the manifest's ``ignore_label`` (nnU-Net's ``"ignore"``)
+    count in no metric: the calibration and uncertainty statistics leave them out, and Dice and the
+    surface distances see them as background in both masks (so in no foreground class's Dice). ``protocol`` (:mod:`segcalib.reports.protocols`) sets the
     default ``n_bins`` and the classes of CECE and adds its own values; ``binning="equal-mass"``
     adds the pooled top-label equal-mass ECE; ``uncertainty`` the uncertainty-quality section;
     ``conformal`` (a ``segcalib conformal fit`` folder) the conformal section (test risk and mask
@@ -101,8 +103,12 @@ def evaluate(
     started = time.time()
 
     regions = default_regions()
+    if manifest.ignore_label is not None and preset.name != DEFAULT_PROTOCOL:
+        raise ConfigError(f"--protocol {preset.name}: its per-case values cannot leave out nnU-Net's ignore label "
+                          f"({manifest.ignore_label} in {manifest.path}); use the default protocol {DEFAULT_PROTOCOL}")
     metric = CalibrationMetric(
-        num_classes, n_bins=n_bins, regions=regions, boundary_mm=boundary_mm, include_background=preset.include_background
+        num_classes, n_bins=n_bins, regions=regions, boundary_mm=boundary_mm, include_background=preset.include_background,
+        ignore_index=manifest.ignore_label,
     )
     equal_mass = AdaptiveCalibrationError(num_classes, n_bins, mode="top") if binning == "equal-mass" else None
     maps: tuple[str, ...] = ()
@@ -149,6 +155,7 @@ def evaluate(
             "members": len(export_info.get("members") or []) or None,
             "config_hash": export_info.get("config_hash"),
             "class_names": manifest.class_names,
+            "ignore_label": manifest.ignore_label,
             "n_bins": n_bins,
             "binning": binning,
             "protocol": preset.name,

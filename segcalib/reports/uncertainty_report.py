@@ -79,11 +79,15 @@ class UncertaintyReport:
 
     @torch.no_grad()
     def update(
-        self, maps: dict[str, torch.Tensor], pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float]
+        self, maps: dict[str, torch.Tensor], pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float],
+        valid: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """Add one case (``pred``, ``label`` ``(1, *spatial)``); returns its mean uncertainty per map."""
+        """Add one case (``pred``, ``label`` ``(1, *spatial)``; ``valid``: the voxels that count, the
+        others being nnU-Net's ignore label); returns its mean uncertainty per map."""
         context = RegionContext(label, [tuple(spacing)], self.num_classes, self.boundary_mm)
         masks = {r: region_mask(r, context) for r in self.regions}
+        if valid is not None:
+            masks = {r: valid if m is None else m & valid for r, m in masks.items()}
         union = foreground_union(pred, label)
         means = {}
         for name, values in maps.items():
