@@ -171,3 +171,27 @@ def test_variance_maps_round_trip_and_are_never_cases(labelled, tmp_path: Path) 
         assert path.name == f"{case_id}_variance.nii.gz"
         values, _ = read_nifti_map(path)
         assert np.array_equal(values, (probs * (1 - probs)).astype(np.float32))
+
+
+def test_evaluate_gives_the_same_numbers_whatever_the_format(labelled, tmp_path: Path) -> None:
+    """The same probabilities written as each format evaluate to the same report (1e-6)."""
+    from segcalib.reports import evaluate
+    from tests.predictions.nnunet_folders import LABELS
+
+    _, cases = labelled
+    manifest = tmp_path / "dataset.json"
+    entries = [{"image": str(label), "label": str(label), "case_id": c} for c, (label, _) in cases.items()]
+    manifest.write_text(json.dumps({"labels": LABELS, "test": entries}))
+    summaries = {}
+    for name, writer in WRITERS.items():
+        for case_id, (label, probs) in cases.items():
+            writer(tmp_path / name, case_id, probs, label)
+        report = evaluate(tmp_path / name, manifest, tmp_path / f"report_{name}", write_html=False, device="cpu")
+        assert report["metadata"]["prediction_format"] == name and report["counts"]["cases"] == len(cases)
+        summaries[name] = {k: v for k, v in report["summary"].items() if isinstance(v, float)}
+    reference = summaries.pop("segcalib")
+    assert {"ece_all", "nll", "brier", "dice_fg", "hd95"} <= set(reference)
+    for name, summary in summaries.items():
+        assert summary.keys() == reference.keys(), name
+        for key, value in reference.items():
+            assert summary[key] == pytest.approx(value, abs=1e-6, nan_ok=True), (name, key)
