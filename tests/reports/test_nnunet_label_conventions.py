@@ -14,6 +14,7 @@ from scipy.optimize import minimize_scalar
 
 from segcalib.cli import main
 from segcalib.data import load_manifest
+from segcalib.data.check import check_manifest
 from segcalib.errors import DataError
 from segcalib.export.posthoc import FitOptions, apply_to_predictions, fit_on_predictions
 from segcalib.reports import evaluate
@@ -34,8 +35,11 @@ def _dataset(root: Path, labels: dict, volumes: dict[str, np.ndarray], extra: di
 
 
 def test_the_ignore_label_is_not_a_class(tmp_path: Path) -> None:
-    manifest = load_manifest(_dataset(tmp_path, LABELS, {"a": np.zeros((2, 2, 1), np.uint8)}))
+    manifest = load_manifest(_dataset(tmp_path, LABELS, {"a": np.array([0, 1, 2, 2], np.uint8).reshape(2, 2, 1)}))
     assert (manifest.num_classes, manifest.class_names, manifest.ignore_label) == (2, ["background", "organ"], 2)
+    checked = check_manifest(manifest)  # its voxels are declared, not "undeclared values"
+    assert checked.reports[0].problems == [] and checked.reports[0].label_counts == {0: 1, 1: 1, 2: 2}
+    assert "labels:   0=background, 1=organ, 2=ignore (not a class)" in checked.format()
     with pytest.raises(DataError, match=r"dataset.json: label 'ignore' = 1 must be larger than every class value"):
         load_manifest(_dataset(tmp_path / "low", {"background": 0, "ignore": 1, "organ": 2}, {"a": np.zeros((2, 2, 1))}))
 
