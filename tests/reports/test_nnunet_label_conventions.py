@@ -129,3 +129,12 @@ def test_a_region_based_nnunet_prediction_folder_is_refused(tmp_path: Path) -> N
 
     with pytest.raises(DataError, match=r"pred/dataset.json: 'regions_class_order': a region-based nnU-Net dataset"):
         open_predictions(folder)
+
+
+def test_conformal_fit_refuses_an_ignore_label_with_exit_2(tmp_path: Path, capsys) -> None:
+    manifest, _, _ = _fit_data(tmp_path)
+    code = main(["conformal", "fit", "--predictions", str(tmp_path / "maps"), "--manifest", str(manifest),
+                 "--split", "test", "--risk", "fnr", "--alpha", "0.1", "--output", str(tmp_path / "conf"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{manifest}: label 'ignore' = 2: conformal fit does not support" in err
+    assert not (tmp_path / "conf" / "conformal.json").exists()
