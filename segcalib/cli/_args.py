@@ -36,9 +36,10 @@ class LazyChoices(Sequence[str]):
 
 
 def prediction_formats() -> tuple[str, ...]:
-    from segcalib.predictions import FORMATS
+    """``auto`` and every registered prediction format (read when a value is checked)."""
+    from segcalib.predictions import PREDICTION_FORMATS
 
-    return FORMATS
+    return ("auto", *PREDICTION_FORMATS)
 
 
 def prediction_inputs() -> tuple[str, ...]:

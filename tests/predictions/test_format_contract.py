@@ -8,6 +8,7 @@ Adding a format means adding its writer to ``WRITERS`` (a test fails until then)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -53,6 +54,13 @@ WRITERS: dict[str, Writer] = {"segcalib": _write_segcalib, "nifti": _write_nifti
 
 def test_every_registered_format_has_a_writer_here() -> None:
     assert set(WRITERS) == set(PREDICTION_FORMATS), "add the new format's writer to WRITERS"
+
+
+def test_the_command_line_format_choices_come_from_the_registry(monkeypatch) -> None:
+    from segcalib.cli._args import prediction_formats
+
+    monkeypatch.setitem(PREDICTION_FORMATS, "other", dataclasses.replace(PREDICTION_FORMATS["nifti"], name="other"))
+    assert prediction_formats() == ("auto", "segcalib", "nifti", "nnunet", "other")
 
 
 def _sitk_affine(path: Path) -> np.ndarray:

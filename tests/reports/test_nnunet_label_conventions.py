@@ -138,3 +138,24 @@ def test_conformal_fit_refuses_an_ignore_label_with_exit_2(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert code == 2 and f"{manifest}: label 'ignore' = 2: conformal fit does not support" in err
     assert not (tmp_path / "conf" / "conformal.json").exists()
+
+
+def test_auto_selection_scores_the_kept_voxels_only(tmp_path: Path) -> None:
+    """``auto``'s cross-validation (two cases, two folds): the uncalibrated held-out NLL of each fold is
+    the case's softmax NLL over its kept voxels, float64 by hand."""
+    rng = np.random.default_rng(0)
+    volumes, hand = {}, {}
+    for case_id in ("a", "b"):
+        label = rng.integers(0, 3, size=(6, 5, 4)).astype(np.uint8)
+        logits = rng.normal(0, 2, size=(6, 5, 4, 2)).astype(np.float32)
+        logits[label == 2, 1] += 8.0  # would change the NLL if the ignored voxels counted
+        volumes[case_id] = label
+        write_nifti(tmp_path / "maps" / f"{case_id}_logits.nii.gz", logits, LPS_ANISO)
+        z, y = logits[label != 2].astype(np.float64), label[label != 2].astype(np.int64)
+        log_p = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+        hand[case_id] = float(-log_p[np.arange(y.size), y].mean())
+    manifest = _dataset(tmp_path / "data", LABELS, volumes)
+    record = fit_on_predictions(tmp_path / "maps", manifest, tmp_path / "cal",
+                                FitOptions(method="auto", split="test", folds=2, device="cpu"))
+    nll = record["selection"]["uncalibrated"]["nll"]
+    assert sorted(nll["folds"]) == pytest.approx(sorted(hand.values()), abs=1e-6)
