@@ -9,7 +9,7 @@ argmax), and the optional maps (``uncertainty``, ``logits``, the ensemble maps, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np

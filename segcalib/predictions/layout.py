@@ -1,7 +1,8 @@
 """The file names of a segcalib map folder (what ``segcalib export`` and ``calibrate apply`` write,
 what the readers and ``evaluate`` look for): the one place they are spelled.
 
-The folder's record is ``export.json``; one case ``<case>`` gives ``<case>_<map>.nii.gz`` for each map it has:
+The folder's record is ``export.json``; one case ``<case>`` gives ``<case>_<map>.nii.gz`` for
+each map it has:
 
 - ``probs`` (4D, class last; float32, or uint16 with ``scl_slope``) and ``seg`` (uint8 argmax),
   always;
@@ -26,7 +27,6 @@ ALWAYS_WRITTEN = ("probs", "seg")
 ENSEMBLE_MAPS = ("entropy", "mutual_info", "expected_entropy")
 OPTIONAL_MAPS = ("uncertainty", "logits", *ENSEMBLE_MAPS, "variance")
 MAP_NAMES = (*ALWAYS_WRITTEN, *OPTIONAL_MAPS)
-COMPANION_MAPS = tuple(name for name in MAP_NAMES if name not in VALUE_MAPS)  # beside a case, never a case
 
 
 def map_path(folder: Path, case_id: str, name: str) -> Path:
@@ -53,14 +53,6 @@ def split_map_name(stem: str) -> tuple[str, str | None]:
         if stem.endswith(suffix) and len(stem) > len(suffix):
             return stem[: -len(suffix)], name
     return stem, None
-
-
-def case_of_file(path: Path) -> str | None:
-    """The case stem of ``<case>_<map>.nii.gz`` (None for any other name)."""
-    if not path.name.endswith(MAP_ENDING):
-        return None
-    base, name = split_map_name(path.name[: -len(MAP_ENDING)])
-    return base if name is not None else None
 
 
 def has_value_maps(folder: Path) -> bool:
