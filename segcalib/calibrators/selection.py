@@ -142,7 +142,7 @@ def _cross_validate(
     errors: dict[str, str] = {}  # a candidate that fails (e.g. needs an image) drops out, named in the table
     bar = progress_bar(2 * len(case_ids) + k * len(builders), "auto: cross-validation", progress)
     for case_id, logits, target, spacing, image in _stream(cases, fold_of, num_classes):
-        mask = _masks(target, spacing, num_classes, boundary_mm, (fit_region,))[fit_region]
+        mask = ground_truth_masks(target, spacing, num_classes, boundary_mm, (fit_region,))[fit_region]
         for name in builders:
             if name not in errors:
                 started = time.perf_counter()
@@ -180,7 +180,7 @@ def _cross_validate(
     reference = [HeldOutScores(num_classes, n_bins) for _ in range(k)]
     for case_id, logits, target, spacing, image in _stream(cases, fold_of, num_classes):
         f = fold_of[case_id]
-        regions = _masks(target, spacing, num_classes, boundary_mm, REGIONS)
+        regions = ground_truth_masks(target, spacing, num_classes, boundary_mm, REGIONS)
         raw = torch.softmax(logits.detach().float(), dim=1)
         before = raw.argmax(dim=1)
         reference[f].update(raw, target, regions, regions[ALL], before)
@@ -233,10 +233,12 @@ def _stream(cases: CaseSource, fold_of: Mapping[str, int], num_classes: int) -> 
         raise DataError(f"{len(missing)} case(s) were not yielded by the case source: {', '.join(missing[:5])}")
 
 
-def _masks(
+def ground_truth_masks(
     target: Tensor, spacing: Any, num_classes: int, boundary_mm: float, names: Sequence[str]
 ) -> dict[str, Tensor]:
-    """Boolean ``(1, *S)`` ground-truth region masks, restricted to labels in ``0..C-1``."""
+    """Boolean ``(1, *S)`` ground-truth region masks, restricted to labels in ``0..C-1`` (so an
+    ignore label, which lies above every class, is in none; the regions see its voxels as
+    background)."""
     valid = (target >= 0) & (target < num_classes)
     sp = [tuple(float(s) for s in spacing)] if spacing is not None else [(1.0,) * (target.dim() - 1)]
     safe = torch.where(valid, target, torch.zeros_like(target))

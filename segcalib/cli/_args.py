@@ -36,9 +36,10 @@ class LazyChoices(Sequence[str]):
 
 
 def prediction_formats() -> tuple[str, ...]:
-    from segcalib.predictions import FORMATS
+    """``auto`` and every registered prediction format (read when a value is checked)."""
+    from segcalib.predictions import PREDICTION_FORMATS
 
-    return FORMATS
+    return ("auto", *PREDICTION_FORMATS)
 
 
 def prediction_inputs() -> tuple[str, ...]:
@@ -53,7 +54,8 @@ def prediction_folder_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", required=True,
                         help="a segcalib export folder, an nnU-Net --save_probabilities folder or 4D NIfTI maps")
     parser.add_argument("--format", default="auto", choices=LazyChoices(prediction_formats), metavar="FORMAT",
-                        help="folder format: auto (default: detected), segcalib, nnunet or nifti")
+                        help="folder format: auto (default: detected from the content) or a registered one: "
+                             "segcalib, nnunet, nifti (segcalib.predictions.PREDICTION_FORMATS)")
     parser.add_argument("--channel-axis", default="last", choices=("last", "first"), help="class axis of 4D NIfTI maps")
     parser.add_argument("--input", default="auto", choices=LazyChoices(prediction_inputs), metavar="INPUT",
                         help="probs or logits (default auto: probabilities when the values sum to 1)")

@@ -90,6 +90,9 @@ def fit_conformal(predictions: str | Path, manifest_path: str | Path, output: st
                               input=options.input)
     manifest, pairs = labelled_pairs(folder, manifest_path, options.split, options.split_seed,
                                      "calibrate on (conformal control needs the ground truth of every calibration case)")
+    if manifest.ignore_label is not None:  # its voxels would count as misses or false alarms of the masks
+        raise DataError(f"{manifest.path}: label 'ignore' = {manifest.ignore_label}: conformal fit does not support "
+                        "nnU-Net's ignore label yet (a guaranteed mask needs every voxel's ground truth)")
     names = target_names(manifest.class_names)
     radii = radius_grid(options.margin_step_mm, options.margin_max_mm)
     stats = ConformalStatistics(names, options.risk, options.inner_alpha is not None, radii)

@@ -101,7 +101,8 @@ class DatasetSummary:
         lists every file behind a grouped warning."""
         m = self.manifest
         lines = [f"manifest: {m.path}", f"dataset:  {m.name}"]
-        lines.append("labels:   " + ", ".join(f"{k}={v}" for k, v in m.labels.items()))
+        ignore = {} if m.ignore_label is None else {m.ignore_label: "ignore (not a class)"}
+        lines.append("labels:   " + ", ".join(f"{k}={v}" for k, v in {**m.labels, **ignore}.items()))
         lines.append("channels: " + ", ".join(f"{k}={v}" for k, v in m.channels.items()))
         counts = ", ".join(f"{s} {len(m.splits[s])}" for s in SPLITS)
         generated = f" (made by a seeded split: {', '.join(m.generated_splits)})" if m.generated_splits else ""
@@ -130,7 +131,7 @@ class DatasetSummary:
                 total = sum(totals.values())
                 lines.append(
                     "voxels per label: "
-                    + ", ".join(f"{m.labels.get(k, k)} {v} ({100 * v / total:.2f}%)" for k, v in sorted(totals.items()))
+                    + ", ".join(f"{m.labels.get(k, ignore.get(k, k))} {v} ({100 * v / total:.2f}%)" for k, v in sorted(totals.items()))
                 )
             unlabelled = sum(1 for r in self.reports if r.case.label is None)
             if unlabelled:
@@ -233,7 +234,7 @@ def _check_label(case: Case, manifest: Manifest, image: VolumeHeader, report: Ca
             report.problems.append(f"{where}: label {case.label} holds non-integer values")
             return
     values, counts = np.unique(label, return_counts=True)
-    undeclared = [int(v) for v in values if int(v) not in manifest.labels]
+    undeclared = [int(v) for v in values if int(v) not in manifest.labels and int(v) != manifest.ignore_label]
     if undeclared:
         report.problems.append(
             f"{where}: label {case.label} holds value(s) {undeclared} not declared in 'labels' "

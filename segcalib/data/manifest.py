@@ -11,6 +11,11 @@ A manifest is JSON in the Medical Segmentation Decathlon layout, so an MSD / nnU
   of channel files; ``test`` entries may be bare image paths (MSD) and then have no label.
 - nnU-Net v2 ``dataset.json`` files (``channel_names``, ``labels`` as name -> value,
   ``file_ending``, no case list) are read by listing ``imagesTr`` / ``labelsTr`` / ``imagesTs``.
+- nnU-Net's ignore label (a label named ``"ignore"``, whose value must exceed every class's, as
+  nnU-Net requires) is not a class: it is :attr:`Manifest.ignore_label`, and its voxels are left
+  out of calibrator fitting and of every metric. Region-based nnU-Net datasets
+  (``regions_class_order``, labels given as lists of values) are refused: segcalib calibrates and
+  evaluates softmax maps over classes, not one sigmoid map per region.
 - ``validation`` / ``test``, when absent, are made from ``training`` by a seeded split
   (:data:`SPLIT_SEED`, :data:`SPLIT_FRACTION` each); an empty list means "no cases". Only
   training needs training cases (``require_training``): an external test set may be a
@@ -43,6 +48,8 @@ _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 _SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 _NNUNET_FIRST_CHANNEL = "_0000"
 MAX_LISTED = 10
+IGNORE_NAME = "ignore"  # nnU-Net v2's ignore label
+REGION_KEY = "regions_class_order"  # nnU-Net v2's region-based training
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class Manifest:
     splits: dict[str, tuple[Case, ...]]
     generated_splits: tuple[str, ...] = field(default=())
     unlabelled: tuple[str, ...] = field(default=())  # "training[2] (case x)": allowed without a label
+    ignore_label: int | None = None  # nnU-Net's "ignore" value: its voxels count nowhere
 
     @property
     def num_classes(self) -> int:
@@ -136,7 +144,9 @@ def parse_manifest(
 ) -> Manifest:
     """Build a :class:`Manifest` from already-decoded JSON (``path`` locates relative files)."""
     root = path.parent
+    refuse_regions(raw, path)
     labels = _parse_labels(raw.get("labels"), path)
+    ignore_label = _pop_ignore_label(labels, path)
     channels = _parse_channels(raw.get("modality", raw.get("channel_names")), path)
     name = raw.get("name", path.stem)
     if not isinstance(name, str):
@@ -198,6 +208,7 @@ def parse_manifest(
         splits={split: tuple(splits[split]) for split in SPLITS},
         generated_splits=tuple(generated),
         unlabelled=tuple(unlabelled),
+        ignore_label=ignore_label,
     )
 
 
@@ -244,9 +255,7 @@ def _parse_labels(value: Any, path: Path) -> dict[int, str]:
         elif _is_int_like(item) and not isinstance(item, bool):  # nnU-Net v2: {"background": 0}
             number, name = int(item), key
         else:
-            raise DataError(
-                f"{path}: label {key!r}: {item!r} is not a label value (region-based nnU-Net labels are not supported)"
-            )
+            raise DataError(f"{path}: label {key!r}: {item!r} is not a label value")
         if not isinstance(name, str):
             raise DataError(f"{path}: label {number} must have a name string, got {name!r}")
         if number < 0 or number > 255:
@@ -257,6 +266,33 @@ def _parse_labels(value: Any, path: Path) -> dict[int, str]:
     if 0 not in labels:
         raise DataError(f"{path}: 'labels' must declare the background value 0")
     return dict(sorted(labels.items()))
+
+
+def refuse_regions(raw: dict[str, Any], path: Path) -> None:
+    """A region-based nnU-Net dataset (``regions_class_order``, or labels given as lists of values) is
+    refused with a DataError naming the key and ``path`` (exit 2)."""
+    labels = raw.get("labels")
+    lists = [k for k, v in labels.items() if isinstance(v, list)] if isinstance(labels, dict) else []
+    if REGION_KEY in raw or lists:
+        key = f"'{REGION_KEY}'" if REGION_KEY in raw else f"'labels' entry {lists[0]!r} (a list of values)"
+        raise DataError(
+            f"{path}: {key}: a region-based nnU-Net dataset (one sigmoid map per region, overlapping regions) is "
+            "not supported; segcalib calibrates and evaluates softmax maps over mutually exclusive classes"
+        )
+
+
+def _pop_ignore_label(labels: dict[int, str], path: Path) -> int | None:
+    """Remove nnU-Net's ``ignore`` label from ``labels`` and return its value (None when there is
+    none); it must be larger than every class value, as nnU-Net requires."""
+    ignore = [value for value, name in labels.items() if name == IGNORE_NAME]
+    if not ignore:
+        return None
+    value = ignore[0]
+    del labels[value]
+    if not labels or value <= max(labels):
+        raise DataError(f"{path}: label 'ignore' = {value} must be larger than every class value "
+                        f"(largest: {max(labels, default=0)}), as nnU-Net requires")
+    return value
 
 
 def _parse_channels(value: Any, path: Path) -> dict[int, str]:

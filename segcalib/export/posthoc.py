@@ -27,14 +27,14 @@ import torch
 from segcalib.calibrators import Calibrator, build_calibrator, load_calibrator, read_calibrator_json, save_calibrator
 from segcalib.calibrators.criteria import BALANCED, CV_FIT_VOXELS
 from segcalib.calibrators.input_space import check_convertible, describe, to_space, warn_unrecorded
-from segcalib.calibrators.selection import select_calibrator
+from segcalib.calibrators.selection import ground_truth_masks, select_calibrator
 from segcalib.data import load_manifest, read_volume
 from segcalib.errors import DataError
 from segcalib.export.record import EXPORT_JSON, claimed_output, differences, finish, now, previous_record, versions
 from segcalib.export.writers import all_written, check_dtype, output_paths, write_probability_maps
 from segcalib.predictions import PredictionMap, check_geometry, match_cases, open_predictions
-from segcalib.predictions.matching import labelled_pairs
-from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, RegionContext, region_mask
+from segcalib.predictions.matching import check_label_values, labelled_pairs
+from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM
 from segcalib.spatial.spacing import spacing_from_affine
 from segcalib.utils.devices import select_device
 from segcalib.utils.distributed import gather_objects, is_main_process, rank, world_size
@@ -109,7 +109,7 @@ def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outp
     def stream(share: bool) -> Iterator[tuple]:
         mine = pairs[rank() :: world_size()] if share else pairs
         for case, _ in mine:
-            yield _fit_item(folder, case, num_classes, device, options.use_image, kinds)
+            yield _fit_item(folder, case, num_classes, device, options.use_image, kinds, manifest.ignore_label)
 
     extra: dict[str, Any]
     if options.method == "auto":
@@ -127,8 +127,8 @@ def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outp
             print(selection.table_text(), flush=True)
     else:
         calibrator = build_calibrator(options.method, num_classes, seed=options.seed, **limits)
-        for case_id, logits, target, spacing, image in stream(True):
-            mask = region_mask(options.region, RegionContext(target, [spacing], num_classes, options.boundary_mm))
+        for case_id, logits, target, spacing, image in stream(True):  # ignored voxels are in no region
+            mask = ground_truth_masks(target, spacing, num_classes, options.boundary_mm, (options.region,))[options.region]
             calibrator.update(logits, target, mask, spacing=[spacing], image=image)
         calibrator = _merged(calibrator)
         if calibrator is None:
@@ -137,6 +137,7 @@ def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outp
         extra = {}
     extra.update(
         fit_region=options.region,
+        ignore_label=manifest.ignore_label,
         boundary_mm=options.boundary_mm,
         split=options.split,
         cases=[c.case_id for c, _ in pairs],
@@ -156,10 +157,13 @@ def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outp
 
 
 def _fit_item(folder, case, num_classes: int, device: torch.device, use_image: bool,
-              kinds: set[str] | None = None) -> tuple:
+              kinds: set[str] | None = None, ignore_label: int | None = None) -> tuple:
     """``(case_id, logits (1, C, *S), target (1, *S), spacing, image (1, Cin, *S) | None)``; the
-    map's kind is added to ``kinds`` (what the fitted calibrator records as its input space)."""
+    map's kind is added to ``kinds`` (what the fitted calibrator records as its input space).
+    ``target`` holds classes and, where nnU-Net's ``ignore_label`` is, that value (above every
+    class: the fit's region masks leave it out)."""
     label, header = read_volume(case.label, dtype=np.int64)
+    check_label_values(label, num_classes, ignore_label, case.label)
     pred = folder.read(case.case_id)
     check_geometry(pred, header, num_classes)
     if kinds is not None:

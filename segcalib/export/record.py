@@ -15,9 +15,8 @@ import torch
 
 from segcalib import __version__
 from segcalib.errors import ConfigError, DataError, RunError
+from segcalib.predictions.layout import EXPORT_JSON, has_value_maps
 from segcalib.utils.files import write_text_atomic
-
-EXPORT_JSON = "export.json"
 
 
 def versions() -> dict[str, str]:
@@ -67,8 +66,8 @@ def claim_output(output: Path, settings: dict[str, Any], previous: dict[str, Any
                 f"{output}: holds an export with other settings ({', '.join(changed)}); "
                 "choose another --output or remove it"
             )
-    elif output.exists() and any(output.glob("*_probs.nii.gz")):
-        raise RunError(f"{output}: holds probability maps but no {EXPORT_JSON}; choose another --output")
+    elif output.exists() and has_value_maps(output):
+        raise RunError(f"{output}: holds probability or logit maps but no {EXPORT_JSON}; choose another --output")
     output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output / EXPORT_JSON, json.dumps(settings, indent=1))
 

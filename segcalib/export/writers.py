@@ -1,38 +1,29 @@
 """Per-case map files in the input's own geometry, each written atomically.
 
-``<case>_probs.nii.gz`` (4D, class last; float32, or 16-bit: NIfTI has no half-float type, so
-``float16`` is stored as uint16 with ``scl_slope = 1/65535``, which every reader turns back into
-floats in [0, 1] with a step of 1.5e-5), ``<case>_seg.nii.gz`` (uint8 argmax), and the optional
-maps: ``_uncertainty`` (predictive entropy, nats), ``_logits`` (float32, class last), and for
-ensembles, TTA and MC dropout ``_entropy``, ``_mutual_info``, ``_expected_entropy`` (nats) and
-``_variance`` (per class, class last).
+The file names are those of :mod:`segcalib.predictions.layout` (the one owner of the map-folder
+layout, which the readers and ``evaluate`` use too): ``probs`` (4D, class last; float32, or 16-bit:
+NIfTI has no half-float type, so ``float16`` is stored as uint16 with ``scl_slope = 1/65535``,
+which every reader turns back into floats in [0, 1] with a step of 1.5e-5), ``seg`` (uint8
+argmax), and the optional maps (``uncertainty``, ``logits``, the ensemble maps, ``variance``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from segcalib.data import save_like
 from segcalib.errors import DataError
+from segcalib.predictions.layout import ENSEMBLE_MAPS, MAP_ENDING, OPTIONAL_MAPS, output_paths
 from segcalib.utils.files import write_with
 
+__all__ = ["ENSEMBLE_MAPS", "OPTIONAL_MAPS", "all_written", "check_dtype", "check_maps", "output_paths",
+           "slabwise", "write_probability_maps"]
 UINT16_MAX = 65535
 DTYPES = ("float32", "float16")
-ENSEMBLE_MAPS = ("entropy", "mutual_info", "expected_entropy")
-OPTIONAL_MAPS = ("uncertainty", "logits", *ENSEMBLE_MAPS, "variance")
 SUM_TOL = 1e-4  # float32 softmax sums are within ~1e-6 of 1; beyond this the maps are wrong, not rounded
-
-
-def output_paths(output: Path, case_id: str, extra: Iterable[str] = ()) -> dict[str, Path]:
-    """The files of one case: probs and seg, plus the ``extra`` maps (names from OPTIONAL_MAPS)."""
-    names = ["probs", "seg", *extra]
-    unknown = [n for n in names[2:] if n not in OPTIONAL_MAPS]
-    if unknown:
-        raise ValueError(f"unknown map names {unknown}; known: {OPTIONAL_MAPS}")
-    return {name: output / f"{case_id}_{name}.nii.gz" for name in names}
 
 
 def all_written(paths: dict[str, Path]) -> bool:
@@ -73,7 +64,7 @@ def write_probability_maps(
     (``(*spatial)`` or ``(K, *spatial)``) under its path. ``maps`` may be a view; it is read slab
     by slab so that no second full volume is made. Nothing is written unless ``maps`` are finite
     and sum to 1 (:func:`check_maps`; ``producer`` names what made them)."""
-    case = paths["probs"].name[: -len("_probs.nii.gz")]
+    case = paths["probs"].name[: -len(f"_probs{MAP_ENDING}")]
     check_maps(maps, f"case {case}", producer)
     if dtype == "float16":
         quantised = slabwise(maps, lambda p: np.rint(np.moveaxis(p, 0, -1) * UINT16_MAX).astype(np.uint16), -2)
@@ -99,4 +90,4 @@ def slabwise(maps: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], axis: int
 
 
 def _save(path: Path, array: np.ndarray, reference: Path, dtype, slope: float | None = None) -> None:
-    write_with(path, lambda tmp: save_like(array, reference, tmp, dtype, slope=slope), suffix=".nii.gz")
+    write_with(path, lambda tmp: save_like(array, reference, tmp, dtype, slope=slope), suffix=MAP_ENDING)

@@ -7,6 +7,7 @@
 """
 
 from segcalib.predictions.folder import FORMATS, PredictionEntry, PredictionFolder, detect_format, open_predictions
+from segcalib.predictions.formats import PREDICTION_FORMATS, PredictionFormat, register_format
 from segcalib.predictions.maps import INPUTS, PredictionMap, is_probabilities, probability_error, resolve_kind
 from segcalib.predictions.matching import check_geometry, match_cases
 from segcalib.predictions.readers import read_nifti_map, read_nnunet_map
@@ -14,8 +15,10 @@ from segcalib.predictions.readers import read_nifti_map, read_nnunet_map
 __all__ = [
     "FORMATS",
     "INPUTS",
+    "PREDICTION_FORMATS",
     "PredictionEntry",
     "PredictionFolder",
+    "PredictionFormat",
     "PredictionMap",
     "check_geometry",
     "detect_format",
@@ -25,5 +28,6 @@ __all__ = [
     "probability_error",
     "read_nifti_map",
     "read_nnunet_map",
+    "register_format",
     "resolve_kind",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import numpy as np
@@ -12,23 +13,33 @@ from segcalib.errors import DataError
 from segcalib.predictions.folder import PredictionEntry, PredictionFolder
 from segcalib.predictions.maps import PredictionMap
 
+log = logging.getLogger("segcalib")
 AFFINE_TOL = 1e-4  # mm, as segcalib.data.check compares image and label
 
 
 def match_cases(folder: PredictionFolder, cases: Iterable[Case]) -> list[tuple[Case, PredictionEntry]]:
-    """``(case, entry)`` for every case, in the given order; maps of other cases are ignored.
+    """``(case, entry)`` for every case, in the given order.
 
-    Every case needs a map: the error names all the cases without one (up to ten) and the folder.
-    For nnU-Net folders the segmentation that gives the geometry must be there too.
+    Every case needs a map: the error names the file the first missing case's map would be, and
+    all the cases without one (up to ten). Maps of other cases (another split's) are left out and
+    named in an info line. For nnU-Net folders the segmentation that gives the geometry must be
+    there too.
     """
     cases = list(cases)
     missing = [c.case_id for c in cases if c.case_id not in folder]
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise DataError(
-            f"case {missing[0]}: no prediction map in {folder.root} ({len(missing)} of {len(cases)} case(s) "
-            f"have none: {shown}; the folder's {folder.format} maps are named after the case ids)"
+            f"case {missing[0]}: no prediction map in {folder.root} ({len(missing)} of {len(cases)} case(s) have "
+            f"none: {shown}; looked for {folder.expected_file(missing[0])}: the folder's {folder.format} maps are "
+            "named after the case ids)"
         )
+    wanted = {c.case_id for c in cases}
+    extra = [case_id for case_id in folder.case_ids() if case_id not in wanted]
+    if extra:
+        files = [str(folder.entry(case_id).path) for case_id in extra[:3]]
+        log.info("%s: %d map(s) of cases not asked for are left out (%s%s)", folder.root, len(extra),
+                 ", ".join(files), " ..." if len(extra) > 3 else "")
     pairs = [(c, folder.entry(c.case_id)) for c in cases]
     for case, entry in pairs:
         if entry.geometry is None:
@@ -54,6 +65,21 @@ def check_geometry(pred: PredictionMap, label_header: VolumeHeader, num_classes:
                         f"(tolerance {AFFINE_TOL:g}): not on the same voxels")
     if num_classes is not None and pred.num_classes != num_classes:
         raise DataError(f"{where}: {pred.num_classes} classes, the manifest of {label_header.path} declares {num_classes}")
+
+
+def check_label_values(label: np.ndarray, num_classes: int, ignore_label: int | None, path) -> None:
+    """A DataError naming ``path`` unless every value of ``label`` is a class (``0..num_classes-1``)
+    or the manifest's ``ignore_label``."""
+    if label.size == 0 or (int(label.min()) >= 0 and int(label.max()) < num_classes):
+        return
+    bad = (label < 0) | (label >= num_classes)
+    if ignore_label is not None:
+        bad &= label != ignore_label
+    if bad.any():
+        values = np.unique(label[bad])
+        shown = ", ".join(str(int(v)) for v in values[:5]) + (" ..." if values.size > 5 else "")
+        ignore = f" or the ignore label {ignore_label}" if ignore_label is not None else ""
+        raise DataError(f"{path}: label value(s) {shown} are not classes of the manifest (0..{num_classes - 1}{ignore})")
 
 
 def split_seed_of(folder: PredictionFolder, given: int | None = None) -> int:

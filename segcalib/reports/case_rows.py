@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,18 +13,17 @@ from segcalib.data import Case, VolumeHeader, read_volume
 from segcalib.errors import DataError
 from segcalib.metrics import AdaptiveCalibrationError, CalibrationMetric, dice, surface_distances_per_class
 from segcalib.predictions import PredictionFolder, check_geometry
+from segcalib.predictions.matching import check_label_values
 from segcalib.reports.protocols import Protocol
 from segcalib.reports.slices import case_view_uri
 from segcalib.reports.uncertainty_report import UncertaintyReport, uncertainty_maps
 
-PROB_SUM_TOL = 1e-4  # float32 maps sum to 1 within 1e-5; 16-bit ones within K * 7.6e-6
-AFFINE_TOL = 1e-4
 VIEW_MAP = "entropy"  # the uncertainty shown in the case views
 
 
 def evaluate_case(
     case: Case,
-    predictions: Path,
+    folder: PredictionFolder,
     num_classes: int,
     metric: CalibrationMetric,
     device: torch.device,
@@ -33,25 +31,28 @@ def evaluate_case(
     uncertainty: UncertaintyReport | None,
     with_view: bool,
     equal_mass: AdaptiveCalibrationError | None = None,
-    folder: PredictionFolder | None = None,
     conformal: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """The case's row (Dice and surface distances per foreground class, protocol values, mean
     uncertainties) and its view (``None`` unless ``with_view``); the streamed states are updated.
-    ``folder``: another model's prediction folder (nnU-Net, 4D NIfTI) read as it is; ``None``: a
-    segcalib export folder. ``conformal``: a ``conformal.json`` record whose foreground masks the
-    view outlines."""
+    ``folder``: the prediction folder, any registered format, read as it is (a segcalib export's
+    probabilities, another model's maps; logits through a softmax). ``conformal``: a
+    ``conformal.json`` record whose foreground masks the view outlines."""
+    predictions = folder.root
+    ignore = metric.ignore_index  # nnU-Net's ignore label (the manifest's), or None
     label_np, label_header = read_volume(case.label, dtype=np.int64)
-    if folder is None:
-        probs = load_prediction(case, predictions, num_classes, label_header).to(device)
-    else:
-        probs = foreign_probabilities(folder, case, num_classes, label_header).to(device)
+    check_label_values(label_np, num_classes, ignore, case.label)
+    probs = case_probabilities(folder, case, num_classes, label_header).to(device)
     spacing = list(label_header.spacing)
     label = torch.from_numpy(label_np).to(device).unsqueeze(0)
-    metric.update(probs, label, spacing=spacing, case_ids=[case.case_id])
-    if equal_mass is not None:
-        equal_mass.update(probs, label)
+    metric.update(probs, label, spacing=spacing, case_ids=[case.case_id])  # leaves ignored voxels out
+    valid = None if ignore is None else label != ignore
+    if equal_mass is not None:  # voxel-wise: the kept voxels as one flat case
+        equal_mass.update(*((probs, label) if valid is None else (probs[:, :, valid[0]], label[valid].unsqueeze(0))))
     pred = probs.argmax(1)
+    if valid is not None:  # ignored voxels are background in both masks: in no foreground class's Dice
+        pred, label = pred.masked_fill(~valid, 0), label.masked_fill(~valid, 0)
+        label_np = np.where(label_np == ignore, 0, label_np)
     per_class_dice = dice(pred, label, num_classes, include_background=False)[0].tolist()
     distances = surface_distances_per_class(pred[0], label[0], num_classes, spacing, include_background=False)
     classes = [
@@ -65,7 +66,7 @@ def evaluate_case(
     maps: dict[str, torch.Tensor] = {}
     if uncertainty is not None:
         maps = uncertainty_maps(uncertainty.maps, probs, case.case_id, predictions, label_header)
-        row["uncertainty"] = uncertainty.update(maps, pred, label, spacing)
+        row["uncertainty"] = uncertainty.update(maps, pred, label, spacing, valid)
     view = None
     if with_view:
         band = None
@@ -108,36 +109,12 @@ def _view(
     )
 
 
-def foreign_probabilities(folder: PredictionFolder, case: Case, num_classes: int, label_header: VolumeHeader) -> torch.Tensor:
-    """``(1, K, *spatial)`` float32 probabilities of ``case`` from another model's folder (softmax of
-    logits), checked to lie on the label's voxels with the manifest's classes."""
+def case_probabilities(folder: PredictionFolder, case: Case, num_classes: int, label_header: VolumeHeader) -> torch.Tensor:
+    """``(1, K, *spatial)`` float32 probabilities of ``case`` (softmax of logits), checked to lie on
+    the label's voxels with the manifest's classes."""
     pred = folder.read(case.case_id)
     check_geometry(pred, label_header, num_classes)
     values = torch.from_numpy(np.ascontiguousarray(pred.values, dtype=np.float32)).unsqueeze(0)
     if pred.kind == "logits":
         return torch.softmax(values, dim=1)
     return values.clamp_(0, 1)
-
-
-def load_prediction(case: Case, predictions: Path, num_classes: int, label_header: VolumeHeader) -> torch.Tensor:
-    """Read ``<case>_probs.nii.gz`` as ``(1, K, *spatial)`` float32 and check it against the label."""
-    path = predictions / f"{case.case_id}_probs.nii.gz"
-    if not path.exists():
-        raise DataError(f"case {case.case_id}: no prediction {path} (export the split first)")
-    array, header = read_volume(path, dtype=np.float32)
-    if array.ndim != 4 or array.shape[-1] != num_classes:
-        raise DataError(f"case {case.case_id}: {path} has shape {array.shape}, expected (*spatial, {num_classes})")
-    if array.shape[:3] != label_header.shape[:3]:
-        raise DataError(
-            f"case {case.case_id}: {path} has spatial shape {array.shape[:3]}, the label {case.label} has {label_header.shape[:3]}"
-        )
-    if not np.allclose(header.affine, label_header.affine, atol=AFFINE_TOL, rtol=0):
-        raise DataError(f"case {case.case_id}: {path} and the label {case.label} have different affines")
-    tolerance = PROB_SUM_TOL
-    probs = torch.from_numpy(np.asarray(array, dtype=np.float32)).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
-    if not torch.isfinite(probs).all() or probs.min() < -tolerance or probs.max() > 1 + tolerance:
-        raise DataError(f"case {case.case_id}: {path} holds values that are not probabilities (outside [0, 1] or NaN)")
-    worst = float((probs.sum(1) - 1).abs().max())
-    if worst > tolerance:
-        raise DataError(f"case {case.case_id}: {path}: probabilities do not sum to 1 over classes (off by {worst:.2g})")
-    return probs.clamp_(0, 1)

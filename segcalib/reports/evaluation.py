@@ -1,7 +1,9 @@
 """``segcalib evaluate``: every metric of :mod:`segcalib.metrics` for a folder of exported maps.
 
-For each labelled case of the split: ``<case>_probs.nii.gz`` is read (it must have the label's
-shape and affine and hold probabilities), then calibration statistics per region (pooled over
+For each labelled case of the split, its map is read from the prediction folder, whatever its
+registered format (:mod:`segcalib.predictions`: a segcalib export's ``<case>_probs``, an nnU-Net
+``--save_probabilities`` folder, 4D NIfTI maps; it must lie on the label's voxels and have the
+manifest's classes), then calibration statistics per region (pooled over
 the dataset and per case), Dice and surface distances per class are computed, on the GPU when
 there is one. Under ``torchrun`` the cases are shared out and the states all-reduced; rank 0
 writes ``report.json`` and ``report.html``.
@@ -24,15 +26,15 @@ from segcalib import __version__
 from segcalib.data import load_manifest
 from segcalib.data.manifest import SPLIT_SEED
 from segcalib.errors import ConfigError, DataError
-from segcalib.export.exporter import EXPORT_JSON
 from segcalib.metrics import AdaptiveCalibrationError, CalibrationMetric
 from segcalib.metrics.registry import BINNINGS
-from segcalib.predictions import PredictionFolder, match_cases, open_predictions
+from segcalib.predictions import match_cases, open_predictions
+from segcalib.predictions.layout import EXPORT_JSON
 from segcalib.reports.calibration_json import calibration_json
-from segcalib.reports.case_rows import evaluate_case, load_prediction
+from segcalib.reports.case_rows import evaluate_case
 from segcalib.reports.protocols import DEFAULT_PROTOCOL, get_protocol, protocol_section
 from segcalib.reports.report_json import finite_json, read_report
-from segcalib.reports.uncertainty_report import COMPUTED_MAPS, UncertaintyReport, available_maps
+from segcalib.reports.uncertainty_report import UncertaintyReport, available_maps
 from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, default_regions, region_description
 from segcalib.utils.devices import select_device
 from segcalib.utils.distributed import gather_objects, is_main_process, rank, world_size
@@ -40,7 +42,7 @@ from segcalib.utils.files import check_output_folder, write_text_atomic
 
 log = logging.getLogger("segcalib")
 _finite_json = finite_json  # the name compare.py imports
-__all__ = ["evaluate", "load_prediction", "read_report", "segmentation_summary", "summarise", "warn_if_other_manifest"]
+__all__ = ["evaluate", "read_report", "segmentation_summary", "summarise", "warn_if_other_manifest"]
 
 
 def evaluate(
@@ -65,14 +67,17 @@ def evaluate(
 
     ``split_seed`` (for manifests without explicit splits) and ``boundary_mm`` (the boundary
     band's half-width): by default the ones the export recorded, so that the cases and the band
-    are the ones the export used. ``protocol`` (:mod:`segcalib.reports.protocols`) sets the
+    are the ones the export used. Voxels of the manifest's ``ignore_label`` (nnU-Net's ``"ignore"``)
+    count in no metric: the calibration and uncertainty statistics leave them out, and Dice and the
+    surface distances see them as background in both masks (so in no foreground class's Dice). ``protocol`` (:mod:`segcalib.reports.protocols`) sets the
     default ``n_bins`` and the classes of CECE and adds its own values; ``binning="equal-mass"``
     adds the pooled top-label equal-mass ECE; ``uncertainty`` the uncertainty-quality section;
     ``conformal`` (a ``segcalib conformal fit`` folder) the conformal section (test risk and mask
     sizes of the guaranteed masks, :mod:`segcalib.conformal.evaluation`).
-    ``format``, ``channel_axis``, ``input``: how to read a folder that is not a segcalib export (an
-    nnU-Net ``--save_probabilities`` folder, 4D NIfTI maps), as ``segcalib calibrate`` reads them;
-    such a folder is evaluated as it is, its logits through a softmax.
+    ``format``, ``channel_axis``, ``input``: how to read the folder, as ``segcalib calibrate`` reads
+    it (:func:`segcalib.predictions.open_predictions`); where a case has both probabilities and
+    logits (an export with ``--logits``), the probabilities are evaluated; logits alone go through a
+    softmax.
     """
     preset = get_protocol(protocol)
     if binning not in BINNINGS:
@@ -82,8 +87,8 @@ def evaluate(
     if not predictions.is_dir():
         raise DataError(f"{predictions}: predictions folder does not exist")
     device = select_device(device)
-    foreign = _foreign_folder(predictions, format, channel_axis, input)
     export_info = _export_info(predictions)
+    folder = open_predictions(predictions, format=format, channel_axis=channel_axis, input=input, prefer="probs")
     if split_seed is None:
         split_seed = int(export_info.get("split_seed", SPLIT_SEED))
     if boundary_mm is None:  # the band the export's calibration was fitted on: one setting
@@ -92,18 +97,23 @@ def evaluate(
     warn_if_other_manifest(export_info, manifest.path, predictions)
     cases = manifest.labelled(split)
     num_classes = manifest.num_classes
-    if foreign is not None:
-        match_cases(foreign, cases)  # every labelled case has its map, named in one message otherwise
+    match_cases(folder, cases)  # every labelled case has its map, named in one message otherwise
+    for case in cases:  # before any voxel is read: every map has the manifest's classes
+        folder.class_count(case.case_id, expected=num_classes, by=f"the manifest {manifest.path}")
     started = time.time()
 
     regions = default_regions()
+    if manifest.ignore_label is not None and preset.name != DEFAULT_PROTOCOL:
+        raise ConfigError(f"--protocol {preset.name}: its per-case values cannot leave out nnU-Net's ignore label "
+                          f"({manifest.ignore_label} in {manifest.path}); use the default protocol {DEFAULT_PROTOCOL}")
     metric = CalibrationMetric(
-        num_classes, n_bins=n_bins, regions=regions, boundary_mm=boundary_mm, include_background=preset.include_background
+        num_classes, n_bins=n_bins, regions=regions, boundary_mm=boundary_mm, include_background=preset.include_background,
+        ignore_index=manifest.ignore_label,
     )
     equal_mass = AdaptiveCalibrationError(num_classes, n_bins, mode="top") if binning == "equal-mass" else None
     maps: tuple[str, ...] = ()
-    if uncertainty and cases:  # another model's folder has no exported maps: the computed ones only
-        maps = available_maps(predictions, cases[0].case_id) if foreign is None else tuple(COMPUTED_MAPS)
+    if uncertainty and cases:  # the exported ensemble maps the first case has, then the computed ones
+        maps = available_maps(predictions, cases[0].case_id)
     uncertain = UncertaintyReport(maps, num_classes, regions, boundary_mm) if maps else None
     rows, views = [], {}
     band_record = None
@@ -112,8 +122,8 @@ def evaluate(
 
         band_record = read_conformal(conformal)
     for case in cases[rank() :: world_size()]:
-        row, view = evaluate_case(case, predictions, num_classes, metric, device, preset, uncertain, write_html,
-                                  equal_mass, foreign, band_record)
+        row, view = evaluate_case(case, folder, num_classes, metric, device, preset, uncertain, write_html,
+                                  equal_mass, band_record)
         rows.append(row)
         if view is not None:
             views[case.case_id] = view
@@ -131,7 +141,7 @@ def evaluate(
     report = {
         "metadata": {
             "predictions": str(predictions.resolve()),
-            "prediction_format": "segcalib" if foreign is None else foreign.format,
+            "prediction_format": folder.format,
             "manifest": str(manifest.path.resolve()),
             "split": split,
             "run": export_info.get("run"),
@@ -145,6 +155,7 @@ def evaluate(
             "members": len(export_info.get("members") or []) or None,
             "config_hash": export_info.get("config_hash"),
             "class_names": manifest.class_names,
+            "ignore_label": manifest.ignore_label,
             "n_bins": n_bins,
             "binning": binning,
             "protocol": preset.name,
@@ -244,20 +255,6 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     for name, by_region in ((report.get("uncertainty") or {}).get("metrics") or {}).items():
         out[f"aurc_{name}"] = by_region.get(ALL, {}).get("aurc")
     return out
-
-
-def _foreign_folder(predictions: Path, format: str, channel_axis: str, input: str) -> PredictionFolder | None:
-    """Another model's folder to read as it is, or None for segcalib's layout (``<case>_probs.nii.gz``
-    files, with or without ``export.json``), which evaluate reads directly."""
-    if format in ("auto", "segcalib") and next(predictions.glob("*_probs.nii.gz"), None) is not None:
-        return None
-    try:
-        folder = open_predictions(predictions, format=format, channel_axis=channel_axis, input=input)
-    except DataError:
-        if format != "auto":
-            raise
-        return None  # no maps of any format: the segcalib path names the first missing <case>_probs file
-    return None if folder.format == "segcalib" else folder
 
 
 def _export_info(predictions: Path) -> dict[str, Any]:

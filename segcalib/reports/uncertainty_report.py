@@ -21,13 +21,13 @@ import torch
 
 from segcalib.data import VolumeHeader, read_volume
 from segcalib.errors import DataError
-from segcalib.export.writers import ENSEMBLE_MAPS, output_paths
 from segcalib.metrics.uncertainty import (
     UncertaintyMetric,
     foreground_union,
     max_uncertainty,
     uncertainty_dice_correlation,
 )
+from segcalib.predictions.layout import ENSEMBLE_MAPS, map_path
 from segcalib.spatial.regions import RegionContext, region_mask
 
 EXPORTED_MAPS = ENSEMBLE_MAPS  # the export's names for ensembles, TTA and MC dropout
@@ -37,8 +37,7 @@ CURVE_POINTS = 200  # risk-coverage points kept in report.json
 
 def available_maps(predictions: Path, case_id: str) -> tuple[str, ...]:
     """The maps evaluated: exported ones found for ``case_id`` (the first case), then the computed."""
-    paths = output_paths(predictions, case_id, EXPORTED_MAPS)
-    exported = [m for m in EXPORTED_MAPS if paths[m].exists()]
+    exported = [m for m in EXPORTED_MAPS if map_path(predictions, case_id, m).exists()]
     return tuple(dict.fromkeys(exported + list(COMPUTED_MAPS)))
 
 
@@ -48,10 +47,9 @@ def uncertainty_maps(
     """``{map: (1, *spatial) float32}`` on the probabilities' device; exported maps must exist for
     every case once the first case had them, and match the label's grid."""
     out: dict[str, torch.Tensor] = {}
-    paths = output_paths(predictions, case_id, EXPORTED_MAPS)
     for name in maps:
-        path = paths.get(name, predictions / f"{case_id}_{name}.nii.gz")
-        if name in EXPORTED_MAPS and path.exists():
+        path = map_path(predictions, case_id, name) if name in EXPORTED_MAPS else None
+        if path is not None and path.exists():
             array, map_header = read_volume(path, dtype=np.float32)
             if array.shape != tuple(header.shape[:3]) or not np.allclose(map_header.affine, header.affine, atol=1e-4):
                 raise DataError(f"case {case_id}: {path} has another grid than the label")
@@ -81,11 +79,15 @@ class UncertaintyReport:
 
     @torch.no_grad()
     def update(
-        self, maps: dict[str, torch.Tensor], pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float]
+        self, maps: dict[str, torch.Tensor], pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float],
+        valid: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """Add one case (``pred``, ``label`` ``(1, *spatial)``); returns its mean uncertainty per map."""
+        """Add one case (``pred``, ``label`` ``(1, *spatial)``; ``valid``: the voxels that count, the
+        others being nnU-Net's ignore label); returns its mean uncertainty per map."""
         context = RegionContext(label, [tuple(spacing)], self.num_classes, self.boundary_mm)
         masks = {r: region_mask(r, context) for r in self.regions}
+        if valid is not None:
+            masks = {r: valid if m is None else m & valid for r, m in masks.items()}
         union = foreground_union(pred, label)
         means = {}
         for name, values in maps.items():

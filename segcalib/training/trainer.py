@@ -25,7 +25,7 @@ from torch import nn
 from segcalib.config.schema import ExperimentConfig
 from segcalib.data import check_manifest, load_manifest
 from segcalib.data.datasets import training_dataset, volume_dataset
-from segcalib.errors import ConfigError, RunError, SegcalibError
+from segcalib.errors import ConfigError, DataError, RunError, SegcalibError
 from segcalib.inference.sliding_window import SlidingWindow, volume_network
 from segcalib.losses import AdaptiveLoss, CalibrationLoss, build_loss, loss_parameters
 from segcalib.models import build_model
@@ -84,6 +84,9 @@ class Trainer:
 
         self.manifest = load_manifest(cfg.data.manifest, split_seed=cfg.data.split_seed, require_training=True)
         check_manifest(self.manifest, splits=("training", "validation"))
+        if self.manifest.ignore_label is not None:
+            raise DataError(f"{self.manifest.path}: label 'ignore' = {self.manifest.ignore_label}: segcalib train does "
+                            "not train with nnU-Net's ignore label (train with nnU-Net; calibrate and evaluate here)")
         self.num_classes = self.manifest.num_classes
         self.class_names = self.manifest.class_names
         self.train_cases = self.manifest.labelled("training")

@@ -167,9 +167,9 @@ def test_a_missed_structure_makes_the_mean_distance_inf(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda p: p[..., :2], "expected (*spatial, 3)"),
+        (lambda p: p[..., :2], "2 classes (shape (12, 12, 8, 2), class axis last), expected 3 by the manifest"),
         (lambda p: p * 2, "not probabilities"),
-        (lambda p: np.concatenate([p[..., :1] * 0.5, p[..., 1:]], -1), "do not sum to 1"),
+        (lambda p: np.concatenate([p[..., :1] * 0.5, p[..., 1:]], -1), "not summing to 1"),
     ],
 )
 def test_bad_prediction_files_are_named(tmp_path: Path, mutate, message: str) -> None:
@@ -184,9 +184,15 @@ def test_bad_prediction_files_are_named(tmp_path: Path, mutate, message: str) ->
 
 
 def test_missing_prediction_is_named(tmp_path: Path) -> None:
-    manifest = make_dataset(tmp_path / "data", 2, (12, 12, 8), None, {"training": 1, "test": 1})
+    manifest = make_dataset(tmp_path / "data", 3, (12, 12, 8), None, {"training": 1, "test": 2})
+    first, second = load_manifest(manifest).cases("test")
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), size=(12, 12, 8)).astype(np.float32)
     (tmp_path / "pred").mkdir()
-    with pytest.raises(DataError, match="no prediction .*case_001_probs.nii.gz"):
+    with pytest.raises(DataError, match=r"pred: no prediction maps found \(expected <case>_probs.nii.gz"):
+        evaluate(tmp_path / "pred", manifest, tmp_path / "report")  # an empty folder
+    write_nifti(tmp_path / "pred" / f"{first.case_id}_probs.nii.gz", probs)
+    with pytest.raises(DataError, match=f"case {second.case_id}: no prediction map in .*pred .*looked for "
+                                        f"{second.case_id}.nii.gz \\(or {second.case_id}_probs.nii.gz\\)"):
         evaluate(tmp_path / "pred", manifest, tmp_path / "report")
 
 
