@@ -69,6 +69,8 @@ def measure(
     waited = computed = 0.0
     voxels = 0
     for step in range(warmup + steps):
+        if step == warmup:
+            cpu_started = time.process_time()
         t0 = time.perf_counter()
         image, label = next(batches)
         image, label = image.to(dev, non_blocking=True), label.to(dev, non_blocking=True).long()
@@ -86,12 +88,14 @@ def measure(
             waited += t1 - t0
             computed += t2 - t1
             voxels += image[:, 0].numel()
+    cpu_seconds = time.process_time() - cpu_started  # every thread of this process, loader included
     total = waited + computed
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     batches.close()
     return {"device": name, "pipeline": pipeline, "batch_size": cfg.train.batch_size, "patch_size": list(cfg.data.patch_size),
             "loss": loss, "amp": str(trainer.amp_dtype), "workers": workers, "steps": steps,
-            "ms_per_step": 1000 * total / steps, "mvoxels_per_s": voxels / total / 1e6,
+            "ms_per_step": 1000 * total / steps, "cpu_ms_per_step": 1000 * cpu_seconds / steps,
+            "mvoxels_per_s": voxels / total / 1e6,
             "data_wait_pct": 100 * waited / total}
 
 
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(args.config, args.steps, args.warmup, args.patch, args.workers, args.loss, args.device, pipeline)
             results[pipeline].append(r)
             print(f"  {pipeline:<7} {r['ms_per_step']:8.1f} ms/step  {r['mvoxels_per_s']:6.2f} Mvoxels/s  "
-                  f"waiting for data {r['data_wait_pct']:5.1f} %")
+                  f"waiting for data {r['data_wait_pct']:5.1f} %  CPU time {r['cpu_ms_per_step']:8.1f} ms/step")
     first = next(iter(results.values()))[0]
     print(f"device: {first['device']}; batch {first['batch_size']} x {first['patch_size']}; loss {first['loss']}; "
           f"amp {first['amp']}; data workers {first['workers']}; {first['steps']} steps after {args.warmup} warm-up")
@@ -131,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         ms = sorted(r["ms_per_step"] for r in runs)[len(runs) // 2]
         wait = sorted(r["data_wait_pct"] for r in runs)[len(runs) // 2]
         mvox = sorted(r["mvoxels_per_s"] for r in runs)[len(runs) // 2]
-        print(f"{pipeline:<7} (median of {len(runs)}): {ms:.1f} ms/step, {mvox:.2f} Mvoxels/s, waiting for data {wait:.1f} % of the time")
+        cpu = sorted(r["cpu_ms_per_step"] for r in runs)[len(runs) // 2]
+        print(f"{pipeline:<7} (median of {len(runs)}): {ms:.1f} ms/step, {mvox:.2f} Mvoxels/s, waiting for data "
+              f"{wait:.1f} % of the time; CPU time (all threads) {cpu:.1f} ms/step")
     print(f"load after: {machine_load()}")
     return 0
 

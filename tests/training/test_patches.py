@@ -87,3 +87,23 @@ def test_patches_on_the_gpu_equal_the_cpu_ones() -> None:
         assert image.device.type == "cuda" and label.device.type == "cuda"
         assert torch.equal(cpu_label, label.cpu())
         assert torch.allclose(cpu_image, image.cpu(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_training_epoch_takes_its_patches_from_the_device(tmp_path, monkeypatch) -> None:
+    from segcalib.runs import RunDir
+    from segcalib.training import train
+    from segcalib.training import trainer as trainer_module
+
+    seen: list[str] = []
+    original = trainer_module.patch_batches
+
+    def spy(*args, **kwargs):
+        for image, label in original(*args, **kwargs):
+            seen.append(f"{image.device.type}/{label.device.type}")
+            yield image, label
+
+    monkeypatch.setattr(trainer_module, "patch_batches", spy)
+    cfg = load_config(SMOKE_CONFIG, ["train.epochs=1", "train.device=cuda", "data.num_workers=2"])
+    summary = train(cfg, RunDir(tmp_path / "run"), progress=False)
+    assert summary.epochs_run == 1 and seen == ["cuda/cuda"] * cfg.train.iterations_per_epoch
