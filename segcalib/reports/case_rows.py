@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +23,27 @@ AFFINE_TOL = 1e-4
 VIEW_MAP = "entropy"  # the uncertainty shown in the case views
 
 
+class CaseInputs(NamedTuple):
+    """A case's maps and label as read and checked, the tensors on the evaluation device."""
+
+    probs: torch.Tensor  # (1, K, *spatial) float32
+    label: torch.Tensor  # (1, *spatial) int64
+    label_np: np.ndarray
+    label_header: VolumeHeader
+
+
+def read_case(
+    case: Case, predictions: Path, num_classes: int, device: torch.device, folder: PredictionFolder | None = None
+) -> CaseInputs:
+    """Read and check the case's label and maps (``folder``: as in :func:`evaluate_case`)."""
+    label_np, label_header = read_volume(case.label, dtype=np.int64)
+    if folder is None:
+        probs = load_prediction(case, predictions, num_classes, label_header).to(device)
+    else:
+        probs = foreign_probabilities(folder, case, num_classes, label_header).to(device)
+    return CaseInputs(probs, torch.from_numpy(label_np).to(device).unsqueeze(0), label_np, label_header)
+
+
 def evaluate_case(
     case: Case,
     predictions: Path,
@@ -35,19 +56,17 @@ def evaluate_case(
     equal_mass: AdaptiveCalibrationError | None = None,
     folder: PredictionFolder | None = None,
     conformal: dict[str, Any] | None = None,
+    inputs: CaseInputs | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """The case's row (Dice and surface distances per foreground class, protocol values, mean
     uncertainties) and its view (``None`` unless ``with_view``); the streamed states are updated.
     ``folder``: another model's prediction folder (nnU-Net, 4D NIfTI) read as it is; ``None``: a
     segcalib export folder. ``conformal``: a ``conformal.json`` record whose foreground masks the
-    view outlines."""
-    label_np, label_header = read_volume(case.label, dtype=np.int64)
-    if folder is None:
-        probs = load_prediction(case, predictions, num_classes, label_header).to(device)
-    else:
-        probs = foreign_probabilities(folder, case, num_classes, label_header).to(device)
+    view outlines. ``inputs``: the case as :func:`read_case` read it (read here when None)."""
+    if inputs is None:
+        inputs = read_case(case, predictions, num_classes, device, folder)
+    probs, label, label_np, label_header = inputs
     spacing = list(label_header.spacing)
-    label = torch.from_numpy(label_np).to(device).unsqueeze(0)
     metric.update(probs, label, spacing=spacing, case_ids=[case.case_id])
     if equal_mass is not None:
         equal_mass.update(probs, label)

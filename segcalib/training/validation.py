@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from segcalib.inference.overlap import overlapped
 from segcalib.inference.sliding_window import SlidingWindow, predict_logits
 from segcalib.metrics import CalibrationMetric, dice
 from segcalib.spatial.regions import ALL
 from segcalib.utils.distributed import all_reduce_sum, gather_objects
+from segcalib.utils.overlap import overlapped
 
 
 @dataclass
@@ -66,7 +66,7 @@ def validate(
     ``adaptive_slice_axis`` (2D training): the adaptive loss's update sees each volume as the batch
     of its slices along that axis, the images it was trained on (CRaC's windows and regions are 2D).
     ``overlap``: the loss and metrics of case i run on a worker thread while case i+1 is predicted
-    (:func:`segcalib.inference.overlap.overlapped`); the numbers are the same either way.
+    (:func:`segcalib.utils.overlap.overlapped`); the numbers are the same either way.
     """
     was_training = net.training
     net.eval()

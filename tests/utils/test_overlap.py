@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from segcalib.inference.overlap import overlapped
+from segcalib.utils.overlap import overlapped
 
 
 def test_finish_of_a_case_runs_while_the_next_case_is_inferred() -> None:

@@ -1,8 +1,8 @@
-"""Inference of case i+1 overlapped with the work on case i's output (metrics, losses).
+"""Producing case i+1 overlapped with the work on case i (metrics, losses).
 
 :func:`overlapped` runs ``infer`` on the caller's thread and ``finish`` on one worker thread, one
 case behind: while ``finish(case_i, out_i)`` computes metrics, ``infer(case_{i+1})`` already runs
-the sliding window. ``finish`` sees the cases one at a time, in order, so whatever it adds up
+the sliding window (validation) or reads the next prediction (``segcalib evaluate``). ``finish`` sees the cases one at a time, in order, so whatever it adds up
 (metric states, sums) comes out exactly as in a plain loop; at most two outputs are alive.
 
 On a GPU the worker runs on its own CUDA stream: it waits for an event recorded after ``infer``
@@ -21,7 +21,7 @@ from typing import TypeVar
 import torch
 
 Case = TypeVar("Case")
-Outputs = tuple[torch.Tensor, ...]
+Outputs = tuple  # its tensor items are guarded on a GPU; other items pass as they are
 
 
 def overlapped(
@@ -33,8 +33,8 @@ def overlapped(
 ) -> None:
     """``finish(case, infer(case))`` for every case, in order; overlapped unless ``enabled`` is False.
 
-    ``infer`` returns a tuple of tensors; ``device`` (where they are) selects the CUDA stream
-    handling. An exception in either function stops the loop and is raised here, after the worker
+    ``infer`` returns a tuple (its tensors on ``device``, which selects the CUDA stream handling;
+    other items, such as headers, pass as they are). An exception in either function stops the loop and is raised here, after the worker
     has finished its case.
     """
     if not enabled:
@@ -70,7 +70,7 @@ def _finish_one(finish, case, outputs: Outputs, grad_enabled: bool, side, ready)
             return
         with torch.cuda.stream(side):
             side.wait_event(ready)
-            for tensor in outputs:
-                if tensor.device.type == "cuda":
-                    tensor.record_stream(side)
+            for item in outputs:
+                if isinstance(item, torch.Tensor) and item.device.type == "cuda":
+                    item.record_stream(side)
             finish(case, outputs)
