@@ -58,7 +58,8 @@ def measure(
     dev = trainer.device
     if pipeline == "thread":
         dataset = training_dataset(cfg.data, trainer.train_cases, device=dev)
-        batches = patch_batches(dataset, cfg, trainer._epoch_seed(0), 0, workers=patch_workers(cfg.data, dev))
+        workers = patch_workers(cfg.data, dev)  # none on a GPU: the random transforms run there
+        batches = patch_batches(dataset, cfg, trainer._epoch_seed(0), 0, workers=workers)
     elif pipeline == "legacy":
         items = [case_to_item(c) for c in trainer.train_cases]
         dataset = CacheDataset(items, transform=training_transforms(cfg.data), num_workers=cache_workers(cfg.data), progress=False)
@@ -93,7 +94,7 @@ def measure(
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     batches.close()
     return {"device": name, "pipeline": pipeline, "batch_size": cfg.train.batch_size, "patch_size": list(cfg.data.patch_size),
-            "loss": loss, "amp": str(trainer.amp_dtype), "workers": workers, "steps": steps,
+            "loss": loss, "amp": str(trainer.amp_dtype), "workers": workers, "steps": steps,  # worker processes actually used
             "ms_per_step": 1000 * total / steps, "cpu_ms_per_step": 1000 * cpu_seconds / steps,
             "mvoxels_per_s": voxels / total / 1e6,
             "data_wait_pct": 100 * waited / total}
