@@ -211,16 +211,21 @@ def stage_evaluate(args: argparse.Namespace) -> dict:
 
 
 def stage_training(args: argparse.Namespace) -> dict:
-    """Share of wall time waiting for data, hippocampus recipe at batch 2 x 96³ (4 workers)."""
+    """Share of wall time waiting for data, hippocampus recipe at batch 2 x 96³, with the figures
+    of the pipeline before issue 25 (4 worker processes) beside it."""
     from benchmarks.bench_training import measure
 
     device = _device(args.rehearse)
     if device is None:
         return {"status": "skipped", "reason": NO_CUDA, "checks": [], "figures": {}}
     if device == "cpu":
-        r = measure(steps=2, warmup=1, patch=[32, 32, 32], workers=0, device="cpu")
+        settings = dict(steps=2, warmup=1, patch=[32, 32, 32], workers=0, device="cpu")
     else:
-        r = measure(steps=30, warmup=5, patch=[96, 96, 96], workers=4, device="cuda")
+        settings = dict(steps=30, warmup=5, patch=[96, 96, 96], workers=4, device="cuda")
+    r = measure(**settings)  # the trainer's pipeline: random transforms on the GPU, ThreadDataLoader
+    if device == "cpu" or args.budget >= 150:  # the one before it, side by side, when there is time
+        legacy = measure(**settings, pipeline="legacy")
+        r["legacy"] = {k: legacy[k] for k in ("ms_per_step", "mvoxels_per_s", "data_wait_pct", "workers")}
     patch = "x".join(map(str, r["patch_size"]))
     return result([check(f"waiting for data, batch {r['batch_size']} x {patch}", r["data_wait_pct"], "%", DATA_WAIT_PCT)], r)
 

@@ -60,7 +60,15 @@ class DataConfig(_Strict):
     samples_per_volume: int = Field(2, ge=1)
     positive_fraction: float = Field(0.67, ge=0, le=1)
     cache_rate: float = Field(1.0, ge=0, le=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(
+        0, ge=0, le=256,
+        description="worker processes running the random patch transforms when training on the CPU "
+        "(0: the loader's thread); a GPU runs them itself. Patches depend on it, as in MONAI, so it "
+        "has no machine-dependent default",
+    )
+    cache_workers: int | None = Field(
+        None, ge=1, le=256, description="threads filling the cache of preprocessed volumes; None: one per core, up to 8"
+    )
     split_seed: int = 12345
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 

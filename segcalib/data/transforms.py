@@ -4,7 +4,9 @@
   recorded on the MetaTensor), so exported maps can be put back into the input's own geometry.
 - :func:`training_transforms` adds padding, pos/neg patch sampling and augmentation; in 2D mode
   the patches are single slices along ``data.slice_axis`` (the patch has size 1 there and that
-  axis is squeezed away).
+  axis is squeezed away). It is two halves: :func:`training_volume_transforms` (deterministic:
+  cached once per run, plain tensors) and :func:`patch_transforms` (random: run for every sample,
+  on the training device, after moving the cached volume there).
 
 Dictionaries carry ``image`` (``(C, *spatial)`` float32) and ``label`` (``(1, *spatial)``).
 """
@@ -87,11 +89,32 @@ def preprocessing(cfg: DataConfig, with_label: bool = True) -> mt.Compose:
 
 
 def training_transforms(cfg: DataConfig) -> mt.Compose:
-    """Preprocessing, padding to the patch, pos/neg patch sampling, augmentation (2D: slices)."""
+    """The whole training chain, uncached: preprocessing, padding to the patch, pos/neg patch
+    sampling, augmentation (2D: slices). Its random steps are the ones of :func:`patch_transforms`,
+    in the same order, so both draw the same samples from the same seed."""
+    steps: list[mt.Transform] = [*preprocessing(cfg).transforms, _pad_to_patch(cfg)]
+    steps.extend(patch_transforms(cfg).transforms)
+    return mt.Compose(steps)
+
+
+def training_volume_transforms(cfg: DataConfig) -> mt.Compose:
+    """The deterministic half of the training chain, cached once per run: preprocessing and
+    padding to the patch, as plain tensors (training needs no geometry, and a plain tensor is
+    cheaper to move to the device and to crop)."""
+    steps: list[mt.Transform] = [*preprocessing(cfg).transforms, _pad_to_patch(cfg)]
+    steps.append(mt.EnsureTyped(keys=[IMAGE, LABEL], track_meta=False))
+    return mt.Compose(steps)
+
+
+def patch_transforms(cfg: DataConfig, device: torch.device | None = None) -> mt.Compose:
+    """The random half, run for every sample: the volume moved to ``device`` (when given and not
+    the CPU, so that the crops and augmentation run there), pos/neg patch sampling, the 2D squeeze,
+    augmentation; patches come out as plain tensors."""
     keys = [IMAGE, LABEL]
     patch = patch_size_3d(cfg)
-    steps: list[mt.Transform] = list(preprocessing(cfg).transforms)
-    steps.append(mt.SpatialPadd(keys=keys, spatial_size=patch))
+    steps: list[mt.Transform] = []
+    if device is not None and torch.device(device).type != "cpu":
+        steps.append(mt.ToDeviced(keys=keys, device=torch.device(device)))
     steps.append(
         mt.RandCropByPosNegLabeld(
             keys=keys,
@@ -107,6 +130,10 @@ def training_transforms(cfg: DataConfig) -> mt.Compose:
     steps.extend(_augmentation(cfg))
     steps.append(mt.EnsureTyped(keys=keys, track_meta=False))
     return mt.Compose(steps)
+
+
+def _pad_to_patch(cfg: DataConfig) -> mt.Transform:
+    return mt.SpatialPadd(keys=[IMAGE, LABEL], spatial_size=patch_size_3d(cfg))
 
 
 def patch_size_3d(cfg: DataConfig) -> list[int]:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +21,25 @@ from segcalib.reports.uncertainty_report import UncertaintyReport, uncertainty_m
 VIEW_MAP = "entropy"  # the uncertainty shown in the case views
 
 
+class CaseInputs(NamedTuple):
+    """A case's maps and label as read and checked, the tensors on the evaluation device."""
+
+    probs: torch.Tensor  # (1, K, *spatial) float32
+    label: torch.Tensor  # (1, *spatial) int64
+    label_np: np.ndarray
+    label_header: VolumeHeader
+
+
+def read_case(
+    case: Case, folder: PredictionFolder, num_classes: int, device: torch.device, ignore: int | None = None
+) -> CaseInputs:
+    """Read and check the case's label (classes ``0..K-1`` or ``ignore``) and its maps from ``folder``."""
+    label_np, label_header = read_volume(case.label, dtype=np.int64)
+    check_label_values(label_np, num_classes, ignore, case.label)
+    probs = case_probabilities(folder, case, num_classes, label_header).to(device)
+    return CaseInputs(probs, torch.from_numpy(label_np).to(device).unsqueeze(0), label_np, label_header)
+
+
 def evaluate_case(
     case: Case,
     folder: PredictionFolder,
@@ -32,19 +51,20 @@ def evaluate_case(
     with_view: bool,
     equal_mass: AdaptiveCalibrationError | None = None,
     conformal: dict[str, Any] | None = None,
+    inputs: CaseInputs | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """The case's row (Dice and surface distances per foreground class, protocol values, mean
     uncertainties) and its view (``None`` unless ``with_view``); the streamed states are updated.
     ``folder``: the prediction folder, any registered format, read as it is (a segcalib export's
     probabilities, another model's maps; logits through a softmax). ``conformal``: a
-    ``conformal.json`` record whose foreground masks the view outlines."""
+    ``conformal.json`` record whose foreground masks the view outlines. ``inputs``: the case as
+    :func:`read_case` read it (read here when None)."""
     predictions = folder.root
     ignore = metric.ignore_index  # nnU-Net's ignore label (the manifest's), or None
-    label_np, label_header = read_volume(case.label, dtype=np.int64)
-    check_label_values(label_np, num_classes, ignore, case.label)
-    probs = case_probabilities(folder, case, num_classes, label_header).to(device)
+    if inputs is None:
+        inputs = read_case(case, folder, num_classes, device, ignore)
+    probs, label, label_np, label_header = inputs
     spacing = list(label_header.spacing)
-    label = torch.from_numpy(label_np).to(device).unsqueeze(0)
     metric.update(probs, label, spacing=spacing, case_ids=[case.case_id])  # leaves ignored voxels out
     valid = None if ignore is None else label != ignore
     if equal_mass is not None:  # voxel-wise: the kept voxels as one flat case

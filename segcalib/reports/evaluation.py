@@ -24,20 +24,21 @@ import torch
 
 from segcalib import __version__
 from segcalib.data import load_manifest
-from segcalib.data.manifest import SPLIT_SEED
+from segcalib.data.manifest import SPLIT_SEED, Case
 from segcalib.errors import ConfigError, DataError
 from segcalib.metrics import AdaptiveCalibrationError, CalibrationMetric
 from segcalib.metrics.registry import BINNINGS
 from segcalib.predictions import match_cases, open_predictions
 from segcalib.predictions.layout import EXPORT_JSON
 from segcalib.reports.calibration_json import calibration_json
-from segcalib.reports.case_rows import evaluate_case
+from segcalib.reports.case_rows import CaseInputs, evaluate_case, read_case
 from segcalib.reports.protocols import DEFAULT_PROTOCOL, get_protocol, protocol_section
 from segcalib.reports.report_json import finite_json, read_report
 from segcalib.reports.uncertainty_report import UncertaintyReport, available_maps
 from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM, default_regions, region_description
 from segcalib.utils.devices import select_device
 from segcalib.utils.distributed import gather_objects, is_main_process, rank, world_size
+from segcalib.utils.overlap import overlapped
 from segcalib.utils.files import check_output_folder, write_text_atomic
 
 log = logging.getLogger("segcalib")
@@ -62,6 +63,7 @@ def evaluate(
     channel_axis: str = "last",
     input: str = "auto",
     conformal: str | Path | None = None,
+    overlap: bool = True,
 ) -> dict[str, Any]:
     """Compute the report of ``predictions`` against the manifest's ground truth; write it to ``output``.
 
@@ -78,6 +80,8 @@ def evaluate(
     it (:func:`segcalib.predictions.open_predictions`); where a case has both probabilities and
     logits (an export with ``--logits``), the probabilities are evaluated; logits alone go through a
     softmax.
+    ``overlap``: read case i+1 on this thread while a worker computes the metrics of case i
+    (:func:`segcalib.utils.overlap.overlapped`); the report is the same either way.
     """
     preset = get_protocol(protocol)
     if binning not in BINNINGS:
@@ -121,12 +125,19 @@ def evaluate(
         from segcalib.conformal.record import read_record as read_conformal
 
         band_record = read_conformal(conformal)
-    for case in cases[rank() :: world_size()]:
+
+    def read(case: Case) -> CaseInputs:
+        return read_case(case, folder, num_classes, device, manifest.ignore_label)
+
+    def finish(case: Case, inputs: CaseInputs) -> None:
         row, view = evaluate_case(case, folder, num_classes, metric, device, preset, uncertain, write_html,
-                                  equal_mass, band_record)
+                                  equal_mass, band_record, inputs=inputs)
         rows.append(row)
         if view is not None:
             views[case.case_id] = view
+
+    # case i+1 is read (decompressed, checked, moved to the device) while the metrics of case i run
+    overlapped(cases[rank() :: world_size()], read, finish, enabled=overlap, device=device)
     rows = [r for part in gather_objects(rows) for r in part]
     if write_html:
         views = {k: v for part in gather_objects(views) for k, v in part.items()}

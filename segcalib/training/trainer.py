@@ -24,7 +24,7 @@ from torch import nn
 
 from segcalib.config.schema import ExperimentConfig
 from segcalib.data import check_manifest, load_manifest
-from segcalib.data.datasets import training_dataset, volume_dataset
+from segcalib.data.datasets import patch_workers, training_dataset, volume_dataset
 from segcalib.errors import ConfigError, DataError, RunError, SegcalibError
 from segcalib.inference.sliding_window import SlidingWindow, volume_network
 from segcalib.losses import AdaptiveLoss, CalibrationLoss, build_loss, loss_parameters
@@ -124,7 +124,9 @@ class Trainer:
     def fit(self) -> TrainSummary:
         cfg = self.cfg
         self._prepare_run_dir()
-        train_ds = training_dataset(cfg.data, self.train_cases)
+        train_ds = training_dataset(cfg.data, self.train_cases, device=self.device)
+        if cfg.data.num_workers and not patch_workers(cfg.data, self.device):
+            log.info("data.num_workers: the random patch transforms run on %s in the loader's thread; no worker processes", self.device)
         val_ds = volume_dataset(cfg.data, self.val_cases[rank() :: world_size()]) if self.val_cases else None
         last_val: ValidationResult | None = None
         epochs_run = 0
@@ -176,7 +178,7 @@ class Trainer:
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         steps = 0
-        batches = patch_batches(dataset, self.cfg, self._epoch_seed(epoch), epoch, pin_memory=self.device.type == "cuda")
+        batches = patch_batches(dataset, self.cfg, self._epoch_seed(epoch), epoch, workers=patch_workers(self.cfg.data, self.device))
         bar = progress_bar(steps_per_epoch(dataset, self.cfg), f"epoch {epoch + 1}/{cfg.epochs}", self.progress)
         for step, (image, label) in enumerate(batches):
             image = image.to(self.device, non_blocking=True)

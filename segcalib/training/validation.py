@@ -19,6 +19,7 @@ from segcalib.inference.sliding_window import SlidingWindow, predict_logits
 from segcalib.metrics import CalibrationMetric, dice
 from segcalib.spatial.regions import ALL
 from segcalib.utils.distributed import all_reduce_sum, gather_objects
+from segcalib.utils.overlap import overlapped
 
 
 @dataclass
@@ -58,11 +59,14 @@ def validate(
     device: torch.device,
     update_adaptive_loss: bool = False,
     adaptive_slice_axis: int | None = None,
+    overlap: bool = True,
 ) -> ValidationResult:
     """Evaluate ``net`` (a function of 3D windows) on preprocessed volumes with labels.
 
     ``adaptive_slice_axis`` (2D training): the adaptive loss's update sees each volume as the batch
     of its slices along that axis, the images it was trained on (CRaC's windows and regions are 2D).
+    ``overlap``: the loss and metrics of case i run on a worker thread while case i+1 is predicted
+    (:func:`segcalib.utils.overlap.overlapped`); the numbers are the same either way.
     """
     was_training = net.training
     net.eval()
@@ -70,12 +74,16 @@ def validate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     voxels = torch.zeros((), dtype=torch.float64, device=device)
     per_case: list[list[float]] = []
-    for index in range(len(volumes)):  # a process's share may be empty under DDP
+
+    def infer(index: int) -> tuple[torch.Tensor, torch.Tensor]:
         item = volumes[index]
         image = _batched(item["image"]).to(device)
         label = _batched(item["label"]).to(device).long()
-        logits = predict_logits(net, image, window, device=device)
-        logits = logits.to(device)
+        return predict_logits(net, image, window, device=device).to(device), label
+
+    def finish(index: int, outputs: tuple[torch.Tensor, torch.Tensor]) -> None:
+        nonlocal loss_sum, voxels
+        logits, label = outputs
         n = float(label.numel())
         loss_sum += loss_fn(logits, label).double() * n
         voxels += n
@@ -87,6 +95,9 @@ def validate(
         probs = torch.softmax(logits, dim=1)
         metric.update(probs, label)
         per_case.append(dice(probs.argmax(1), label[:, 0], num_classes)[0].tolist())
+
+    # a process's share may be empty under DDP; the metrics of a case run while the next is predicted
+    overlapped(range(len(volumes)), infer, finish, enabled=overlap, device=device)
     net.train(was_training)
 
     all_reduce_sum(loss_sum)

@@ -218,3 +218,17 @@ def test_two_process_evaluation_equals_one_process(evaluated, tmp_path: Path) ->
             assert two["calibration"][region][key] == pytest.approx(one["calibration"][region][key], rel=1e-12)
     assert [c["case"] for c in two["cases"]] == [c["case"] for c in one["cases"]]
     assert two["segmentation"] == one["segmentation"]
+
+
+def test_overlapped_evaluation_writes_the_report_of_the_sequential_one(smoke_run: Path, tmp_path: Path) -> None:
+    """Reading case i+1 while the metrics of case i run changes nothing in the report (4 cases)."""
+    manifest = load_config(smoke_run / "config.yaml").data.manifest
+    export(smoke_run, manifest, tmp_path / "pred", ExportOptions(split="training"))
+    reports = {}
+    for overlap in (False, True):
+        evaluate(tmp_path / "pred", manifest, tmp_path / f"report_{overlap}", split="training", overlap=overlap)
+        reports[overlap] = json.loads((tmp_path / f"report_{overlap}" / "report.json").read_text())
+        for key in ("seconds", "time"):
+            reports[overlap]["metadata"].pop(key)
+    assert len(reports[True]["cases"]) == 4
+    assert json.dumps(reports[True], sort_keys=True) == json.dumps(reports[False], sort_keys=True)  # NaN == NaN here
