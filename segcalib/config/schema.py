@@ -179,6 +179,13 @@ class ExperimentConfig(_Strict):
         roi = self.inference.roi_size
         if roi is not None and len(roi) != dims:
             raise ValueError(f"inference.roi_size: needs {dims} values in {self.data.mode} mode, got {roi}")
+        size = self.data.patch_size
+        if self.data.augment.rotate90_prob > 0 and size[0] != size[1]:
+            raise ValueError(
+                f"data.augment.rotate90_prob: a quarter turn in the plane of patch axes 0 and 1 turns a patch of "
+                f"data.patch_size {size} into {[size[1], size[0], *size[2:]]}, and patches of two shapes cannot "
+                f"share a batch; make the first two sizes equal or set rotate90_prob: 0"
+            )
         return self
 
     @property

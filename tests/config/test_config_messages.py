@@ -86,3 +86,14 @@ def test_loss_and_model_value_errors_at_training_name_the_config_file(capsys, tm
     err = capsys.readouterr().err
     assert f"segcalib: error: {SMOKE_CONFIG}: " in err and named in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("patch", "ok"), [([48, 64, 48], False), ([64, 64, 48], True)])
+def test_rotate90_needs_a_square_plane(tmp_path: Path, patch: list[int], ok: bool) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"base: {SMOKE_CONFIG}\ndata:\n  patch_size: {patch}\n  augment:\n    rotate90_prob: 0.5\n")
+    if ok:  # a quarter turn keeps a 64x64 plane's shape
+        assert load_config(path).data.augment.rotate90_prob == 0.5
+        return
+    with pytest.raises(ConfigError, match=r"data\.augment\.rotate90_prob.*\[64, 48, 48\]"):
+        load_config(path)
