@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -93,6 +94,31 @@ def timed_pair(
         t, v_ref = timed(reference, 1, warmup=False)
         t_ref.append(t)
     return min(t_ours), v_ours, min(t_ref), v_ref
+
+
+# ops that only make views or allocate: not counted as kernels
+_NOT_KERNELS = frozenset(
+    "aten::" + name
+    for name in (
+        "as_strided view reshape slice narrow unsqueeze squeeze permute alias expand expand_as _unsafe_view select "
+        "transpose t detach resolve_conj resolve_neg empty empty_strided empty_like resize_ lift_fresh "
+        "_reshape_alias view_as_real view_as_complex split unbind to _to_copy contiguous clone"
+    ).split()
+)
+
+
+def count_kernels(fn: Callable[[], Any]) -> Counter:
+    """The aten ops one call of ``fn`` runs that do work (torch profiler, CPU activity): leaf ops,
+    views and allocations left out -- on a GPU, each would be a kernel launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def works(event: Any) -> bool:
+        return event.name.startswith("aten::") and event.name not in _NOT_KERNELS
+
+    return Counter(e.name for e in prof.events() if works(e) and not any(works(c) for c in e.cpu_children))
 
 
 def _onehot(labels: torch.Tensor) -> torch.Tensor:

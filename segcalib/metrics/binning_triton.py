@@ -46,7 +46,7 @@ def _interpreting() -> bool:
 def _histogram_kernel(
     probs, target, cells, top_acc, cls_acc, score_acc,
     n_vox, stride_pb, stride_pc, stride_pn, stride_tb, stride_tn, stride_cb, stride_cn,
-    nll_eps,
+    nll_eps_ptr,
     N_CLASSES: tl.constexpr, N_BINS: tl.constexpr, N_CELLS: tl.constexpr, HAS_CELLS: tl.constexpr,
     TOP: tl.constexpr, CLASSWISE: tl.constexpr, SCORES: tl.constexpr,
     CELL_BINS: tl.constexpr, SLOT_BINS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -103,6 +103,7 @@ def _histogram_kernel(
         tl.atomic_add(top_acc + row * 3 + 1, conf_sum, mask=write)
         tl.atomic_add(top_acc + row * 3 + 2, correct.to(tl.float64), mask=write & (correct > 0))
     if SCORES:
+        nll_eps = tl.load(nll_eps_ptr)  # float64 (a scalar argument would arrive as float32)
         nll = -tl.log(tl.maximum(p_true, nll_eps))
         brier = square_sum - 2.0 * p_true + 1.0
         slot_ids = tl.arange(0, SLOT_BINS)
@@ -143,7 +144,7 @@ def triton_histograms(
         _kernel(_interpreting())[grid](
             probs, target, cell_arg, top_acc, cls_acc, score_acc,
             n_vox, *probs.stride(), *target.stride(), *cell_arg.stride(),
-            float(request.nll_eps),
+            torch.tensor([request.nll_eps], dtype=f64, device=device),
             N_CLASSES=num_classes, N_BINS=n_bins, N_CELLS=n_cells, HAS_CELLS=cells is not None,
             TOP=request.top, CLASSWISE=request.classwise, SCORES=request.scores,
             CELL_BINS=triton.next_power_of_2(slots * n_bins), SLOT_BINS=triton.next_power_of_2(slots),
