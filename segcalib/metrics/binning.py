@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-_CHUNK_ENTRIES = {"cpu": 2**21, "cuda": 2**25}  # (case, class, voxel) entries per chunk
+_CHUNK_ENTRIES = {"cpu": 2**21, "cuda": 2**26}  # (case, class, voxel) entries per chunk: 256³x4 is one on CUDA
 BACKENDS = ("torch", "cpu", "triton")
 
 
