@@ -257,6 +257,15 @@ def bench_cuda(size: int, repeats: int, device: str = "cuda") -> list[dict]:
 
     t_ours, _ = timed(update, repeats, sync)
     _row(rows, size, "calibration_update", t_ours, "-", None, f"3 regions, all statistics; {t_ours / floor:.0f}x the floor")
+    from segcalib.metrics import binning
+
+    fused = binning.default_backend(probs.device)
+    binning.default_backend, default = (lambda device: "torch"), binning.default_backend
+    try:
+        t_torch, _ = timed(update, repeats, sync)
+    finally:
+        binning.default_backend = default
+    _row(rows, size, "calibration_update, torch ops", t_torch, "-", None, f"default backend here: {fused}")
     t_ours, _ = timed(lambda: expected_calibration_error(probs, gt, validate_args=False), repeats, sync)
     _row(rows, size, "ece", t_ours, "-", None, f"{t_ours / floor:.0f}x the floor")
     t_ours, ours = timed(
