@@ -27,12 +27,14 @@ With ``validate`` the value ranges are checked before any voxel is added: one ho
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 _CHUNK_ENTRIES = {"cpu": 2**21, "cuda": 2**26}  # (case, class, voxel) entries per chunk: 256³x4 is one on CUDA
 BACKENDS = ("torch", "cpu", "triton")
+_TRITON_FAILED: list[str] = []  # why the default Triton kernel failed in this process, if it did
 
 
 def bin_index(p: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -70,10 +72,11 @@ class Histograms:
 
 def default_backend(device: torch.device) -> str:
     """The backend :func:`batch_histograms` uses on ``device``: the tuned kernel on CPU, the Triton
-    kernel on CUDA when Triton imports, the torch ops elsewhere."""
+    kernel on CUDA when Triton imports (until it fails once: then a warning, and the torch ops for
+    the rest of the process), the torch ops elsewhere."""
     if device.type == "cpu":
         return "cpu"
-    if device.type == "cuda":
+    if device.type == "cuda" and not _TRITON_FAILED:
         from segcalib.metrics.binning_triton import triton_available
 
         if triton_available():
@@ -137,7 +140,8 @@ def batch_histograms(
         probs: ``(B, C, N)`` probabilities; target: int64 ``(B, N)``; cells: integer ``(B, N)``
             or ``None`` (see :func:`case_histograms`, which this extends with the case axis).
         request: which statistics, eps, validation and chunk size.
-        backend: one of :data:`BACKENDS` (default: :func:`default_backend` of the device).
+        backend: one of :data:`BACKENDS` (default: :func:`default_backend` of the device; only a
+            default Triton kernel falls back to the torch ops when it fails).
 
     Returns:
         :class:`Histograms` with a leading case axis: top ``(B, n_cells, M, 3)``, classwise
@@ -147,6 +151,7 @@ def batch_histograms(
         raise ValueError("n_cells must be 1 when cells is None")
     if request.scores and not request.top:
         raise ValueError("scores need top=True (the voxel counts come from the top-label histogram)")
+    chosen = backend is not None
     backend = backend or default_backend(probs.device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown histogram backend {backend!r}; available: {list(BACKENDS)}")
@@ -166,7 +171,13 @@ def batch_histograms(
     if backend == "triton":
         from segcalib.metrics.binning_triton import triton_histograms
 
-        return triton_histograms(probs, target, n_bins, cells, n_cells, request)
+        if chosen:
+            return triton_histograms(probs, target, n_bins, cells, n_cells, request)
+        try:
+            return triton_histograms(probs, target, n_bins, cells, n_cells, request)
+        except Exception as err:  # noqa: BLE001 - e.g. no C compiler for Triton's launcher
+            _TRITON_FAILED.append(repr(err))
+            warnings.warn(f"the Triton histogram kernel failed ({err!r}); using torch ops from now on", stacklevel=2)
     return _torch_histograms(probs, target, n_bins, cells, n_cells, request)
 
 

@@ -96,6 +96,26 @@ def test_torch_backend_validates_before_adding() -> None:
         batch_histograms(p, y, M, cells, 3, HistogramRequest(), "numba")
 
 
+def test_failing_default_triton_kernel_falls_back_to_torch_ops(monkeypatch) -> None:
+    from segcalib.metrics import binning_triton
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(binning, "_TRITON_FAILED", [])
+    monkeypatch.setattr(binning_triton, "triton_available", lambda: True)
+    monkeypatch.setattr(binning_triton, "triton_histograms", broken)
+    p, y, cells = batch_inputs(batch=2, n=300)
+    ref = batch_histograms(p, y, M, cells, 3, HistogramRequest(), "torch")
+    with pytest.raises(RuntimeError, match="no C compiler"):  # asked for by name: no fallback
+        batch_histograms(p, y, M, cells, 3, HistogramRequest(), "triton")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(binning, "default_backend", lambda device, real=binning.default_backend: real(cuda))
+    with pytest.warns(UserWarning, match="Triton histogram kernel failed"):
+        assert_same(batch_histograms(p, y, M, cells, 3, HistogramRequest()), ref)
+    assert binning._TRITON_FAILED and binning.default_backend(p.device) == "torch"  # no second try
+
+
 def test_update_launches_a_fixed_number_of_ops(monkeypatch) -> None:
     # the torch backend is what runs on a device without Triton: no per-chunk or per-case loops
     monkeypatch.setattr(binning, "default_backend", lambda device: "torch")
