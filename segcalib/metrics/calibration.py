@@ -118,7 +118,8 @@ class CalibrationMetric(SummableState):
         per_case: keep per-case ECE / CECE / voxel counts and the MedIA foreground ECE.
         ignore_index: label of voxels to leave out everywhere (``None``: none).
         nll_eps: floor on ``p_y`` inside the NLL's log (a probability of exactly 0 would give inf).
-        validate_args: check value ranges of the inputs (one host sync per chunk of voxels).
+        validate_args: check value ranges of the inputs (on a GPU: one host sync per ``update``;
+            ``False`` leaves ``update`` without any wait for the device but the boundary band's).
     """
 
     def __init__(
