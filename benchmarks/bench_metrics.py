@@ -283,8 +283,9 @@ def measure_update(
     it runs, its host syncs (``aten::_local_scalar_dense``: ``.item()``, ``.tolist()``...) and its
     ``bincount`` calls (each one is two more host syncs on CUDA).
 
-    ``device_path``: run what CUDA runs (without Triton) on the CPU tensors instead of the tuned CPU
-    kernel -- the torch backend here, the ``bincount`` reference kernel in the code before it.
+    ``device_path``: run what CUDA runs (without Triton, with CUDA's chunk of voxels) on the CPU
+    tensors instead of the tuned CPU kernel -- the torch backend here, the ``bincount`` reference
+    kernel in the code before it.
     """
     from segcalib.metrics import binning, calibration_functional
 
@@ -296,20 +297,25 @@ def measure_update(
         metric.reset()
         metric.update(probs, gt, spacing=SPACING)
 
-    saved = {}
+    saved: dict[tuple[Any, str], Any] = {}
+
+    def patch(module: Any, name: str, value: Any) -> None:
+        saved[module, name] = getattr(module, name)
+        setattr(module, name, value)
+
+    if device_path:  # with CUDA's chunk of voxels
+        patch(binning, "_CHUNK_ENTRIES", {**binning._CHUNK_ENTRIES, "cpu": binning._CHUNK_ENTRIES["cuda"]})
     if device_path and hasattr(binning, "default_backend"):
-        saved = {"default_backend": binning.default_backend}
-        binning.default_backend = lambda device: "torch"
+        patch(binning, "default_backend", lambda device: "torch")
     elif device_path:  # the code before the batched histograms: case_histograms(tuned=False)
-        saved = {"case_histograms": calibration_functional.case_histograms}
-        calibration_functional.case_histograms = functools.partial(binning.case_histograms, tuned=False)
+        patch(calibration_functional, "case_histograms", functools.partial(binning.case_histograms, tuned=False))
     try:
         best, _ = timed(update, repeats)
         kernels = count_kernels(update)
         everything = count_kernels(update, leaves_only=False)
     finally:
-        for name, value in saved.items():
-            setattr(binning if name == "default_backend" else calibration_functional, name, value)
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
     return {
         "ms": best * 1e3,
         "kernels": sum(kernels.values()),

@@ -144,7 +144,7 @@ def triton_histograms(
         _kernel(_interpreting())[grid](
             probs, target, cell_arg, top_acc, cls_acc, score_acc,
             n_vox, *probs.stride(), *target.stride(), *cell_arg.stride(),
-            torch.tensor([request.nll_eps], dtype=f64, device=device),
+            torch.full((1,), request.nll_eps, dtype=f64, device=device),  # a fill, not a host-to-device copy
             N_CLASSES=num_classes, N_BINS=n_bins, N_CELLS=n_cells, HAS_CELLS=cells is not None,
             TOP=request.top, CLASSWISE=request.classwise, SCORES=request.scores,
             CELL_BINS=triton.next_power_of_2(slots * n_bins), SLOT_BINS=triton.next_power_of_2(slots),
