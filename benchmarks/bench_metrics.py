@@ -16,6 +16,10 @@ Rows (ratio = reference time / our time, > 1 means we are faster):
   ECE/MCE/CECE/NLL/Brier/reliability statistics, boundary band included);
 - ``hd95``: ``surface_distances`` for classes 1..3 vs MONAI ``compute_hausdorff_distance(
   percentile=95)`` and a scipy ``distance_transform_edt`` reference on the full volume.
+
+``--update-paths 128 --baseline REV`` prints instead one ``update``'s time, kernel count, host
+syncs and ``bincount`` calls (torch profiler) on the CPU path and on the device path, for this
+checkout and for git revision ``REV`` side by side.
 """
 
 from __future__ import annotations
