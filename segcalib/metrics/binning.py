@@ -140,8 +140,9 @@ def batch_histograms(
         probs: ``(B, C, N)`` probabilities; target: int64 ``(B, N)``; cells: integer ``(B, N)``
             or ``None`` (see :func:`case_histograms`, which this extends with the case axis).
         request: which statistics, eps, validation and chunk size.
-        backend: one of :data:`BACKENDS` (default: :func:`default_backend` of the device; only a
-            default Triton kernel falls back to the torch ops when it fails).
+        backend: one of :data:`BACKENDS` (default: :func:`default_backend` of the device; a default
+            Triton kernel leaves histograms too large for its blocks to the torch ops, and falls
+            back to them when it fails).
 
     Returns:
         :class:`Histograms` with a leading case axis: top ``(B, n_cells, M, 3)``, classwise
@@ -169,8 +170,10 @@ def batch_histograms(
     if request.validate:
         check_ranges(probs, target, probs.shape[1])
     if backend == "triton":
-        from segcalib.metrics.binning_triton import triton_histograms
+        from segcalib.metrics.binning_triton import triton_histograms, triton_supports
 
+        if not chosen and not triton_supports(n_bins, n_cells):
+            return _torch_histograms(probs, target, n_bins, cells, n_cells, request)
         if chosen:
             return triton_histograms(probs, target, n_bins, cells, n_cells, request)
         try:

@@ -30,6 +30,13 @@ except ImportError:  # pragma: no cover - exercised where Triton is missing
     tl = None
 
 BLOCK = 128  # voxels per program (untuned: no GPU has run it yet)
+MAX_CELL_BINS = 1024  # (cell, bin) pairs of a block-local histogram: BLOCK x this one-hot per program
+
+
+def triton_supports(n_bins: int, n_cells: int) -> bool:
+    """Whether the kernel's block-local histograms fit ``(n_cells + 1) * n_bins`` (cell, bin) pairs
+    (the default 15 bins with up to 7 partial regions' 128 cells would not: 1935 pairs)."""
+    return triton is not None and triton.next_power_of_2((n_cells + 1) * n_bins) <= MAX_CELL_BINS
 
 
 def triton_available() -> bool:
@@ -133,6 +140,11 @@ def triton_histograms(
     validated by the caller when asked; ``request.chunk_size`` does not apply: no temporaries)."""
     if triton is None:
         raise RuntimeError("the 'triton' histogram backend needs Triton (pip install triton)")
+    if not triton_supports(n_bins, n_cells):
+        raise ValueError(
+            f"the 'triton' histogram backend holds at most {MAX_CELL_BINS} (cell, bin) pairs per block, "
+            f"got {n_cells + 1} cells x {n_bins} bins; use the 'torch' backend"
+        )
     batch, num_classes, n_vox = probs.shape
     slots, f64, device = n_cells + 1, torch.float64, probs.device
     top_acc = torch.zeros(batch * slots * n_bins, 3, dtype=f64, device=device)

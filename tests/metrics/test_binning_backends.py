@@ -116,6 +116,31 @@ def test_failing_default_triton_kernel_falls_back_to_torch_ops(monkeypatch) -> N
     assert binning._TRITON_FAILED and binning.default_backend(p.device) == "torch"  # no second try
 
 
+def test_triton_kernel_leaves_large_histograms_to_torch_ops(monkeypatch) -> None:
+    from segcalib.metrics import binning_triton
+
+    calls = []
+    monkeypatch.setattr(binning_triton, "triton_histograms", lambda *args: calls.append(args))
+    monkeypatch.setattr(binning, "default_backend", lambda device: "triton")
+    p, y, cells = batch_inputs(batch=1, n=200, n_cells=127)
+    if HAS_TRITON:
+        assert binning_triton.triton_supports(15, 3) and not binning_triton.triton_supports(15, 127)
+        assert not binning_triton.triton_supports(1000, 1)
+    monkeypatch.setattr(binning_triton, "triton_supports", lambda n_bins, n_cells: (n_cells + 1) * n_bins <= 1024)
+    ref = batch_histograms(p, y, M, cells, 127, HistogramRequest(), "torch")
+    assert_same(batch_histograms(p, y, M, cells, 127, HistogramRequest()), ref)  # 128 x 15 pairs: torch ops
+    assert not calls
+    batch_histograms(p, y, M, cells.clamp(max=3), 3, HistogramRequest())  # 4 x 15 pairs: the kernel
+    assert len(calls) == 1
+
+
+@needs_triton
+def test_triton_backend_by_name_rejects_large_histograms() -> None:
+    p, y, cells = batch_inputs(batch=1, n=50)
+    with pytest.raises(ValueError, match="at most 1024"):
+        batch_histograms(p, y, 1000, cells, 3, HistogramRequest(), "triton")
+
+
 def test_update_launches_a_fixed_number_of_ops(monkeypatch) -> None:
     # the torch backend is what runs on a device without Triton: no per-chunk or per-case loops
     monkeypatch.setattr(binning, "default_backend", lambda device: "torch")
@@ -146,7 +171,7 @@ def test_triton_kernel_interpreted_on_cpu() -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert re.search(r"\b7 passed\b", run.stdout) and "skipped" not in run.stdout, run.stdout[-2000:]
+    assert re.search(r"\b8 passed\b", run.stdout) and "skipped" not in run.stdout, run.stdout[-2000:]
 
 
 @needs_cuda

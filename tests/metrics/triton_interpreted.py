@@ -40,6 +40,12 @@ def test_triton_kernel_equals_torch_ops(batch, c, n, dtype, with_cells, n_bins) 
     assert_same(batch_histograms(p, y, n_bins, cells, n_cells, HistogramRequest(), "triton"), ref)
 
 
+def test_triton_kernel_many_cells() -> None:
+    p, y, cells = batch_inputs(batch=2, n=400, n_cells=20)  # 21 x 15 (cell, bin) pairs: 512-wide blocks
+    ref = batch_histograms(p, y, M, cells, 20, HistogramRequest(), "torch")
+    assert_same(batch_histograms(p, y, M, cells, 20, HistogramRequest(), "triton"), ref)
+
+
 def test_triton_kernel_subsets_and_strides() -> None:
     p, y, cells = batch_inputs(batch=2, n=300)
     strided = p.transpose(1, 2).contiguous().transpose(1, 2)
