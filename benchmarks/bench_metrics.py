@@ -16,13 +16,24 @@ Rows (ratio = reference time / our time, > 1 means we are faster):
   ECE/MCE/CECE/NLL/Brier/reliability statistics, boundary band included);
 - ``hd95``: ``surface_distances`` for classes 1..3 vs MONAI ``compute_hausdorff_distance(
   percentile=95)`` and a scipy ``distance_transform_edt`` reference on the full volume.
+
+``--update-paths 128 --baseline REV`` prints instead one ``update``'s time, kernel count, host
+syncs and ``bincount`` calls (torch profiler) on the CPU path and on the device path, for this
+checkout and for git revision ``REV`` side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,6 +104,34 @@ def timed_pair(
         t, v_ref = timed(reference, 1, warmup=False)
         t_ref.append(t)
     return min(t_ours), v_ours, min(t_ref), v_ref
+
+
+# ops that only make views or allocate: not counted as kernels
+_NOT_KERNELS = frozenset(
+    "aten::" + name
+    for name in (
+        "as_strided view reshape slice narrow unsqueeze squeeze permute alias expand expand_as _unsafe_view select "
+        "transpose t detach resolve_conj resolve_neg empty empty_strided empty_like resize_ lift_fresh "
+        "_reshape_alias view_as_real view_as_complex split unbind to _to_copy contiguous clone"
+    ).split()
+)
+
+
+def count_kernels(fn: Callable[[], Any], leaves_only: bool = True) -> Counter:
+    """The aten ops one call of ``fn`` runs that do work (torch profiler, CPU activity): leaf ops,
+    views and allocations left out -- on a GPU, each would be a kernel launch (``leaves_only=False``:
+    every aten op, nested ones included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def works(event: Any) -> bool:
+        return event.name.startswith("aten::") and event.name not in _NOT_KERNELS
+
+    if not leaves_only:
+        return Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+    return Counter(e.name for e in prof.events() if works(e) and not any(works(c) for c in e.cpu_children))
 
 
 def _onehot(labels: torch.Tensor) -> torch.Tensor:
@@ -213,7 +252,8 @@ def bench_cuda(size: int, repeats: int, device: str = "cuda") -> list[dict]:
     bandwidth = 2 * nbytes / t_copy  # read + write
     floor = nbytes / bandwidth
     _row(rows, size, "read probs once (floor)", floor, "-", None, f"{bandwidth / 1e9:.0f} GB/s d2d")
-    metric = CalibrationMetric(NUM_CLASSES, n_bins=N_BINS, per_case=False, validate_args=False)
+    metric = CalibrationMetric(NUM_CLASSES, n_bins=N_BINS, per_case=False, validate_args=False,
+                               **({"regions": tuple(regions)} if regions else {}))
 
     def update() -> None:
         metric.reset()
@@ -221,6 +261,15 @@ def bench_cuda(size: int, repeats: int, device: str = "cuda") -> list[dict]:
 
     t_ours, _ = timed(update, repeats, sync)
     _row(rows, size, "calibration_update", t_ours, "-", None, f"3 regions, all statistics; {t_ours / floor:.0f}x the floor")
+    from segcalib.metrics import binning
+
+    fused = binning.default_backend(probs.device)
+    binning.default_backend, default = (lambda device: "torch"), binning.default_backend
+    try:
+        t_torch, _ = timed(update, repeats, sync)
+    finally:
+        binning.default_backend = default
+    _row(rows, size, "calibration_update, torch ops", t_torch, "-", None, f"default backend here: {fused}")
     t_ours, _ = timed(lambda: expected_calibration_error(probs, gt, validate_args=False), repeats, sync)
     _row(rows, size, "ece", t_ours, "-", None, f"{t_ours / floor:.0f}x the floor")
     t_ours, ours = timed(
@@ -228,6 +277,101 @@ def bench_cuda(size: int, repeats: int, device: str = "cuda") -> list[dict]:
     )
     _row(rows, size, "hd95 per class", t_ours / 3, "-", None, "mean of classes 1..3")
     return rows
+
+
+def measure_update(
+    size: int, repeats: int, device_path: bool = False, regions: Sequence[str] | None = None
+) -> dict[str, float]:
+    """One ``CalibrationMetric.update`` (every statistic, no per-case records, no value checks; every
+    registered region unless ``regions``) on the segcalib that imports: best time (ms) and, from the torch profiler, the kernels
+    it runs, its host syncs (``aten::_local_scalar_dense``: ``.item()``, ``.tolist()``...) and its
+    ``bincount`` calls (each one is two more host syncs on CUDA).
+
+    ``device_path``: run what CUDA runs (without Triton, with CUDA's chunk of voxels) on the CPU
+    tensors instead of the tuned CPU kernel -- the torch backend here, the ``bincount`` reference
+    kernel in the code before it.
+    """
+    from segcalib.metrics import binning, calibration_functional
+
+    probs, gt, _ = make_inputs(size)
+    metric = CalibrationMetric(NUM_CLASSES, n_bins=N_BINS, per_case=False, validate_args=False,
+                               **({"regions": tuple(regions)} if regions else {}))
+
+    def update() -> None:
+        metric.reset()
+        metric.update(probs, gt, spacing=SPACING)
+
+    saved: dict[tuple[Any, str], Any] = {}
+
+    def patch(module: Any, name: str, value: Any) -> None:
+        saved[module, name] = getattr(module, name)
+        setattr(module, name, value)
+
+    if device_path:  # with CUDA's chunk of voxels
+        patch(binning, "_CHUNK_ENTRIES", {**binning._CHUNK_ENTRIES, "cpu": binning._CHUNK_ENTRIES["cuda"]})
+    if device_path and hasattr(binning, "default_backend"):
+        patch(binning, "default_backend", lambda device: "torch")
+    elif device_path:  # the code before the batched histograms: case_histograms(tuned=False)
+        patch(calibration_functional, "case_histograms", functools.partial(binning.case_histograms, tuned=False))
+    try:
+        best, _ = timed(update, repeats)
+        kernels = count_kernels(update)
+        everything = count_kernels(update, leaves_only=False)
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+    return {
+        "ms": best * 1e3,
+        "kernels": sum(kernels.values()),
+        "syncs": everything["aten::_local_scalar_dense"],
+        "bincounts": everything["aten::bincount"],
+    }
+
+
+_PATHS = ((False, None), (True, None), (True, ("all", "foreground")))  # (device path, regions)
+
+
+def _measure_baseline(rev: str, size: int, repeats: int, threads: int) -> list[dict[str, float]]:
+    """:func:`measure_update` (CPU path and device path) on segcalib as of git revision ``rev``, in
+    a subprocess that imports that revision's package (this file's benchmark code)."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", rev, "segcalib"], cwd=root, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        code = (
+            f"import sys, json; sys.path[:0] = [{tmp!r}, {str(root)!r}]; import torch; torch.set_num_threads({threads}); "
+            "import segcalib; assert segcalib.__file__.startswith(sys.path[0]), segcalib.__file__; "
+            "from benchmarks.bench_metrics import measure_update; "
+            f"print(json.dumps([measure_update({size}, {repeats}, d, r) for d, r in {_PATHS!r}]))"
+        )
+        run = subprocess.run([sys.executable, "-c", code], cwd=tmp, check=True, capture_output=True, text=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def bench_update_paths(size: int, repeats: int, baseline: str | None, threads: int) -> str:
+    """Markdown table: one ``update`` on the CPU path and on the device path, before (revision
+    ``baseline``) and now, with kernel, host-sync and bincount counts."""
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    now = [measure_update(size, repeats, d, r) for d, r in _PATHS]
+    rows = []
+    if baseline:
+        old = _measure_baseline(baseline, size, repeats, threads)
+        names = ("CPU (tuned kernel)", "device path (bincount reference)", "device path, all + foreground")
+        rows += [(f"before ({baseline})", name, value) for name, value in zip(names, old)]
+    names = ("CPU (tuned kernel)", "device path (torch backend)", "device path, all + foreground")
+    rows += [("now", name, value) for name, value in zip(names, now)]
+    lines = [
+        f"### One `CalibrationMetric.update`, {size}³×{NUM_CLASSES}, CPU {threads} threads",
+        "",
+        "3 regions (all, foreground, boundary) unless named; the device path is what CUDA runs without Triton.",
+        "",
+        f"load: `{load}`",
+        "",
+        "| code | path | time (ms) | kernels | host syncs | bincount calls |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {c} | {p} | {r['ms']:.1f} | {r['kernels']:.0f} | {r['syncs']:.0f} | {r['bincounts']:.0f} |" for c, p, r in rows]
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict], title: str) -> str:
@@ -249,8 +393,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per call, best kept (default: 5 below 256³, else 3)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--no-scipy", action="store_true", help="skip the (slow) scipy EDT HD95 reference")
+    parser.add_argument("--update-paths", type=int, default=None, metavar="SIZE",
+                        help="only the update table (kernels, syncs, time of the CPU and device paths) at SIZE³")
+    parser.add_argument("--baseline", default=None, metavar="REV",
+                        help="with --update-paths: also measure segcalib as of git revision REV")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.update_paths:
+        print(bench_update_paths(args.update_paths, args.repeats or 5, args.baseline, args.threads), flush=True)
+        return []
     rows: list[dict] = []
     run_cpu = args.device in ("auto", "cpu")
     run_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

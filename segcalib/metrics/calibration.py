@@ -118,7 +118,8 @@ class CalibrationMetric(SummableState):
         per_case: keep per-case ECE / CECE / voxel counts and the MedIA foreground ECE.
         ignore_index: label of voxels to leave out everywhere (``None``: none).
         nll_eps: floor on ``p_y`` inside the NLL's log (a probability of exactly 0 would give inf).
-        validate_args: check value ranges of the inputs (one host sync per chunk of voxels).
+        validate_args: check value ranges of the inputs (on a GPU: one host sync per ``update``;
+            ``False`` leaves ``update`` without any wait for the device but the boundary band's).
     """
 
     def __init__(
@@ -190,7 +191,7 @@ class CalibrationMetric(SummableState):
             raise ValueError(f"{len(case_ids)} case_ids for a batch of {probs.shape[0]}")
         if probs.device != self.device:
             self.to(probs.device)
-        cases = calibration_update(
+        stats = calibration_update(
             probs,
             target,
             n_bins=self.n_bins,
@@ -201,21 +202,17 @@ class CalibrationMetric(SummableState):
             nll_eps=self.nll_eps,
             validate_args=self.validate_args,
         )
-        evaluated = evaluated_classes(self.num_classes, self.include_background)
-        for i, case in enumerate(cases):
-            self.add_to_state(
-                {"top_stats": case["top"], "classwise_stats": case["classwise"], "score_stats": case["scores"]}
-            )
-            if self.per_case:
-                values = torch.cat(
-                    [
-                        ece_from_bins(case["top"]),
-                        classwise_ece_from_bins(case["classwise"])[:, evaluated].mean(-1),
-                        case["scores"][:, 0],
-                    ]
-                )
-                self._records.append((case_ids[i] if case_ids is not None else self._n_cases + i, values))
-        self._n_cases += len(cases)
+        top, classwise, scores = stats["top"], stats["classwise"], stats["scores"]  # (B, R, ...)
+        self.add_to_state({"top_stats": top.sum(0), "classwise_stats": classwise.sum(0), "score_stats": scores.sum(0)})
+        batch = probs.shape[0]
+        if self.per_case:
+            evaluated = evaluated_classes(self.num_classes, self.include_background)
+            values = torch.cat(
+                [ece_from_bins(top), classwise_ece_from_bins(classwise)[..., evaluated].mean(-1), scores[..., 0]], -1
+            )  # (B, 3R), kept on the device until compute()
+            for i in range(batch):
+                self._records.append((case_ids[i] if case_ids is not None else self._n_cases + i, values[i]))
+        self._n_cases += batch
 
     def merge(self, other: CalibrationMetric) -> CalibrationMetric:
         """Add another metric's state and per-case records to this one (returns ``self``)."""

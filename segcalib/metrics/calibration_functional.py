@@ -27,7 +27,7 @@ import torch
 
 from segcalib.metrics.inputs import INCLUDE_BACKGROUND
 
-from segcalib.metrics.binning import case_histograms
+from segcalib.metrics.binning import HistogramRequest, batch_histograms
 from segcalib.spatial.regions import ALL, RegionContext, available_regions, region_cells
 from segcalib.spatial.spacing import BatchSpacingLike, spacing_per_case
 from segcalib.utils.tensors import as_label_map
@@ -84,8 +84,14 @@ def calibration_update(
     scores: bool = True,
     nll_eps: float = 1e-12,
     validate_args: bool = True,
-) -> list[dict[str, torch.Tensor]]:
-    """Per-case sufficient statistics per region, in one pass over each case's voxels.
+    backend: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-case sufficient statistics per region, in one pass over the batch's voxels.
+
+    The regions become disjoint cells (:func:`~segcalib.spatial.regions.region_cells`); one
+    histogram pass fills every (case, cell, class, bin) and a ``(R, n_cells)`` membership product
+    turns cells into regions. Nothing in it waits for the device unless ``validate_args`` (one
+    check of the value ranges) or a region's definition does.
 
     Args:
         probs: ``(B, C, *spatial)`` probabilities.
@@ -99,11 +105,13 @@ def calibration_update(
         nll_eps: floor on ``p_y`` in the NLL.
         validate_args: check that labels (ignored ones aside) lie in ``0..C-1`` and probabilities
             in ``[0, 1]`` (ValueError).
+        backend: histogram backend (see :func:`~segcalib.metrics.binning.batch_histograms`).
 
     Returns:
-        One dict per case with ``top`` ``(R, M, 3)`` (count, sum confidence, sum correct),
-        ``classwise`` ``(R, C, M, 3)`` (count, sum p_k, sum [y == k]) and ``scores`` ``(R, 3)``
-        (voxels, sum NLL, sum Brier), those requested, float64 on the input's device.
+        The requested statistics with a leading case axis: ``top`` ``(B, R, M, 3)`` (count, sum
+        confidence, sum correct), ``classwise`` ``(B, R, C, M, 3)`` (count, sum p_k, sum
+        [y == k]) and ``scores`` ``(B, R, 3)`` (voxels, sum NLL, sum Brier), float64 on the
+        input's device.
     """
     batch, num_classes = probs.shape[:2]
     context = RegionContext(
@@ -114,29 +122,26 @@ def calibration_update(
         ignore_index=ignore_index,
     )
     cells, n_cells, membership, target = region_cells(target, regions, context, ignore_index)
-    out = []
-    for b in range(batch):
-        hist = case_histograms(
-            probs[b].reshape(num_classes, -1),
-            target[b].reshape(-1),
-            n_bins,
-            None if cells is None else cells[b].reshape(-1),
-            n_cells,
-            top=top or scores,
-            classwise=classwise,
-            scores=scores,
-            nll_eps=nll_eps,
-            validate=validate_args,
-        )
-        case: dict[str, torch.Tensor] = {}
-        if top:
-            case["top"] = torch.tensordot(membership, hist.top, dims=1)
-        if classwise:
-            case["classwise"] = torch.tensordot(membership, hist.classwise, dims=1)
-        if scores:
-            voxels = hist.top[..., 0].sum(-1, keepdim=True)
-            case["scores"] = torch.tensordot(membership, torch.cat([voxels, hist.scores], -1), dims=1)
-        out.append(case)
+    request = HistogramRequest(top=top or scores, classwise=classwise, scores=scores, nll_eps=nll_eps,
+                               validate=validate_args)
+    hist = batch_histograms(
+        probs.reshape(batch, num_classes, -1),
+        target.reshape(batch, -1),
+        n_bins,
+        None if cells is None else cells.reshape(batch, -1),
+        n_cells,
+        request,
+        backend,
+    )
+    # region r of case b = sum over the cells z of membership[r, z] * statistic[b, z]
+    out: dict[str, torch.Tensor] = {}
+    if top:
+        out["top"] = torch.einsum("rz,bz...->br...", membership, hist.top)
+    if classwise:
+        out["classwise"] = torch.einsum("rz,bz...->br...", membership, hist.classwise)
+    if scores:
+        voxels = hist.top[..., 0].sum(-1, keepdim=True)
+        out["scores"] = torch.einsum("rz,bzs->brs", membership, torch.cat([voxels, hist.scores], -1))
     return out
 
 
@@ -168,8 +173,8 @@ def evaluated_classes(num_classes: int, include_background: bool) -> slice:
 def _pooled_update(probs: torch.Tensor, target: torch.Tensor, key: str, **kwargs) -> torch.Tensor:
     """One batch's statistics ``key`` summed over its cases, for region ``all``."""
     target = calibration_tensor_validation(probs, target, None)
-    cases = calibration_update(probs, target, top=key == "top", classwise=key == "classwise", scores=False, **kwargs)
-    return torch.stack([c[key] for c in cases]).sum(0)[0]
+    stats = calibration_update(probs, target, top=key == "top", classwise=key == "classwise", scores=False, **kwargs)
+    return stats[key].sum(0)[0]
 
 
 def expected_calibration_error(

@@ -167,8 +167,8 @@ def _plain_stream(factory: Callable[[int, bool], Any], value: Callable[[Any], to
 
 def _mce(probs: torch.Tensor, target: torch.Tensor, spacing: Any, ib: bool) -> torch.Tensor:
     labels = calibration_tensor_validation(probs, target, None)
-    cases = calibration_update(probs, labels, top=True, classwise=False, scores=False, n_bins=N_BINS)
-    return mce_from_bins(torch.stack([c["top"] for c in cases]).sum(0)[0])
+    stats = calibration_update(probs, labels, top=True, classwise=False, scores=False, n_bins=N_BINS)
+    return mce_from_bins(stats["top"].sum(0)[0])
 
 
 def _monai_value(probs: torch.Tensor, target: torch.Tensor, spacing: Any, ib: bool) -> torch.Tensor:
