@@ -2,11 +2,11 @@
 
 Per region (``all``, ``foreground``, ``boundary`` of the ground truth, SPEC §3): the summed NLL
 ``-log max(p_y, 1e-12)`` and the top-label reliability bins (count, sum of confidence, sum of
-correct) with SPEC binning ``b = clamp(ceil(p M) - 1, 0, M - 1)``, M = 15; plus, over every valid
-voxel, how many changed their argmax against the uncalibrated prediction, and per class the Dice
-counts (intersection, predicted, true) before and after calibration. Everything is a float64 sum,
-so the scores of a fold are exact whatever the order of the cases. This is a small re-implementation
-of the ECE of :mod:`segcalib.metrics` (calibrators may not import metrics).
+correct), both gathered by the metrics' one-pass histogram (:func:`segcalib.metrics.binning.batch_histograms`,
+SPEC binning, M = 15) and turned into ECE by the metrics' :func:`ece_from_bins`; plus, over every
+valid voxel, how many changed their argmax against the uncalibrated prediction, and per class the
+Dice counts (intersection, predicted, true) before and after calibration. Everything is a float64
+sum, so the scores of a fold are exact whatever the order of the cases.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import math
 import torch
 from torch import Tensor
 
-from segcalib.calibrators._class_histograms import bin_index
+from segcalib.metrics.binning import HistogramRequest, batch_histograms
+from segcalib.metrics.calibration_functional import ece_from_bins
 from segcalib.spatial.regions import default_regions
 
 REGIONS = default_regions()
 NLL_EPS = 1e-12
+_REQUEST = HistogramRequest(top=True, classwise=False, scores=True, nll_eps=NLL_EPS)
 
 
 class HeldOutScores:
@@ -44,23 +46,32 @@ class HeldOutScores:
             valid: boolean ``(B, *S)``, voxels with a label in ``0..C-1``.
             before: the uncalibrated argmax ``(B, *S)``.
         """
-        p = probs.detach().double().movedim(1, -1)  # (B, *S, C)
-        conf, pred = p.max(dim=-1)
-        y = target.to(p.device).clamp(0, self.num_classes - 1)
-        p_true = p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        nll = -p_true.clamp_min(NLL_EPS).log()
-        correct = (pred == y).double()
-        bins = bin_index(conf, self.n_bins)
-        for r, name in enumerate(REGIONS):
-            m = regions[name].to(p.device)
-            b = bins[m]
-            self.nll[r, 0] += float(nll[m].sum())
-            self.nll[r, 1] += float(m.sum())
-            self.bins[r, :, 0] += torch.bincount(b, minlength=self.n_bins).double().cpu()
-            self.bins[r, :, 1] += torch.bincount(b, weights=conf[m], minlength=self.n_bins).cpu()
-            self.bins[r, :, 2] += torch.bincount(b, weights=correct[m], minlength=self.n_bins).cpu()
-        v = valid.to(p.device)
-        before = before.to(p.device)
+        device = probs.device
+        batch, num_classes = probs.shape[:2]
+        y = target.to(device).clamp(0, self.num_classes - 1)
+        # one cell per combination of region memberships; voxels outside every region are dropped
+        n_cells = 2 ** len(REGIONS)
+        cells = torch.full(y.shape, n_cells, dtype=torch.uint8, device=device)
+        inside = torch.zeros(y.shape, dtype=torch.bool, device=device)
+        code = torch.zeros(y.shape, dtype=torch.uint8, device=device)
+        for bit, name in enumerate(REGIONS):
+            m = regions[name].to(device)
+            code |= m.to(torch.uint8) << bit
+            inside |= m
+        cells[inside] = code[inside]
+        hist = batch_histograms(
+            probs.detach().reshape(batch, num_classes, -1), y.reshape(batch, -1), self.n_bins,
+            cells.reshape(batch, -1), n_cells, _REQUEST,
+        )
+        cell_ids = torch.arange(n_cells)
+        membership = torch.stack([((cell_ids >> bit) & 1).double() for bit in range(len(REGIONS))])  # (R, cells)
+        top = hist.top.sum(0).cpu()  # (cells, M, 3)
+        self.bins += torch.einsum("rz,zms->rms", membership, top)
+        self.nll[:, 0] += membership @ hist.scores[..., 0].sum(0).cpu()
+        self.nll[:, 1] += membership @ top[..., 0].sum(-1)
+        pred = probs.argmax(dim=1)
+        v = valid.to(device)
+        before = before.to(device)
         self.flips[0] += float((pred != before)[v].sum())
         self.flips[1] += float(v.sum())
         for i, labels in enumerate((before, pred)):
@@ -73,10 +84,9 @@ class HeldOutScores:
         before calibration; a class absent from both prediction and ground truth (before or after) is skipped.
         """
         out = {"nll": _ratio(self.nll[0, 0], self.nll[0, 1])}
+        ece = ece_from_bins(self.bins)  # (R,), NaN for an empty region
         for r, name in enumerate(REGIONS):
-            n = float(self.bins[r, :, 0].sum())
-            gap = (self.bins[r, :, 2] - self.bins[r, :, 1]).abs().sum()
-            out[f"ece_{name}"] = float(gap) / n if n > 0 else math.nan
+            out[f"ece_{name}"] = float(ece[r])
         out["flip_rate"] = _ratio(self.flips[0], self.flips[1])
         tp, size = self.dice[:, 1:, 0], self.dice[:, 1:, 1] + self.dice[:, 1:, 2]
         defined = (size > 0).all(dim=0)
