@@ -223,3 +223,11 @@ nnUNetTrainerSegcalibCALS = _named_trainer("nnUNetTrainerSegcalibCALS", TRAINER_
 nnUNetTrainerSegcalibCRaC = _named_trainer("nnUNetTrainerSegcalibCRaC", TRAINER_LOSSES["nnUNetTrainerSegcalibCRaC"])
 nnUNetTrainerSegcalibNACL = _named_trainer("nnUNetTrainerSegcalibNACL", TRAINER_LOSSES["nnUNetTrainerSegcalibNACL"])
 nnUNetTrainerSegcalibCE = _named_trainer("nnUNetTrainerSegcalibCE", TRAINER_LOSSES["nnUNetTrainerSegcalibCE"])
+nnUNetTrainerSegcalibHardL1ACE = _named_trainer("nnUNetTrainerSegcalibHardL1ACE",
+                                                TRAINER_LOSSES["nnUNetTrainerSegcalibHardL1ACE"])
+nnUNetTrainerSegcalibSoftL1ACE = _named_trainer("nnUNetTrainerSegcalibSoftL1ACE",
+                                                TRAINER_LOSSES["nnUNetTrainerSegcalibSoftL1ACE"])
+nnUNetTrainerSegcalibHardL1ACEDiceCE = _named_trainer("nnUNetTrainerSegcalibHardL1ACEDiceCE",
+                                                      TRAINER_LOSSES["nnUNetTrainerSegcalibHardL1ACEDiceCE"])
+nnUNetTrainerSegcalibSoftL1ACEDiceCE = _named_trainer("nnUNetTrainerSegcalibSoftL1ACEDiceCE",
+                                                      TRAINER_LOSSES["nnUNetTrainerSegcalibSoftL1ACEDiceCE"])
