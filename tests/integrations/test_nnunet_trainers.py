@@ -341,3 +341,17 @@ def test_generic_trainer_rejects_bad_settings_naming_the_key(make_trainer, nnune
         make_trainer(nnUNetTrainerSegcalib)
     assert not (nnunet_dirs / "nnUNet_results").exists()  # checked before nnU-Net makes its folders
     assert os.environ.get("nnUNet_results")
+
+
+def test_log_says_what_nnUNet_extTrainer_prediction_needs(make_trainer, monkeypatch) -> None:
+    """Set: the value training found the class through; unset: segcalib's folder, plus the folder of
+    a subclass's module when the subclass lives elsewhere (here: this test module's folder)."""
+    from segcalib.integrations.nnunet.trainers import ext_trainer_value
+
+    trainer = make_trainer(nnUNetTrainerSegcalibMbLS, initialize=False)
+    assert f"set it as for training: export nnUNet_extTrainer={trainer_folder()}" in open(trainer.log_file).read()
+    assert ext_trainer_value(nnUNetTrainerSegcalibCALS, {}) == str(trainer_folder())
+    mine = type("nnUNetTrainerMine", (nnUNetTrainerSegcalibMbLS,), {"__module__": __name__})
+    here = os.path.dirname(os.path.abspath(__file__))
+    assert ext_trainer_value(mine, {}) == os.pathsep.join([str(trainer_folder()), here])
+    assert ext_trainer_value(mine, {"nnUNet_extTrainer": "/a:/b"}) == "/a:/b"
