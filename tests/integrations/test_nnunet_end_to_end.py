@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,16 @@ def nnunet(command: str, *args: str, env: dict[str, str], check: bool = True) ->
         if found is None:
             pytest.skip(f"{command} is not installed beside {sys.executable}")
         script = Path(found)
-    done = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=900)
+    # own process group: nnU-Net's worker processes end with it, even when the test is stopped
+    process = subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=900)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check and done.returncode != 0:
         pytest.fail(f"{command} {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
