@@ -38,5 +38,6 @@ def run_env(args: argparse.Namespace) -> int:
         return 0
     print(f"export nnUNet_extTrainer={shlex.quote(folder)}")
     print(f"# then: nnUNetv2_train DATASET CONFIG FOLD -tr {next(iter(TRAINER_LOSSES))} --npz "
-          f"(trainers: {', '.join(TRAINER_LOSSES)}; nnUNetTrainerSegcalib reads {LOSS_ENV} and {PARAMS_ENV})")
+          f"(trainers: {', '.join(TRAINER_LOSSES)}; nnUNetTrainerSegcalib reads {LOSS_ENV} and {PARAMS_ENV}); "
+          "keep nnUNet_extTrainer set for nnUNetv2_predict: it imports the trainer again")
     return 0

@@ -19,7 +19,9 @@ def test_env_prints_the_export_line_of_the_installed_trainer_folder(capsys: pyte
     assert lines[0] == f"export nnUNet_extTrainer={folder}"
     assert (folder / "segcalib_nnunet_trainers.py").is_file()
     assert len(lines) == 2 and lines[1].startswith("# then: nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerSegcalibMbLS --npz")
-    for name in ("nnUNetTrainerSegcalibCALS", "nnUNetTrainerSegcalibNACL", "nnUNetTrainerSegcalibCE", "SEGCALIB_LOSS"):
+    assert lines[1].endswith("keep nnUNet_extTrainer set for nnUNetv2_predict: it imports the trainer again")
+    for name in ("nnUNetTrainerSegcalibCALS", "nnUNetTrainerSegcalibNACL", "nnUNetTrainerSegcalibCE",
+                 "nnUNetTrainerSegcalibSoftL1ACEDiceCE", "SEGCALIB_LOSS"):
         assert name in lines[1]
 
     assert main(["nnunet", "env", "--path"]) == 0

@@ -26,7 +26,7 @@ from segcalib.integrations.nnunet.trainers import (  # noqa: E402
     nnUNetTrainerSegcalibCE,
     nnUNetTrainerSegcalibMbLS,
 )
-from segcalib.losses import build_loss  # noqa: E402
+from segcalib.losses import build_loss, loss_parameters  # noqa: E402
 from tests.integrations.nnunet_plans import PATCH, STRIDES  # noqa: E402
 
 NUM_CLASSES = 3
@@ -69,14 +69,18 @@ def test_deep_supervision_weights_are_nnunets_and_as_derived_by_hand(make_traine
     assert [list(o.shape[2:]) for o in trainer.network(torch.zeros(1, 1, *PATCH))] == ds_shapes()
 
 
-@pytest.mark.parametrize("cls", [nnUNetTrainerSegcalibMbLS, nnUNetTrainerSegcalibCALS, nnUNetTrainerSegcalibCE,
-                                 segcalib_trainers.nnUNetTrainerSegcalibNACL, segcalib_trainers.nnUNetTrainerSegcalibCRaC])
+def data_params(name: str, ignore: int | None = None) -> dict:
+    """What nnU-Net's dataset.json gives the loss: the class count where it takes one, the ignore label."""
+    params = {"num_classes": NUM_CLASSES} if "num_classes" in loss_parameters(name) else {}
+    return params if ignore is None else {**params, "ignore_index": ignore}
+
+
+@pytest.mark.parametrize("cls", [getattr(segcalib_trainers, name) for name in TRAINER_LOSSES], ids=lambda c: c.__name__)
 def test_trainer_loss_is_the_weighted_sum_of_segcalibs_loss_at_each_scale(make_trainer, cls) -> None:
     trainer = make_trainer(cls)
     outputs, targets = random_ds_batch(seed=1)
     name = TRAINER_LOSSES[cls.__name__]
-    params = {"num_classes": NUM_CLASSES} if name in ("cals", "crac") else {}
-    reference = build_loss(name, **params)
+    reference = build_loss(name, **data_params(name))
     expected = sum(w * reference(o, t) for w, o, t in zip(ds_weights_by_hand(), outputs, targets))
     got = trainer.loss(outputs, targets)
     assert got.dtype == torch.float64
@@ -115,9 +119,17 @@ def test_ignore_label_is_the_losses_ignore_index(make_trainer) -> None:
     assert float(mbls.loss(changed, targets)) == pytest.approx(float(value.detach()), rel=1e-12)
 
 
-def test_region_based_labels_are_refused_before_any_folder_is_made(make_trainer, nnunet_dirs) -> None:
-    with pytest.raises(ConfigError, match="region-based labels.*'mbls'"):
-        make_trainer(nnUNetTrainerSegcalibMbLS, regions=True)
+@pytest.mark.parametrize("cls", [getattr(segcalib_trainers, name) for name in TRAINER_LOSSES], ids=lambda c: c.__name__)
+def test_region_based_labels_are_refused_naming_the_key_before_any_folder_is_made(make_trainer, nnunet_dirs, cls) -> None:
+    with pytest.raises(ConfigError, match=rf"region-based labels.*'regions_class_order'.*'{TRAINER_LOSSES[cls.__name__]}'"):
+        make_trainer(cls, regions=True)
+    assert not (nnunet_dirs / "nnUNet_results").exists()
+
+
+def test_region_based_labels_are_refused_for_the_generic_trainer_too(make_trainer, nnunet_dirs, monkeypatch) -> None:
+    monkeypatch.setenv("SEGCALIB_LOSS", "softl1ace_dice")
+    with pytest.raises(ConfigError, match=r"dataset\.json: region-based labels.*'regions_class_order'.*'softl1ace_dice'"):
+        make_trainer(nnUNetTrainerSegcalib, regions=True)
     assert not (nnunet_dirs / "nnUNet_results").exists()
 
 
@@ -137,6 +149,80 @@ def test_log_names_the_loss_and_every_parameter(make_trainer) -> None:
     trainer = make_trainer(nnUNetTrainerSegcalibMbLS, initialize=False, ignore=True)
     log = open(trainer.log_file).read()
     assert "segcalib loss 'mbls' with margin=10.0, alpha=0.1, ignore_index=3 (from nnUNetTrainerSegcalibMbLS)" in log
+
+
+# --------------------------------------------------------------------------------------------
+# the newer losses (L1-ACE and its combinations, CRaC) through the generic trainer
+
+GENERIC_LOSSES = [
+    ("hardl1ace", {"num_bins": 10}),
+    ("softl1ace", {"empty_weight": 0.02}),
+    ("hardl1ace_dice", {}),
+    ("softl1ace_dice", {"dice_weight": 0.3}),
+    ("hardl1ace_ce", {"ace_weight": 0.7, "ce_weight": 0.3}),
+    ("softl1ace_ce", {}),
+    ("hardl1ace_dice_ce", {"include_background": False}),
+    ("softl1ace_dice_ce", {}),
+    ("crac", {"margin": 3.0, "boundary_mm": 1.0}),
+]
+
+
+@pytest.mark.parametrize("ignore", [None, 3], ids=["no_ignore", "ignore_label"])
+@pytest.mark.parametrize(("name", "params"), GENERIC_LOSSES, ids=[n for n, _ in GENERIC_LOSSES])
+def test_generic_trainer_loss_equals_segcalibs_loss_at_every_scale(make_trainer, monkeypatch, name, params, ignore) -> None:
+    """float64 logits: the segcalib loss inside the trainer equals the registry's loss on each
+    deep-supervision scale, and the trainer's loss is nnU-Net's weighted sum of them; voxels of
+    nnU-Net's ignore label do not count."""
+    monkeypatch.setenv("SEGCALIB_LOSS", name)
+    monkeypatch.setenv("SEGCALIB_LOSS_PARAMS", json.dumps(params))
+    trainer = make_trainer(nnUNetTrainerSegcalib, ignore=ignore is not None)
+    reference = build_loss(name, **params, **data_params(name, ignore))
+    outputs, targets = random_ds_batch(seed=6, ignore=ignore)
+    per_scale = [reference(o, t) for o, t in zip(outputs, targets)]
+    for scale, (o, t, expected) in enumerate(zip(outputs, targets, per_scale)):
+        got = trainer.segcalib_loss(o, t)
+        assert got.dtype == torch.float64
+        assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-12, abs=1e-15), scale
+    assert len({round(float(v.detach()), 9) for v in per_scale}) == len(per_scale)  # the scales differ
+    value = trainer.loss(outputs, targets)
+    weighted = sum(w * v for w, v in zip(ds_weights_by_hand(), per_scale))
+    assert float(value.detach()) == pytest.approx(float(weighted.detach()), rel=1e-12)
+    if ignore is not None:
+        changed = [torch.where(t == ignore, o.detach() + 50 * torch.randn_like(o), o.detach()) for o, t in zip(outputs, targets)]
+        assert float(trainer.loss(changed, targets)) == pytest.approx(float(value.detach()), rel=1e-12)
+
+
+def test_named_l1ace_trainers_train_with_the_registrys_defaults(make_trainer) -> None:
+    for cls_name, loss in (("nnUNetTrainerSegcalibHardL1ACE", "hardl1ace"), ("nnUNetTrainerSegcalibSoftL1ACE", "softl1ace"),
+                           ("nnUNetTrainerSegcalibHardL1ACEDiceCE", "hardl1ace_dice_ce"),
+                           ("nnUNetTrainerSegcalibSoftL1ACEDiceCE", "softl1ace_dice_ce")):
+        trainer = make_trainer(getattr(segcalib_trainers, cls_name), initialize=False)
+        assert trainer.segcalib_loss.name == loss and trainer.segcalib_params == {}
+
+
+def test_crac_multipliers_see_the_ignore_label_before_nnunet_overwrites_it(make_trainer) -> None:
+    """nnU-Net's ``validation_step`` sets ignored target voxels to 0 after its loss call (for its pseudo
+    Dice); CRaC's validation statistics must be those of the targets with the ignore label."""
+    trainer = make_trainer(segcalib_trainers.nnUNetTrainerSegcalibCRaC, ignore=True)
+    g = torch.Generator().manual_seed(7)
+    batches = validation_batches(seed=8)
+    for b in batches:
+        for t in b["target"]:
+            t[torch.rand(t.shape, generator=g) < 0.3] = 3
+    trainer.network.eval()
+    reference = build_loss("crac", **data_params("crac", ignore=3))
+    with torch.no_grad():
+        for b in batches:
+            reference.accumulate(trainer.network(b["data"])[0], b["target"][0].clone())
+        trainer.on_validation_epoch_start()
+        outputs = [trainer.validation_step({**b, "target": [t.clone() for t in b["target"]]}) for b in batches]
+    ours = trainer.segcalib_loss
+    assert float(ours._count) == float(reference._count) < sum(b["target"][0].numel() for b in batches)
+    torch.testing.assert_close(ours._sums, reference._sums, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(ours._region_count, reference._region_count)
+    trainer.on_validation_epoch_end(outputs)
+    reference.step()
+    torch.testing.assert_close(ours.lambdas, reference.lambdas, rtol=1e-6, atol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,3 +341,17 @@ def test_generic_trainer_rejects_bad_settings_naming_the_key(make_trainer, nnune
         make_trainer(nnUNetTrainerSegcalib)
     assert not (nnunet_dirs / "nnUNet_results").exists()  # checked before nnU-Net makes its folders
     assert os.environ.get("nnUNet_results")
+
+
+def test_log_says_what_nnUNet_extTrainer_prediction_needs(make_trainer, monkeypatch) -> None:
+    """Set: the value training found the class through; unset: segcalib's folder, plus the folder of
+    a subclass's module when the subclass lives elsewhere (here: this test module's folder)."""
+    from segcalib.integrations.nnunet.trainers import ext_trainer_value
+
+    trainer = make_trainer(nnUNetTrainerSegcalibMbLS, initialize=False)
+    assert f"set it as for training: export nnUNet_extTrainer={trainer_folder()}" in open(trainer.log_file).read()
+    assert ext_trainer_value(nnUNetTrainerSegcalibCALS, {}) == str(trainer_folder())
+    mine = type("nnUNetTrainerMine", (nnUNetTrainerSegcalibMbLS,), {"__module__": __name__})
+    here = os.path.dirname(os.path.abspath(__file__))
+    assert ext_trainer_value(mine, {}) == os.pathsep.join([str(trainer_folder()), here])
+    assert ext_trainer_value(mine, {"nnUNet_extTrainer": "/a:/b"}) == "/a:/b"

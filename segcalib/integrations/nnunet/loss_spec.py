@@ -27,6 +27,10 @@ TRAINER_LOSSES: dict[str, str] = {
     "nnUNetTrainerSegcalibCRaC": "crac",
     "nnUNetTrainerSegcalibNACL": "nacl",
     "nnUNetTrainerSegcalibCE": "ce",
+    "nnUNetTrainerSegcalibHardL1ACE": "hardl1ace",
+    "nnUNetTrainerSegcalibSoftL1ACE": "softl1ace",
+    "nnUNetTrainerSegcalibHardL1ACEDiceCE": "hardl1ace_dice_ce",
+    "nnUNetTrainerSegcalibSoftL1ACEDiceCE": "softl1ace_dice_ce",
 }
 """Trainer class name -> the segcalib loss it trains with (SPEC defaults)."""
 

@@ -20,7 +20,11 @@ CRaC's boundary band (``region="band"``) is measured in voxels of each deep-supe
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import shlex
+import sys
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,6 +35,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import Tensor, nn
 
 from segcalib.errors import ConfigError
+from segcalib.integrations.nnunet import trainer_folder
 from segcalib.integrations.nnunet.loss_spec import (
     LOSS_ENV,
     TRAINER_LOSSES,
@@ -41,6 +46,7 @@ from segcalib.integrations.nnunet.loss_spec import (
 )
 from segcalib.losses import AdaptiveLoss, CalibrationLoss, build_loss
 
+EXT_TRAINER_ENV = "nnUNet_extTrainer"
 CHECKPOINT_KEY = "segcalib_loss"
 """Key of nnU-Net's checkpoint dict holding ``{"name", "params", "state"}`` of the segcalib loss."""
 
@@ -89,6 +95,11 @@ class nnUNetTrainerSegcalib(nnUNetTrainer):
         self.segcalib_params = params
         self.segcalib_loss: CalibrationLoss = loss.to(self.device)
         self.print_to_log_file(f"{describe(spec.name, params)} (from {spec.source})", also_print_to_console=True)
+        self.print_to_log_file(
+            f"segcalib: nnUNetv2_predict finds {type(self).__name__} only through {EXT_TRAINER_ENV}; "
+            f"set it as for training: export {EXT_TRAINER_ENV}={shlex.quote(ext_trainer_value(type(self)))}",
+            also_print_to_console=True,
+        )
         if self.adaptive_loss is not None:
             self.print_to_log_file(
                 f"segcalib: {spec.name}'s multipliers are updated after each epoch from that epoch's "
@@ -187,6 +198,21 @@ class nnUNetTrainerSegcalib(nnUNetTrainer):
         self.restore_segcalib_checkpoint(saved, where)
 
 
+def ext_trainer_value(cls: type, environ: Any = None) -> str:
+    """The ``nnUNet_extTrainer`` value under which nnU-Net finds ``cls`` again (for prediction): the
+    value set now when there is one (training found the class through it), else segcalib's trainer
+    folder, plus the folder of ``cls``'s module when a user's subclass lives elsewhere."""
+    environ = os.environ if environ is None else environ
+    current = environ.get(EXT_TRAINER_ENV, "").strip()
+    if current:
+        return current
+    folders = [str(trainer_folder())]
+    module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    if cls.__module__ != __name__ and module_file:
+        folders.append(str(Path(module_file).resolve().parent))
+    return os.pathsep.join(folders)
+
+
 def _read_segcalib_entry(path: str) -> dict[str, Any] | None:
     """The ``"segcalib_loss"`` entry of an nnU-Net checkpoint file, read with ``weights_only=True``
     (nnU-Net's part of the file holds numpy scalars from its logging, allowed as plain data)."""
@@ -223,3 +249,11 @@ nnUNetTrainerSegcalibCALS = _named_trainer("nnUNetTrainerSegcalibCALS", TRAINER_
 nnUNetTrainerSegcalibCRaC = _named_trainer("nnUNetTrainerSegcalibCRaC", TRAINER_LOSSES["nnUNetTrainerSegcalibCRaC"])
 nnUNetTrainerSegcalibNACL = _named_trainer("nnUNetTrainerSegcalibNACL", TRAINER_LOSSES["nnUNetTrainerSegcalibNACL"])
 nnUNetTrainerSegcalibCE = _named_trainer("nnUNetTrainerSegcalibCE", TRAINER_LOSSES["nnUNetTrainerSegcalibCE"])
+nnUNetTrainerSegcalibHardL1ACE = _named_trainer("nnUNetTrainerSegcalibHardL1ACE",
+                                                TRAINER_LOSSES["nnUNetTrainerSegcalibHardL1ACE"])
+nnUNetTrainerSegcalibSoftL1ACE = _named_trainer("nnUNetTrainerSegcalibSoftL1ACE",
+                                                TRAINER_LOSSES["nnUNetTrainerSegcalibSoftL1ACE"])
+nnUNetTrainerSegcalibHardL1ACEDiceCE = _named_trainer("nnUNetTrainerSegcalibHardL1ACEDiceCE",
+                                                      TRAINER_LOSSES["nnUNetTrainerSegcalibHardL1ACEDiceCE"])
+nnUNetTrainerSegcalibSoftL1ACEDiceCE = _named_trainer("nnUNetTrainerSegcalibSoftL1ACEDiceCE",
+                                                      TRAINER_LOSSES["nnUNetTrainerSegcalibSoftL1ACEDiceCE"])
