@@ -44,7 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fit = verbs.add_parser("fit", help="fit a calibrator on a labelled split; writes CAL_DIR/calibrator.json")
     folder_args(fit)
     fit.add_argument("--manifest", required=True, help="manifest with the ground truth")
-    fit.add_argument("--split", default="validation", choices=("training", "validation", "test"))
+    fit.add_argument("--split", default=None, choices=("training", "validation", "test", "folds"),
+                     help="the labelled cases to fit on (default: validation; for an nnU-Net trainer folder, 'folds': "
+                          "every labelled case with a fold's validation map, whatever its split)")
     fit.add_argument("--method", default="auto", choices=LazyChoices(_methods), metavar="METHOD",
                      help="a registered calibrator, or auto: chosen by k-fold cross-validation over cases (default)")
     fit.add_argument("--output", required=True, help="calibrator folder (CAL_DIR)")
@@ -110,7 +112,7 @@ def run_fit(args: argparse.Namespace) -> int:
         criterion = (record.get("selection") or {}).get("criterion")
         how = f" (chosen by {args.folds}-fold cross-validation on {criterion})" if chosen else ""
         how += f" in {record.get('seconds', 0):.1f} s"
-        print(f"calibrator {record['method']}{how} fitted on {len(record.get('cases', []))} {args.split} case(s), "
+        print(f"calibrator {record['method']}{how} fitted on {len(record.get('cases', []))} {record.get('split')} case(s), "
               f"region {record.get('fit_region')}: {args.output}/calibrator.json")
     return 0
 

@@ -33,7 +33,7 @@ from segcalib.errors import DataError
 from segcalib.export.record import EXPORT_JSON, claimed_output, differences, finish, now, previous_record, versions
 from segcalib.export.writers import all_written, check_dtype, output_paths, write_probability_maps
 from segcalib.predictions import PredictionMap, check_geometry, match_cases, open_predictions
-from segcalib.predictions.matching import check_label_values, labelled_pairs
+from segcalib.predictions.matching import check_label_values, default_split, labelled_pairs
 from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM
 from segcalib.spatial.spacing import spacing_from_affine
 from segcalib.utils.devices import select_device
@@ -55,7 +55,7 @@ class FolderOptions:
 
 @dataclass
 class FitOptions:
-    split: str = "validation"
+    split: str | None = None  # None: validation, or every fold's cases of an nnU-Net trainer folder
     method: str = "auto"
     region: str = ALL
     preserve: str = "none"
@@ -97,7 +97,8 @@ def fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outpu
 def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, output: str | Path, options: FitOptions) -> dict[str, Any]:
     output = Path(output)
     folder = open_predictions(predictions, **vars(options.folder))
-    manifest, pairs = labelled_pairs(folder, manifest_path, options.split, options.split_seed, "fit a calibrator on")
+    split = options.split or default_split(folder)
+    manifest, pairs = labelled_pairs(folder, manifest_path, split, options.split_seed, "fit a calibrator on")
     device = select_device(options.device)
     num_classes = manifest.num_classes
     limits = {} if options.max_voxels is None else {"max_voxels": options.max_voxels}
@@ -139,7 +140,7 @@ def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outp
         fit_region=options.region,
         ignore_label=manifest.ignore_label,
         boundary_mm=options.boundary_mm,
-        split=options.split,
+        split=split,
         cases=[c.case_id for c, _ in pairs],
         predictions=str(Path(predictions).resolve()),
         prediction_format=folder.format,

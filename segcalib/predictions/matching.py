@@ -14,6 +14,7 @@ from segcalib.predictions.folder import PredictionEntry, PredictionFolder
 from segcalib.predictions.maps import PredictionMap
 
 log = logging.getLogger("segcalib")
+FOLDS = "folds"  # the cases of an nnU-Net trainer folder: every labelled case with an out-of-fold map
 AFFINE_TOL = 1e-4  # mm, as segcalib.data.check compares image and label
 
 
@@ -89,14 +90,40 @@ def split_seed_of(folder: PredictionFolder, given: int | None = None) -> int:
     return int((folder.metadata or {}).get("split_seed", SPLIT_SEED)) if folder.format == "segcalib" else SPLIT_SEED
 
 
+def default_split(folder: PredictionFolder) -> str:
+    """:data:`FOLDS` for an nnU-Net trainer folder read through its folds, else ``validation``."""
+    return FOLDS if "folds" in folder.metadata else "validation"
+
+
 def labelled_pairs(
-    folder: PredictionFolder, manifest_path, split: str, split_seed: int | None, purpose: str
+    folder: PredictionFolder, manifest_path, split: str | None, split_seed: int | None, purpose: str
 ) -> tuple[Manifest, list[tuple[Case, PredictionEntry]]]:
     """The manifest (split as the export that wrote ``folder`` split it, unless ``split_seed`` is
     given) and its labelled ``split`` cases matched to their maps; a DataError naming the manifest
-    when the split has no labelled case (``purpose``: what the labels are needed for)."""
+    when the split has no labelled case (``purpose``: what the labels are needed for).
+
+    ``split`` None: :func:`default_split`. :data:`FOLDS` (a trainer folder): every labelled case of
+    the manifest, whatever split segcalib gave it, that has a fold's validation map -- nnU-Net
+    trained on all of them, and each map is out of fold; the labelled cases without one (folds not
+    trained) are counted in a warning."""
     manifest = load_manifest(manifest_path, split_seed=split_seed_of(folder, split_seed))
-    cases = manifest.labelled(split)
+    split = split or default_split(folder)
+    if split != FOLDS:
+        cases = manifest.labelled(split)
+        if not cases:
+            raise DataError(f"{manifest.path}: split {split!r} has no labelled cases to {purpose}")
+        return manifest, match_cases(folder, cases)
+    if "folds" not in folder.metadata:
+        raise DataError(f"{folder.root}: split {FOLDS!r} needs an nnU-Net trainer folder (fold_<k>/validation), "
+                        f"this is a {folder.format} folder")
+    labelled = [c for name in manifest.splits for c in manifest.splits[name] if c.label is not None]
+    cases = [c for c in labelled if c.case_id in folder]
     if not cases:
-        raise DataError(f"{manifest.path}: split {split!r} has no labelled cases to {purpose}")
+        raise DataError(f"{manifest.path}: none of its {len(labelled)} labelled case(s) has a map in the folds of "
+                        f"{folder.root} (looked for {folder.expected_file(labelled[0].case_id) if labelled else 'any'})")
+    without = [c.case_id for c in labelled if c.case_id not in folder]
+    if without:
+        log.warning("%s: %d of the manifest's %d labelled case(s) have no fold validation map (folds not trained, or "
+                    "cases nnU-Net did not train on), left out: %s%s", folder.root, len(without), len(labelled),
+                    ", ".join(without[:5]), " ..." if len(without) > 5 else "")
     return manifest, match_cases(folder, cases)

@@ -77,3 +77,37 @@ def test_auto_keeps_each_nnunet_folds_cases_in_one_cross_validation_fold(tmp_pat
     for cases in folds.values():  # one model's held-out maps are never split between fitting and scoring
         assert len({assigned[c] for c in cases}) == 1
     assert len(set(assigned.values())) == 3
+
+
+def test_fit_on_a_trainer_folder_takes_every_fold_case_whatever_segcalib_split_it_into(tmp_path: Path, caplog) -> None:
+    # nnU-Net's raw dataset.json lists no validation cases: segcalib makes a seeded validation split (and
+    # a test split) out of the training cases, but nnU-Net trained on all of them and each fold map is out of fold
+    folds = {0: ["c_01", "c_02", "c_03"], 1: ["c_04", "c_05", "c_06"], 2: ["c_07", "c_08", "c_09"]}
+    trainer, manifest, probs = _trainer_folder(tmp_path, folds)
+    raw = json.loads(manifest.read_text())
+    entries = raw["training"] + [{"image": raw["training"][0]["image"], "label": raw["training"][0]["label"],
+                                  "case_id": "c_10"}]  # labelled, but in no trained fold
+    manifest.write_text(json.dumps({"labels": raw["labels"], "training": entries}))
+    from segcalib.data import load_manifest
+
+    loaded = load_manifest(manifest)
+    assert loaded.cases("validation") and loaded.generated_splits  # the split segcalib made
+    with caplog.at_level("WARNING", logger="segcalib"):
+        assert main(["calibrate", "fit", "--predictions", str(trainer), "--manifest", str(manifest),
+                     "--method", "temperature", "--output", str(tmp_path / "cal")]) == 0
+    record = json.loads((tmp_path / "cal" / "calibrator.json").read_text())
+    assert record["split"] == "folds" and sorted(record["cases"]) == sorted(probs)
+    assert "1 of the manifest's 10 labelled case(s) have no fold validation map" in caplog.text and "c_10" in caplog.text
+    # an explicit split still means that split alone
+    assert main(["calibrate", "fit", "--predictions", str(trainer), "--manifest", str(manifest), "--split", "validation",
+                 "--method", "temperature", "--output", str(tmp_path / "cal_val")]) == 0
+    record = json.loads((tmp_path / "cal_val" / "calibrator.json").read_text())
+    assert sorted(record["cases"]) == sorted(c.case_id for c in loaded.labelled("validation"))
+
+
+def test_split_folds_needs_a_trainer_folder(tmp_path: Path) -> None:
+    trainer, manifest, _ = _trainer_folder(tmp_path, {0: ["c_01", "c_02"]})
+    plain = trainer / "fold_0" / "validation"
+    assert main(["calibrate", "fit", "--predictions", str(plain), "--manifest", str(manifest), "--split", "folds",
+                 "--method", "temperature", "--output", str(tmp_path / "cal")]) == 2
+    assert not (tmp_path / "cal").exists()
