@@ -28,11 +28,11 @@ from segcalib.calibrators import Calibrator, build_calibrator, load_calibrator, 
 from segcalib.calibrators.criteria import BALANCED, CV_FIT_VOXELS
 from segcalib.calibrators.input_space import check_convertible, describe, to_space, warn_unrecorded
 from segcalib.calibrators.selection import ground_truth_masks, select_calibrator
-from segcalib.data import load_manifest, read_volume
+from segcalib.data import Case, load_manifest, read_volume
 from segcalib.errors import DataError
 from segcalib.export.record import EXPORT_JSON, claimed_output, differences, finish, now, previous_record, versions
 from segcalib.export.writers import all_written, check_dtype, output_paths, write_probability_maps
-from segcalib.predictions import PredictionMap, check_geometry, match_cases, open_predictions
+from segcalib.predictions import PredictionFolder, PredictionMap, check_geometry, match_cases, open_predictions
 from segcalib.predictions.matching import check_label_values, default_split, labelled_pairs
 from segcalib.spatial.regions import ALL, DEFAULT_BOUNDARY_MM
 from segcalib.spatial.spacing import spacing_from_affine
@@ -94,6 +94,16 @@ def fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outpu
     return _fit_on_predictions(predictions, manifest_path, output, options)
 
 
+def _cv_groups(folder: PredictionFolder, cases: list[Case]) -> dict[str, str | None]:
+    """The group of each case that ``auto``'s folds keep together: its nnU-Net fold when the maps come
+    from two or more folds' models (a calibrator is scored on a model it was not fitted on), else
+    the manifest's ``group`` (one trained fold is one model: its cases are independent)."""
+    folds = {case.case_id: folder.fold_of(case.case_id) for case in cases}
+    if len({f for f in folds.values() if f is not None}) < 2:
+        return {case.case_id: case.group for case in cases}
+    return {case.case_id: folds[case.case_id] or case.group for case in cases}
+
+
 def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, output: str | Path, options: FitOptions) -> dict[str, Any]:
     output = Path(output)
     folder = open_predictions(predictions, **vars(options.folder))
@@ -118,7 +128,7 @@ def _fit_on_predictions(predictions: str | Path, manifest_path: str | Path, outp
             lambda: stream(False), [c.case_id for c, _ in pairs], num_classes, criterion=options.criterion,
             preserve=options.preserve, folds=options.folds, seed=options.seed, fit_region=options.region,
             boundary_mm=options.boundary_mm, fit_voxels=options.fit_voxels,
-            groups={c.case_id: folder.fold_of(c.case_id) or c.group for c, _ in pairs}, progress=options.progress,
+            groups=_cv_groups(folder, [c for c, _ in pairs]), progress=options.progress,
             **limits,
         ) if is_main_process() else None
         if selection is None:

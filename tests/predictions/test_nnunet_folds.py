@@ -111,3 +111,12 @@ def test_split_folds_needs_a_trainer_folder(tmp_path: Path) -> None:
     assert main(["calibrate", "fit", "--predictions", str(plain), "--manifest", str(manifest), "--split", "folds",
                  "--method", "temperature", "--output", str(tmp_path / "cal")]) == 2
     assert not (tmp_path / "cal").exists()
+
+
+def test_auto_on_a_trainer_folder_with_one_fold_trained_splits_its_cases(tmp_path: Path) -> None:
+    # one trained fold is one model: nothing to keep together, its cases are cross-validated one by one
+    trainer, manifest, probs = _trainer_folder(tmp_path, {0: ["c_01", "c_02", "c_03", "c_04"]})
+    assert main(["calibrate", "fit", "--predictions", str(trainer), "--manifest", str(manifest), "--method", "auto",
+                 "--folds", "2", "--quiet", "--output", str(tmp_path / "cal")]) == 0
+    assigned = json.loads((tmp_path / "cal" / "calibrator.json").read_text())["selection"]["folds"]
+    assert sorted(assigned) == sorted(probs) and len(set(assigned.values())) == 2
