@@ -1,23 +1,37 @@
-"""Per image, class and confidence bin: ``(sum p, sum [y == c], weight)`` with hard or soft bins, in bounded memory.
+"""Per image, class and confidence bin: ``(sum p, sum [y == c], weight)`` with hard or soft bins, in a few passes.
 
-The L1-ACE losses need three ``(B, C, bins)`` sums over the voxels. Written with autograd ops, every
-voxel keeps its bin indices, interpolation weights and products until backward (several
-``(B, C, N)`` tensors, more than one ``(N, C, bins)`` tensor at 128^3). Here forward and backward
-walk the voxels in chunks and keep nothing but the probabilities (which the softmax keeps anyway):
-backward recomputes each voxel's bins and writes the gradient
+The L1-ACE losses need three ``(B, C, bins)`` sums over the voxels. Each probability touches at
+most two neighbouring bins, and its share of each is affine in ``p`` inside one *cell* (an interval
+of ``p`` between two bin edges, hard, or two bin centres, soft). So the voxels only need to be
+histogrammed once, into cells, with the moments ``(count, sum p, sum p^2)`` per (label region,
+image, class, cell); the bin sums are small linear combinations of those moments, written with
+ordinary (autograd) tensor ops on ``(B, C, bins)`` tables. Per voxel entry the work is: one float64
+position ``base - x`` or ``base + x + 1/2`` (``x = p * bins / (1 + eps32)``) truncated to an int32
+slot, and one ``index_add_`` per moment; backward is the gather ``dL/dp = g1[slot] + 2 p g2[slot]``
+(``g1, g2`` the upstream gradients of the ``sum p`` and ``sum p^2`` moments). No ``(N, C, bins)``
+tensor exists; between forward and backward only the int32 slots are kept (the probabilities are
+kept by the softmax anyway). Float32 probabilities are accumulated in float64.
 
-- hard bins: ``dL/dp = w g_S[bin]`` (the bin assignment is piecewise constant);
-- soft bins, p between centres ``c_l`` and ``c_r``, ``t = (p - c_l)/(c_r - c_l)``:
-  ``dL/dp = w ((1 - t) g_S[l] + t g_S[r] + (p (g_S[r] - g_S[l]) + y (g_Y[r] - g_Y[l]) + g_W[r] - g_W[l]) / (c_r - c_l))``
-  (the last term is 0 at the end bins, where all of p's weight sits in one bin),
+Cells (``x`` in ``[0, bins)``; the references' edges are ``j (1 + eps32) / bins``):
 
-with ``g_S, g_Y, g_W`` the upstream gradients of the three sums and ``w`` the voxel's weight
-(0 on ignored voxels).
+- hard: bin j holds ``j < x <= j + 1`` (right edge included, as ``torch.bucketize(right=False)``;
+  ``x = 0`` is bin 0). The slot is ``trunc(base + bins - x) = base + bins - ceil(x)``, so the
+  right-closed edges cost no extra pass; slot offset ``bins - 1 - j`` is bin j, offset ``bins`` is
+  ``p = 0`` (added to bin 0).
+- soft: centres at ``x = j + 1/2``; cell ``k = floor(x + 1/2)``: ``k = 0`` is below the first centre
+  and ``k = bins`` above the last (all weight to the end bin); in between, ``t = x + 1/2 - k`` goes to
+  bin k and ``1 - t`` to bin ``k - 1``, so bin k gets ``sum t = a M1 - (k - 1/2) M0`` and
+  ``sum p t = a M2 - (k - 1/2) M1`` (``a = bins / (1 + eps32)``).
+
+The moments are kept per label code too (``(B, C + 1, C, cells)``): the code-c rows of class c give
+``sum [y == c]``, and code ``C`` marks ignored voxels, a block that is never read (so ignored voxels
+add nothing and get a zero gradient).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,118 +39,116 @@ from torch.autograd.function import once_differentiable
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 """The bins cover ``[0, 1 + FLOAT32_EPS]`` (as the references), whatever the compute dtype."""
-CHUNK_ELEMENTS = 1 << 21  # (B, C, voxels) entries per chunk: a few chunk-sized temporaries at a time
+CHUNK_ELEMENTS = 1 << 21  # (B, C, voxels) entries per chunk: bounds the float64 temporaries
 
 
-def sorted_position(values: Tensor, table: Tensor) -> Tensor:
-    """``torch.bucketize(values, table)`` (smallest i with ``values <= table[i]``, else ``len(table)``)
-    for an equally spaced ``table``: an arithmetic guess, corrected by one step against the table
-    itself, so the result is bucketize's exactly (a binary search costs several times more)."""
-    n = table.numel()
-    if n == 1:
-        return (values > table[0]).long()
-    step = (table[-1] - table[0]) / (n - 1)
-    guess = torch.ceil((values - table[0]) / step).clamp_(0, n).long()
-    padded = torch.cat([table.new_full((1,), -torch.inf), table, table.new_full((1,), torch.inf)])
-    guess += (values > padded.take(guess + 1)).long()  # above table[guess]: one up
-    guess -= (values <= padded.take(guess)).long()  # not above table[guess - 1]: one down
-    return guess
+def bin_scale(num_bins: int) -> float:
+    """``x = p * bin_scale`` is the position of ``p`` in bin widths (float64)."""
+    return num_bins / (1.0 + FLOAT32_EPS)
 
 
-def bin_table(num_bins: int, soft: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Upper bin edges (hard) or bin centres (soft) of ``num_bins`` equal bins on ``[0, 1 + eps32]``."""
-    grid = torch.linspace(0.0, 1.0 + FLOAT32_EPS, 2 * num_bins + 1, dtype=dtype, device=device)
-    if soft:
-        return grid[1::2].contiguous()
-    return torch.linspace(0.0, 1.0 + FLOAT32_EPS, num_bins + 1, dtype=dtype, device=device)[1:]
-
-
-class _Chunk:
-    """One slice of voxels ``[start, stop)``: probabilities, weights, labels as a one-hot mask, and
-    each entry's bins: ``low`` / ``high`` flat indices into ``(B, C, bins)`` and ``t`` (soft) or
-    the single bin ``low`` (hard)."""
-
-    def __init__(self, probs: Tensor, labels: Tensor, weight: Tensor, table: Tensor, soft: bool, rows: Tensor) -> None:
-        num_bins = table.numel()
-        self.p = probs
-        self.w = weight.unsqueeze(1)
-        self.y = labels.unsqueeze(1) == torch.arange(probs.shape[1], device=probs.device).reshape(1, -1, 1)
-        if soft:
-            above = sorted_position(probs, table)  # first centre >= p
-            left = (above - 1).clamp_(0, num_bins - 1)
-            right = above.clamp_(max=num_bins - 1)
-            low_centre = table.take(left)
-            gap = table.take(right) - low_centre
-            self.slope = torch.where(left != right, gap.clamp_min_(FLOAT32_EPS).reciprocal_(), 0.0)
-            self.t = (probs - low_centre).mul_(self.slope)
-            self.low, self.high = left.add_(rows), right.add_(rows)
-        else:
-            self.low = sorted_position(probs, table).clamp_(max=num_bins - 1).add_(rows)
-            self.t = None
-
-
-def _chunks(probs: Tensor, labels: Tensor, weight: Tensor, table: Tensor, soft: bool) -> Iterator[tuple[slice, _Chunk]]:
-    batch, classes, voxels = probs.shape
-    rows = torch.arange(batch * classes, device=probs.device).mul_(table.numel()).reshape(batch, classes, 1)
-    step = max(1, CHUNK_ELEMENTS // max(batch * classes, 1))
-    for start in range(0, voxels, step):
-        part = slice(start, min(start + step, voxels))
-        yield part, _Chunk(probs[:, :, part], labels[:, part], weight[:, part], table, soft, rows)
-
-
-class _BinnedSums(torch.autograd.Function):
-    """``(3, B, C, bins)``: sums of ``w p``, ``w [y == c]`` and ``w`` per bin (soft: interpolated)."""
+class _CellMoments(torch.autograd.Function):
+    """``(B, C + 1, C, bins + 1)`` moments per (image, label code, class, cell), float64: count,
+    sum p and (soft) sum p^2. Code ``C`` marks ignored voxels."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, probs: Tensor, labels: Tensor, weight: Tensor, num_bins: int, soft: bool
-    ) -> Tensor:
-        batch, classes = probs.shape[:2]
-        table = bin_table(num_bins, soft, probs.dtype, probs.device)
-        sums = probs.new_zeros(3, batch * classes * num_bins)
-        for _, chunk in _chunks(probs, labels, weight, table, soft):
-            wy = chunk.w * chunk.y
-            parts = [(chunk.low, 1.0 - chunk.t if soft else None), (chunk.high, chunk.t)] if soft else [(chunk.low, None)]
-            for index, share in parts:
-                flat = index.reshape(-1)
-                w = chunk.w if share is None else chunk.w * share
-                sums[0].scatter_add_(0, flat, (w * chunk.p).reshape(-1))
-                sums[1].scatter_add_(0, flat, (wy if share is None else wy * share).reshape(-1))
-                sums[2].scatter_add_(0, flat, w.expand_as(chunk.p).reshape(-1))
-        ctx.save_for_backward(probs, labels, weight)
-        ctx.num_bins, ctx.soft = num_bins, soft
-        return sums.reshape(3, batch, classes, num_bins)
+        ctx: Any, probs: Tensor, codes: Tensor, num_bins: int, soft: bool
+    ) -> tuple[Tensor, ...]:
+        batch, classes, voxels = probs.shape
+        cells = num_bins + 1
+        shape = (batch, classes + 1, classes, cells)
+        size = math.prod(shape)
+        # slot = ((b (C + 1) + code) C + c) cells + cell offset, cell offset = trunc(shift -+ x):
+        # position = code C cells [per voxel] + (b (C + 1) C + c) cells + shift [per image, class] + scale p
+        pair = torch.arange(batch * classes, device=probs.device).reshape(batch, classes, 1)
+        pair_term = (((pair // classes) * classes * classes + pair) * cells).to(torch.float64)
+        pair_term += 0.5 if soft else float(num_bins)
+        scale = bin_scale(num_bins) * (1.0 if soft else -1.0)
+        moments = torch.zeros(3 if soft else 2, size, dtype=torch.float64, device=probs.device)
+        step = max(1, CHUNK_ELEMENTS // max(batch * classes, 1))
+        slots = []
+        for start in range(0, voxels, step):
+            part = slice(start, min(start + step, voxels))
+            p = probs[:, :, part].to(torch.float64)
+            code = codes[:, part].unsqueeze(1).to(torch.float64)
+            position = torch.add(pair_term, code, alpha=classes * cells).add_(p, alpha=scale)
+            slot = position.to(torch.int32).reshape(-1)
+            p = p.reshape(-1)  # a view of probs for float64 input: never written to
+            moments[0] += torch.bincount(slot, minlength=size)
+            moments[1] += torch.bincount(slot, p, minlength=size)
+            if soft:
+                moments[2] += torch.bincount(slot, torch.mul(p, p, out=position.reshape(-1)), minlength=size)
+            slots.append(slot)
+        ctx.save_for_backward(probs, *slots)
+        ctx.step = step
+        outputs = moments.reshape(-1, *shape).unbind(0)
+        ctx.mark_non_differentiable(outputs[0])
+        return outputs
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        probs, labels, weight = ctx.saved_tensors
-        table = bin_table(ctx.num_bins, ctx.soft, probs.dtype, probs.device)
-        g_sum, g_y, g_w = grad.reshape(3, -1).unbind(0)
-        grad_probs = torch.empty_like(probs)
-        for part, chunk in _chunks(probs, labels, weight, table, ctx.soft):
-            low = g_sum.take(chunk.low)
-            if not ctx.soft:
-                grad_probs[:, :, part] = low * chunk.w
-                continue
-            high = g_sum.take(chunk.high)
-            spread = (high - low).mul_(chunk.p)
-            spread += torch.where(chunk.y, g_y.take(chunk.high) - g_y.take(chunk.low), 0.0)
-            spread += g_w.take(chunk.high) - g_w.take(chunk.low)
-            value = torch.lerp(low, high, chunk.t).add_(spread.mul_(chunk.slope))
-            grad_probs[:, :, part] = value.mul_(chunk.w)
-        return grad_probs, None, None, None, None
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        probs, *slots = ctx.saved_tensors
+        batch, classes, voxels = probs.shape
+        g_sum = grads[1].reshape(-1).to(probs.dtype)
+        g_square = 2 * grads[2].reshape(-1).to(probs.dtype) if len(grads) > 2 else None
+        chunks = []
+        for start, slot in zip(range(0, voxels, ctx.step), slots):
+            grad = g_sum.index_select(0, slot).reshape(batch, classes, -1)
+            if g_square is not None:
+                p = probs[:, :, start : start + ctx.step]
+                grad.addcmul_(g_square.index_select(0, slot).reshape(grad.shape), p)
+            chunks.append(grad)
+        grad_probs = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+        return grad_probs, None, None, None
 
 
-def binned_sums(probs: Tensor, labels: Tensor, weight: Tensor, num_bins: int, soft: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(sum p, sum [y == c], weight)``, each ``(B, C, num_bins)``, differentiable in ``probs``.
+def _interior_shares(m0: Tensor, m1: Tensor, m2: Tensor, num_bins: int) -> tuple[Tensor, Tensor]:
+    """Soft cells 1..bins-1: each cell's ``(sum t, sum p t)``, the shares of its right bin."""
+    half = torch.arange(1, num_bins, dtype=m0.dtype, device=m0.device) - 0.5
+    a = bin_scale(num_bins)
+    inner = slice(1, num_bins)
+    return a * m1[..., inner] - half * m0[..., inner], a * m2[..., inner] - half * m1[..., inner]
+
+
+def _soft_bins(m0: Tensor, moment: Tensor, shares: Tensor, num_bins: int) -> Tensor:
+    """Bin totals of one soft statistic: end cells whole, inner cells split left / right."""
+    total = torch.zeros(*m0.shape[:-1], num_bins, dtype=m0.dtype, device=m0.device)
+    total = total.index_add(-1, torch.tensor([0, num_bins - 1], device=m0.device), moment[..., [0, num_bins]])
+    if num_bins > 1:
+        inner = moment[..., 1:num_bins]
+        total = total + torch.nn.functional.pad(inner - shares, (0, 1)) + torch.nn.functional.pad(shares, (1, 0))
+    return total
+
+
+def binned_sums(
+    probs: Tensor, labels: Tensor, valid: Tensor, num_bins: int, soft: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sum p, sum [y == c], weight)``, each ``(B, C, num_bins)`` float64, differentiable in ``probs``.
 
     Args:
         probs: ``(B, C, N)`` probabilities.
-        labels: ``(B, N)`` int64 labels (any class on ignored voxels).
-        weight: ``(B, N)`` 1 on counted voxels, 0 on ignored ones (probs' dtype).
+        labels: ``(B, N)`` int64 labels in ``[0, C)`` on valid voxels (anything on ignored ones).
+        valid: ``(B, N)`` bool, False on ignored voxels.
         num_bins: equal bins on ``[0, 1 + eps32]``.
         soft: linear interpolation between neighbouring bin centres instead of hard bins.
     """
-    sums = _BinnedSums.apply(probs, labels.contiguous(), weight.contiguous(), num_bins, soft)
-    return sums[0], sums[1], sums[2]
+    classes = probs.shape[1]
+    codes = labels.masked_fill(~valid, classes).contiguous()
+    moments = _CellMoments.apply(probs, codes, num_bins, soft)
+    if soft:
+        m0, m1, m2 = moments
+        t_sum, pt_sum = _interior_shares(m0, m1, m2, num_bins)
+        weight = _soft_bins(m0, m0, t_sum, num_bins)
+        sum_p = _soft_bins(m0, m1, pt_sum, num_bins)
+    else:
+        # cell offset bins - 1 - j is bin j (x in (j, j + 1]); offset bins (p = 0) joins bin 0
+        def fold(m: Tensor) -> Tensor:
+            bins = m[..., :num_bins].flip(-1)
+            return torch.cat([bins[..., :1] + m[..., num_bins:], bins[..., 1:]], dim=-1)
+
+        weight, sum_p = fold(moments[0]), fold(moments[1])
+    # (B, C + 1, C, bins): label code x class; code C (ignored voxels) is dropped
+    labelled = torch.diagonal(weight, dim1=1, dim2=2).movedim(-1, 1)
+    return sum_p[:, :classes].sum(1), labelled, weight[:, :classes].sum(1)

@@ -272,22 +272,39 @@ def test_invalid_parameters() -> None:
         build_loss("hardl1ace", empty_weight=0.01)  # soft binning only
 
 
+def _exact_hard_bin(value: float, num_bins: int) -> int:
+    """Smallest j with ``value <= (j + 1)(1 + EPS32)/num_bins``, in exact rational arithmetic."""
+    from fractions import Fraction
+
+    top = 1 + Fraction(1, 2**23)
+    return next(j for j in range(num_bins) if Fraction(value) <= (j + 1) * top / num_bins)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("num_bins", [1, 2, 7, 20])
-def test_bin_lookup_equals_bucketize_at_and_beside_every_edge(num_bins: int, dtype: torch.dtype) -> None:
-    from segcalib.losses._calibration_bins import FLOAT32_EPS, sorted_position
+def test_hard_bins_are_right_closed_at_the_exact_edges(num_bins: int, dtype: torch.dtype) -> None:
+    """Every probability at, just above and just below each edge ``j (1 + eps32) / bins`` (as
+    rounded to the dtype, and the float32 values that are exactly an edge: 0.25 + 2^-25,
+    0.5 + 2^-24) lands in the bin exact rational arithmetic gives; float32 exactly, float64 at
+    1e-12 from an edge (the slot arithmetic is float64)."""
+    from segcalib.losses._calibration_bins import binned_sums
 
-    grid = torch.linspace(0.0, 1.0 + FLOAT32_EPS, 2 * num_bins + 1, dtype=dtype)
+    edges = torch.tensor([(j + 1) * (1 + EPS32) / num_bins for j in range(num_bins - 1)], dtype=dtype)
+    if dtype == torch.float32:
+        near = [edges, torch.nextafter(edges, torch.full_like(edges, 2.0)), torch.nextafter(edges, torch.zeros_like(edges))]
+        exact = [0.25 + 2.0**-25, 0.5 + 2.0**-24]
+    else:
+        near = [edges + 1e-12, edges - 1e-12]
+        exact = []
     gen = torch.Generator().manual_seed(46)
-    for table in (grid[2::2].contiguous(), grid[1::2].contiguous()):  # upper edges, centres
-        values = torch.cat([
-            torch.rand(20000, generator=gen, dtype=dtype),
-            table,
-            torch.nextafter(table, torch.full_like(table, 2.0)),
-            torch.nextafter(table, torch.full_like(table, -1.0)),
-            torch.tensor([0.0, 1.0], dtype=dtype),
-        ])
-        assert torch.equal(sorted_position(values, table), torch.bucketize(values, table))
+    values = torch.cat([*near, torch.tensor([0.0, 1.0, 2.0**-30, *exact], dtype=dtype), torch.rand(500, generator=gen, dtype=dtype)])
+    probs = values.reshape(1, 1, -1)
+    labels = torch.zeros(1, values.numel(), dtype=torch.long)
+    _, _, counts = binned_sums(probs, labels, torch.ones_like(labels, dtype=torch.bool), num_bins, soft=False)
+    expected = torch.zeros(num_bins, dtype=torch.float64)
+    for value in values.tolist():
+        expected[_exact_hard_bin(value, num_bins)] += 1
+    assert torch.equal(counts.reshape(-1), expected)
 
 
 @pytest.mark.parametrize("name", ["hardl1ace", "softl1ace"])
