@@ -48,7 +48,7 @@ def bin_scale(num_bins: int) -> float:
 
 
 class _CellMoments(torch.autograd.Function):
-    """``(B, C + 1, C, bins + 1)`` moments per (image, label code, class, cell), float64: count,
+    """``(B, C, C + 1, bins + 1)`` moments per (image, class, label code, cell), float64: count,
     sum p and (soft) sum p^2. Code ``C`` marks ignored voxels."""
 
     @staticmethod
@@ -57,32 +57,32 @@ class _CellMoments(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:
         batch, classes, voxels = probs.shape
         cells = num_bins + 1
-        shape = (batch, classes + 1, classes, cells)
-        size = math.prod(shape)
-        # slot = ((b (C + 1) + code) C + c) cells + cell offset, cell offset = trunc(shift -+ x):
-        # position = code C cells [per voxel] + (b (C + 1) C + c) cells + shift [per image, class] + scale p
-        pair = torch.arange(batch * classes, device=probs.device).reshape(batch, classes, 1)
-        pair_term = (((pair // classes) * classes * classes + pair) * cells).to(torch.float64)
-        pair_term += 0.5 if soft else float(num_bins)
+        block = (classes + 1) * cells  # slots of one (image, class) pair: label code x cell
+        # slot in the pair's block = code * cells + trunc(shift +- x): hard shift bins (slot offset
+        # bins - ceil(x)), soft shift 1/2 (floor(x + 1/2)); the per-voxel part is looked up by code
+        code_term = torch.arange(classes + 1, dtype=torch.float64, device=probs.device) * cells
+        code_term += 0.5 if soft else float(num_bins)
         scale = bin_scale(num_bins) * (1.0 if soft else -1.0)
-        moments = torch.zeros(3 if soft else 2, size, dtype=torch.float64, device=probs.device)
+        moments = torch.zeros(3 if soft else 2, batch * classes, block, dtype=torch.float64, device=probs.device)
         step = max(1, CHUNK_ELEMENTS // max(batch * classes, 1))
         slots = []
         for start in range(0, voxels, step):
             part = slice(start, min(start + step, voxels))
             p = probs[:, :, part].to(torch.float64)
-            code = codes[:, part].unsqueeze(1).to(torch.float64)
-            position = torch.add(pair_term, code, alpha=classes * cells).add_(p, alpha=scale)
-            slot = position.to(torch.int32).reshape(-1)
-            p = p.reshape(-1)  # a view of probs for float64 input: never written to
-            moments[0] += torch.bincount(slot, minlength=size)
-            moments[1] += torch.bincount(slot, p, minlength=size)
-            if soft:
-                moments[2] += torch.bincount(slot, torch.mul(p, p, out=position.reshape(-1)), minlength=size)
+            voxel_term = code_term.index_select(0, codes[:, part].reshape(-1)).reshape(batch, 1, -1)
+            position = torch.add(voxel_term, p, alpha=scale)
+            slot = position.to(torch.int32).reshape(batch * classes, -1)
+            p = p.reshape(batch * classes, -1)  # a view of probs for float64 input: never written to
+            square = torch.mul(p, p, out=position.reshape(p.shape)) if soft else None
+            for row in range(batch * classes):
+                moments[0, row] += torch.bincount(slot[row], minlength=block)
+                moments[1, row] += torch.bincount(slot[row], p[row], minlength=block)
+                if square is not None:
+                    moments[2, row] += torch.bincount(slot[row], square[row], minlength=block)
             slots.append(slot)
         ctx.save_for_backward(probs, *slots)
         ctx.step = step
-        outputs = moments.reshape(-1, *shape).unbind(0)
+        outputs = moments.reshape(-1, batch, classes, classes + 1, cells).unbind(0)
         ctx.mark_non_differentiable(outputs[0])
         return outputs
 
@@ -91,15 +91,20 @@ class _CellMoments(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         probs, *slots = ctx.saved_tensors
         batch, classes, voxels = probs.shape
-        g_sum = grads[1].reshape(-1).to(probs.dtype)
-        g_square = 2 * grads[2].reshape(-1).to(probs.dtype) if len(grads) > 2 else None
+        rows = batch * classes
+        g_sum = grads[1].reshape(rows, -1).to(probs.dtype)
+        g_square = 2 * grads[2].reshape(rows, -1).to(probs.dtype) if len(grads) > 2 else None
         chunks = []
         for start, slot in zip(range(0, voxels, ctx.step), slots):
-            grad = g_sum.index_select(0, slot).reshape(batch, classes, -1)
+            grad = torch.empty(slot.shape, dtype=probs.dtype, device=probs.device)
+            for row in range(rows):
+                torch.index_select(g_sum[row], 0, slot[row], out=grad[row])
             if g_square is not None:
-                p = probs[:, :, start : start + ctx.step]
-                grad.addcmul_(g_square.index_select(0, slot).reshape(grad.shape), p)
-            chunks.append(grad)
+                slope = torch.empty_like(grad)
+                for row in range(rows):
+                    torch.index_select(g_square[row], 0, slot[row], out=slope[row])
+                grad.addcmul_(slope, probs[:, :, start : start + ctx.step].reshape(grad.shape))
+            chunks.append(grad.reshape(batch, classes, -1))
         grad_probs = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
         return grad_probs, None, None, None
 
@@ -149,6 +154,6 @@ def binned_sums(
             return torch.cat([bins[..., :1] + m[..., num_bins:], bins[..., 1:]], dim=-1)
 
         weight, sum_p = fold(moments[0]), fold(moments[1])
-    # (B, C + 1, C, bins): label code x class; code C (ignored voxels) is dropped
+    # (B, C, C + 1, bins): class x label code; code C (ignored voxels) is dropped
     labelled = torch.diagonal(weight, dim1=1, dim2=2).movedim(-1, 1)
-    return sum_p[:, :classes].sum(1), labelled, weight[:, :classes].sum(1)
+    return sum_p[:, :, :classes].sum(2), labelled, weight[:, :, :classes].sum(2)
