@@ -2,35 +2,39 @@
 
 The L1-ACE losses need three ``(B, C, bins)`` sums over the voxels. Each probability touches at
 most two neighbouring bins, and its share of each is affine in ``p`` inside one *cell* (an interval
-of ``p`` between two bin edges, hard, or two bin centres, soft). So the voxels only need to be
-histogrammed once, into cells, with the moments ``(count, sum p, sum p^2)`` per (label region,
-image, class, cell); the bin sums are small linear combinations of those moments, written with
-ordinary (autograd) tensor ops on ``(B, C, bins)`` tables. Per voxel entry the work is: one float64
-position ``base - x`` or ``base + x + 1/2`` (``x = p * bins / (1 + eps32)``) truncated to an int32
-slot, and one ``index_add_`` per moment; backward is the gather ``dL/dp = g1[slot] + 2 p g2[slot]``
+of ``p`` between two bin edges, hard, or two bin centres, soft). So the voxels are histogrammed
+once, into cells, with the moments ``(count, sum p, sum p^2)`` per (image, class, label code, cell);
+the bin sums are small linear combinations of those moments, written with ordinary (autograd)
+tensor ops on ``(B, C, bins)``-sized tables.
+
+One autograd function makes the moments, a chunk of voxels of one (image, class) row at a time:
+a float64 position ``code term +- x`` (``x = p bins / (1 + eps32)``) truncated to an integer slot,
+then one ``bincount`` per moment. Backward is a gather per row: ``dL/dp = g1[slot] + 2 p g2[slot]``
 (``g1, g2`` the upstream gradients of the ``sum p`` and ``sum p^2`` moments). No ``(N, C, bins)``
-tensor exists; between forward and backward only the int32 slots are kept (the probabilities are
-kept by the softmax anyway). Float32 probabilities are accumulated in float64.
+tensor exists; between forward and backward only the slots are kept (one byte per entry up to
+11 classes at 20 bins; the probabilities are kept by the softmax anyway). The float64 work buffers
+are chunk-sized and reused, so they stay in cache (fresh memory is what costs most on CPU).
+Float32 probabilities are accumulated in float64.
 
 Cells (``x`` in ``[0, bins)``; the references' edges are ``j (1 + eps32) / bins``):
 
 - hard: bin j holds ``j < x <= j + 1`` (right edge included, as ``torch.bucketize(right=False)``;
-  ``x = 0`` is bin 0). The slot is ``trunc(base + bins - x) = base + bins - ceil(x)``, so the
-  right-closed edges cost no extra pass; slot offset ``bins - 1 - j`` is bin j, offset ``bins`` is
-  ``p = 0`` (added to bin 0).
+  ``x = 0`` is bin 0). The slot is ``trunc(code term + bins - x) = code term + bins - ceil(x)``, so
+  the right-closed edges cost no extra pass; cell offset ``bins - 1 - j`` is bin j, offset ``bins``
+  is ``p = 0`` (added to bin 0). The float64 arithmetic is exact for float32 probabilities (a
+  float32 that is not an edge is at least ``ulp / 20`` from it, far above float64 rounding).
 - soft: centres at ``x = j + 1/2``; cell ``k = floor(x + 1/2)``: ``k = 0`` is below the first centre
   and ``k = bins`` above the last (all weight to the end bin); in between, ``t = x + 1/2 - k`` goes to
   bin k and ``1 - t`` to bin ``k - 1``, so bin k gets ``sum t = a M1 - (k - 1/2) M0`` and
   ``sum p t = a M2 - (k - 1/2) M1`` (``a = bins / (1 + eps32)``).
 
-The moments are kept per label code too (``(B, C + 1, C, cells)``): the code-c rows of class c give
+The moments are kept per label code (``(B, C, C + 1, cells)``): the code-c rows of class c give
 ``sum [y == c]``, and code ``C`` marks ignored voxels, a block that is never read (so ignored voxels
 add nothing and get a zero gradient).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -39,12 +43,18 @@ from torch.autograd.function import once_differentiable
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 """The bins cover ``[0, 1 + FLOAT32_EPS]`` (as the references), whatever the compute dtype."""
-CHUNK_ELEMENTS = 1 << 21  # (B, C, voxels) entries per chunk: bounds the float64 temporaries
+CHUNK_ELEMENTS = 1 << 16
+"""Voxels per chunk: the chunk's float64 work buffers (three of ``chunk`` entries) stay in cache."""
 
 
 def bin_scale(num_bins: int) -> float:
     """``x = p * bin_scale`` is the position of ``p`` in bin widths (float64)."""
     return num_bins / (1.0 + FLOAT32_EPS)
+
+
+def slot_dtype(block: int) -> torch.dtype:
+    """The narrowest integer type that ``bincount`` takes and that holds slots ``[0, block)``."""
+    return torch.uint8 if block <= 256 else torch.int16 if block <= 2**15 else torch.int32
 
 
 class _CellMoments(torch.autograd.Function):
@@ -57,31 +67,30 @@ class _CellMoments(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:
         batch, classes, voxels = probs.shape
         cells = num_bins + 1
-        block = (classes + 1) * cells  # slots of one (image, class) pair: label code x cell
-        # slot in the pair's block = code * cells + trunc(shift +- x): hard shift bins (slot offset
-        # bins - ceil(x)), soft shift 1/2 (floor(x + 1/2)); the per-voxel part is looked up by code
+        block = (classes + 1) * cells  # slots of one (image, class) row: label code x cell
+        # slot = code * cells + trunc(shift +- x): hard shift bins (offset bins - ceil(x)), soft 1/2
         code_term = torch.arange(classes + 1, dtype=torch.float64, device=probs.device) * cells
         code_term += 0.5 if soft else float(num_bins)
         scale = bin_scale(num_bins) * (1.0 if soft else -1.0)
-        moments = torch.zeros(3 if soft else 2, batch * classes, block, dtype=torch.float64, device=probs.device)
-        step = max(1, CHUNK_ELEMENTS // max(batch * classes, 1))
-        slots = []
-        for start in range(0, voxels, step):
-            part = slice(start, min(start + step, voxels))
-            p = probs[:, :, part].to(torch.float64)
-            voxel_term = code_term.index_select(0, codes[:, part].reshape(-1)).reshape(batch, 1, -1)
-            position = torch.add(voxel_term, p, alpha=scale)
-            slot = position.to(torch.int32).reshape(batch * classes, -1)
-            p = p.reshape(batch * classes, -1)  # a view of probs for float64 input: never written to
-            square = torch.mul(p, p, out=position.reshape(p.shape)) if soft else None
-            for row in range(batch * classes):
-                moments[0, row] += torch.bincount(slot[row], minlength=block)
-                moments[1, row] += torch.bincount(slot[row], p[row], minlength=block)
-                if square is not None:
-                    moments[2, row] += torch.bincount(slot[row], square[row], minlength=block)
-            slots.append(slot)
-        ctx.save_for_backward(probs, *slots)
-        ctx.step = step
+        moments = torch.zeros(3 if soft else 2, batch, classes, block, dtype=torch.float64, device=probs.device)
+        slots = torch.empty(probs.shape, dtype=slot_dtype(block), device=probs.device)
+        # chunk-sized float64 work buffers, reused: no fresh pages per chunk, and they stay in cache
+        work = torch.empty(3, min(voxels, CHUNK_ELEMENTS), dtype=torch.float64, device=probs.device)
+        for b in range(batch):
+            for part in _parts(voxels):
+                voxel_term, p64, position = work[:, : part.stop - part.start]
+                torch.index_select(code_term, 0, codes[b, part], out=voxel_term)
+                for c in range(classes):
+                    p = probs[b, c, part]
+                    if p.dtype != torch.float64:
+                        p = p64.copy_(p)  # float64 input: p is a view of probs, never written to
+                    torch.add(voxel_term, p, alpha=scale, out=position)
+                    slot = slots[b, c, part].copy_(position)  # truncation: position >= 0
+                    moments[0, b, c] += torch.bincount(slot, minlength=block)
+                    moments[1, b, c] += torch.bincount(slot, p, minlength=block)
+                    if soft:
+                        moments[2, b, c] += torch.bincount(slot, torch.mul(p, p, out=position), minlength=block)
+        ctx.save_for_backward(probs, slots)
         outputs = moments.reshape(-1, batch, classes, classes + 1, cells).unbind(0)
         ctx.mark_non_differentiable(outputs[0])
         return outputs
@@ -89,24 +98,27 @@ class _CellMoments(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        probs, *slots = ctx.saved_tensors
+        probs, slots = ctx.saved_tensors
         batch, classes, voxels = probs.shape
-        rows = batch * classes
-        g_sum = grads[1].reshape(rows, -1).to(probs.dtype)
-        g_square = 2 * grads[2].reshape(rows, -1).to(probs.dtype) if len(grads) > 2 else None
-        chunks = []
-        for start, slot in zip(range(0, voxels, ctx.step), slots):
-            grad = torch.empty(slot.shape, dtype=probs.dtype, device=probs.device)
-            for row in range(rows):
-                torch.index_select(g_sum[row], 0, slot[row], out=grad[row])
-            if g_square is not None:
-                slope = torch.empty_like(grad)
-                for row in range(rows):
-                    torch.index_select(g_square[row], 0, slot[row], out=slope[row])
-                grad.addcmul_(slope, probs[:, :, start : start + ctx.step].reshape(grad.shape))
-            chunks.append(grad.reshape(batch, classes, -1))
-        grad_probs = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
-        return grad_probs, None, None, None
+        g_sum = grads[1].reshape(batch, classes, -1).to(probs.dtype)
+        g_square = 2 * grads[2].reshape(batch, classes, -1).to(probs.dtype) if len(grads) > 2 else None
+        grad = torch.empty_like(probs)
+        index = torch.empty(min(voxels, CHUNK_ELEMENTS), dtype=torch.int32, device=probs.device)
+        slope = torch.empty(index.shape, dtype=probs.dtype, device=probs.device)
+        for b in range(batch):
+            for c in range(classes):
+                for part in _parts(voxels):
+                    size = part.stop - part.start
+                    slot = index[:size].copy_(slots[b, c, part])  # index_select wants int32 / int64
+                    out = torch.index_select(g_sum[b, c], 0, slot, out=grad[b, c, part])
+                    if g_square is not None:
+                        out.addcmul_(torch.index_select(g_square[b, c], 0, slot, out=slope[:size]), probs[b, c, part])
+        return grad, None, None, None
+
+
+def _parts(voxels: int) -> list[slice]:
+    """Voxel ranges of at most ``CHUNK_ELEMENTS``."""
+    return [slice(start, min(start + CHUNK_ELEMENTS, voxels)) for start in range(0, voxels, CHUNK_ELEMENTS)]
 
 
 def _interior_shares(m0: Tensor, m1: Tensor, m2: Tensor, num_bins: int) -> tuple[Tensor, Tensor]:
@@ -133,14 +145,14 @@ def binned_sums(
     """``(sum p, sum [y == c], weight)``, each ``(B, C, num_bins)`` float64, differentiable in ``probs``.
 
     Args:
-        probs: ``(B, C, N)`` probabilities.
+        probs: ``(B, C, N)`` float32 or float64 probabilities.
         labels: ``(B, N)`` int64 labels in ``[0, C)`` on valid voxels (anything on ignored ones).
         valid: ``(B, N)`` bool, False on ignored voxels.
         num_bins: equal bins on ``[0, 1 + eps32]``.
         soft: linear interpolation between neighbouring bin centres instead of hard bins.
     """
     classes = probs.shape[1]
-    codes = labels.masked_fill(~valid, classes).contiguous()
+    codes = labels if bool(valid.all()) else labels.masked_fill(~valid, classes)
     moments = _CellMoments.apply(probs, codes, num_bins, soft)
     if soft:
         m0, m1, m2 = moments
