@@ -35,7 +35,8 @@ add nothing and get a zero gradient).
 
 from __future__ import annotations
 
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -43,8 +44,11 @@ from torch.autograd.function import once_differentiable
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 """The bins cover ``[0, 1 + FLOAT32_EPS]`` (as the references), whatever the compute dtype."""
-CHUNK_ELEMENTS = 1 << 16
-"""Voxels per chunk: the chunk's float64 work buffers (three of ``chunk`` entries) stay in cache."""
+CHUNK_ELEMENTS = 32000
+"""Voxels per chunk on CPU: the float64 work buffers (three of ``chunk`` entries) stay in cache, and
+every op stays below ATen's parallel grain (32768 elements), so it runs inline in its thread with
+no intra-op hand-off (which costs milliseconds per op when another process holds a core). The
+parallelism is across (image, class) rows instead, one Python thread per torch thread."""
 
 
 def bin_scale(num_bins: int) -> float:
@@ -57,6 +61,79 @@ def slot_dtype(block: int) -> torch.dtype:
     return torch.uint8 if block <= 256 else torch.int16 if block <= 2**15 else torch.int32
 
 
+class _Rows:
+    """The per-(image, class) row work of :class:`_CellMoments`, chunk by chunk."""
+
+    def __init__(self, probs: Tensor, codes: Tensor, num_bins: int, soft: bool) -> None:
+        batch, classes, voxels = probs.shape
+        self.probs, self.codes, self.soft = probs.detach(), codes, soft
+        self.cells = num_bins + 1
+        self.block = (classes + 1) * self.cells  # slots of one row: label code x cell
+        # slot = code * cells + trunc(shift +- x): hard shift bins (offset bins - ceil(x)), soft 1/2
+        self.code_term = torch.arange(classes + 1, dtype=torch.float64, device=probs.device) * self.cells
+        self.code_term += 0.5 if soft else float(num_bins)
+        self.scale = bin_scale(num_bins) * (1.0 if soft else -1.0)
+        self.chunk = min(voxels, CHUNK_ELEMENTS if probs.device.type == "cpu" else voxels)
+        self.rows = [(b, c) for b in range(batch) for c in range(classes)]
+
+    def parts(self) -> list[slice]:
+        voxels = self.probs.shape[2]
+        return [slice(start, min(start + self.chunk, voxels)) for start in range(0, voxels, self.chunk)]
+
+    def run(self, task: Callable[[int, int], None]) -> None:
+        """``task(b, c)`` for every row: on CPU spread over ``torch.get_num_threads()`` threads
+        (each row's result is written by one thread, in a fixed order: deterministic)."""
+        workers = min(torch.get_num_threads(), len(self.rows)) if self.probs.device.type == "cpu" else 1
+
+        def guarded(row: tuple[int, int]) -> None:
+            with torch.no_grad():  # grad mode is per thread
+                task(*row)
+
+        if workers <= 1:
+            for row in self.rows:
+                guarded(row)
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(guarded, self.rows))
+
+    def moments(self, slots: Tensor, out: Tensor) -> None:
+        """Fill ``slots`` ``(B, C, N)`` and add each row's moments to ``out`` ``(k, B, C, block)``."""
+        probs, codes, block = self.probs, self.codes, self.block
+
+        def row(b: int, c: int) -> None:
+            work = torch.empty(3, self.chunk, dtype=torch.float64, device=probs.device)
+            for part in self.parts():
+                voxel_term, p64, position = work[:, : part.stop - part.start]
+                torch.index_select(self.code_term, 0, codes[b, part], out=voxel_term)
+                p = probs[b, c, part]
+                if p.dtype != torch.float64:
+                    p = p64.copy_(p)  # float64 input: p is a view of probs, never written to
+                torch.add(voxel_term, p, alpha=self.scale, out=position)
+                slot = slots[b, c, part].copy_(position)  # truncation: position >= 0
+                out[0, b, c] += torch.bincount(slot, minlength=block)
+                out[1, b, c] += torch.bincount(slot, p, minlength=block)
+                if self.soft:
+                    out[2, b, c] += torch.bincount(slot, torch.mul(p, p, out=position), minlength=block)
+
+        self.run(row)
+
+    def gather(self, slots: Tensor, g_sum: Tensor, g_square: Tensor | None, grad: Tensor) -> None:
+        """``grad = g_sum[slot] + g_square[slot] * p`` row by row (tables ``(B, C, block)``)."""
+        probs = self.probs
+
+        def row(b: int, c: int) -> None:
+            index = torch.empty(self.chunk, dtype=torch.int32, device=probs.device)
+            slope = torch.empty(self.chunk, dtype=probs.dtype, device=probs.device)
+            for part in self.parts():
+                size = part.stop - part.start
+                slot = index[:size].copy_(slots[b, c, part])  # index_select wants int32 / int64
+                out = torch.index_select(g_sum[b, c], 0, slot, out=grad[b, c, part])
+                if g_square is not None:
+                    out.addcmul_(torch.index_select(g_square[b, c], 0, slot, out=slope[:size]), probs[b, c, part])
+
+        self.run(row)
+
+
 class _CellMoments(torch.autograd.Function):
     """``(B, C, C + 1, bins + 1)`` moments per (image, class, label code, cell), float64: count,
     sum p and (soft) sum p^2. Code ``C`` marks ignored voxels."""
@@ -65,33 +142,14 @@ class _CellMoments(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, probs: Tensor, codes: Tensor, num_bins: int, soft: bool
     ) -> tuple[Tensor, ...]:
-        batch, classes, voxels = probs.shape
-        cells = num_bins + 1
-        block = (classes + 1) * cells  # slots of one (image, class) row: label code x cell
-        # slot = code * cells + trunc(shift +- x): hard shift bins (offset bins - ceil(x)), soft 1/2
-        code_term = torch.arange(classes + 1, dtype=torch.float64, device=probs.device) * cells
-        code_term += 0.5 if soft else float(num_bins)
-        scale = bin_scale(num_bins) * (1.0 if soft else -1.0)
-        moments = torch.zeros(3 if soft else 2, batch, classes, block, dtype=torch.float64, device=probs.device)
-        slots = torch.empty(probs.shape, dtype=slot_dtype(block), device=probs.device)
-        # chunk-sized float64 work buffers, reused: no fresh pages per chunk, and they stay in cache
-        work = torch.empty(3, min(voxels, CHUNK_ELEMENTS), dtype=torch.float64, device=probs.device)
-        for b in range(batch):
-            for part in _parts(voxels):
-                voxel_term, p64, position = work[:, : part.stop - part.start]
-                torch.index_select(code_term, 0, codes[b, part], out=voxel_term)
-                for c in range(classes):
-                    p = probs[b, c, part]
-                    if p.dtype != torch.float64:
-                        p = p64.copy_(p)  # float64 input: p is a view of probs, never written to
-                    torch.add(voxel_term, p, alpha=scale, out=position)
-                    slot = slots[b, c, part].copy_(position)  # truncation: position >= 0
-                    moments[0, b, c] += torch.bincount(slot, minlength=block)
-                    moments[1, b, c] += torch.bincount(slot, p, minlength=block)
-                    if soft:
-                        moments[2, b, c] += torch.bincount(slot, torch.mul(p, p, out=position), minlength=block)
+        batch, classes, _ = probs.shape
+        rows = _Rows(probs, codes, num_bins, soft)
+        moments = torch.zeros(3 if soft else 2, batch, classes, rows.block, dtype=torch.float64, device=probs.device)
+        slots = torch.empty(probs.shape, dtype=slot_dtype(rows.block), device=probs.device)
+        rows.moments(slots, moments)
         ctx.save_for_backward(probs, slots)
-        outputs = moments.reshape(-1, batch, classes, classes + 1, cells).unbind(0)
+        ctx.num_bins, ctx.soft = num_bins, soft
+        outputs = moments.reshape(-1, batch, classes, classes + 1, rows.cells).unbind(0)
         ctx.mark_non_differentiable(outputs[0])
         return outputs
 
@@ -99,26 +157,13 @@ class _CellMoments(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         probs, slots = ctx.saved_tensors
-        batch, classes, voxels = probs.shape
+        batch, classes, _ = probs.shape
+        rows = _Rows(probs, torch.empty(0), ctx.num_bins, ctx.soft)
         g_sum = grads[1].reshape(batch, classes, -1).to(probs.dtype)
-        g_square = 2 * grads[2].reshape(batch, classes, -1).to(probs.dtype) if len(grads) > 2 else None
+        g_square = 2 * grads[2].reshape(batch, classes, -1).to(probs.dtype) if ctx.soft else None
         grad = torch.empty_like(probs)
-        index = torch.empty(min(voxels, CHUNK_ELEMENTS), dtype=torch.int32, device=probs.device)
-        slope = torch.empty(index.shape, dtype=probs.dtype, device=probs.device)
-        for b in range(batch):
-            for c in range(classes):
-                for part in _parts(voxels):
-                    size = part.stop - part.start
-                    slot = index[:size].copy_(slots[b, c, part])  # index_select wants int32 / int64
-                    out = torch.index_select(g_sum[b, c], 0, slot, out=grad[b, c, part])
-                    if g_square is not None:
-                        out.addcmul_(torch.index_select(g_square[b, c], 0, slot, out=slope[:size]), probs[b, c, part])
+        rows.gather(slots, g_sum, g_square, grad)
         return grad, None, None, None
-
-
-def _parts(voxels: int) -> list[slice]:
-    """Voxel ranges of at most ``CHUNK_ELEMENTS``."""
-    return [slice(start, min(start + CHUNK_ELEMENTS, voxels)) for start in range(0, voxels, CHUNK_ELEMENTS)]
 
 
 def _interior_shares(m0: Tensor, m1: Tensor, m2: Tensor, num_bins: int) -> tuple[Tensor, Tensor]:
