@@ -203,32 +203,39 @@ def _print_memory(size: int, classes: int, rows: list[tuple[str, float, bool]], 
         print(f"| {name} | {peak:.0f}{note} | {peak / logits_mib:.2f} | {peak / full_mib:.2f} |")
 
 
-def _print_tables(s: Settings, alone, train) -> None:
+def _where(s: Settings) -> str:
     if s.device.type == "cpu":
-        where = f"cpu ({torch.get_num_threads()} threads)"
-    else:
-        where = f"cuda ({torch.cuda.get_device_name(s.device)})"
-    print(f"\n### Loss alone, forward + backward, logits (2, {s.classes}, {s.size}, {s.size}, {s.size}) float32, {where}, {s.reps} rounds\n")
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cuda ({torch.cuda.get_device_name(s.device)})"
+
+
+def _print_alone(s: Settings, alone) -> None:
+    print(f"\n### Loss alone, forward + backward, logits (2, {s.classes}, {s.size}, {s.size}, {s.size}) float32, "
+          f"{_where(s)}, {s.reps} rounds\n")  # fmt: skip
     mem = s.device.type == "cuda"
     print("| loss | median ms | x CE (median of paired ratios) |" + (" peak extra MiB |" if mem else ""))
     print("|---|---:|---:|" + ("---:|" if mem else ""))
     for name, ms, ratio, peak in alone:
-        print(f"| {name} | {ms:.2f} | {ratio:.2f} |" + (f" {peak:.0f} |" if mem else ""))
-    if train:
-        precision = "bf16 autocast" if s.autocast else "float32"
-        print(f"\n### Training step, MONAI 3D UNet (32-256), batch 2x1x{s.size}^3, Adam, {precision}, {where}, {s.train_reps} rounds\n")
-        print("| loss | median ms / step | overhead vs CE (median of paired ratios) |")
-        print("|---|---:|---:|")
-        for name, ms, overhead in train:
-            print(f"| {name} | {ms:.1f} | {overhead:+.1f} % |")
+        print(f"| {name} | {ms:.2f} | {ratio:.2f} |" + (f" {peak:.0f} |" if mem else ""), flush=True)
+
+
+def _print_train(s: Settings, train) -> None:
+    precision = "bf16 autocast" if s.autocast else "float32"
+    print(f"\n### Training step, MONAI 3D UNet (32-256), batch 2x1x{s.size}^3, Adam, {precision}, {_where(s)}, "
+          f"{s.train_reps} rounds\n")  # fmt: skip
+    print("| loss | median ms / step | overhead vs CE (median of paired ratios) |")
+    print("|---|---:|---:|")
+    for name, ms, overhead in train:
+        print(f"| {name} | {ms:.1f} | {overhead:+.1f} % |", flush=True)
 
 
 def run(s: Settings, losses: Sequence[str], train_losses: Sequence[str]) -> None:
-    print(f"\nmachine load before: {machine_load()}")
-    alone = bench_losses_alone(s, losses)
-    steps = bench_training_step(s, train_losses) if train_losses else []
-    _print_tables(s, alone, steps)
-    print(f"\nmachine load after: {machine_load()}")
+    print(f"\nmachine load before: {machine_load()}", flush=True)
+    _print_alone(s, bench_losses_alone(s, losses))
+    print(f"\nmachine load: {machine_load()}", flush=True)
+    if train_losses:
+        _print_train(s, bench_training_step(s, train_losses))
+        print(f"\nmachine load after: {machine_load()}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
