@@ -49,6 +49,7 @@ class Settings:
     reps: int
     train_reps: int
     autocast: bool
+    cpu_clock: bool = False  # process CPU time instead of wall time (CPU only)
 
 
 def make_loss(name: str, classes: int) -> nn.Module:
@@ -61,18 +62,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _interleaved_times(fns: dict[str, Callable[[], None]], reps: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each function in each of ``reps`` rounds (after one warm-up call each)."""
+def _interleaved_times(
+    fns: dict[str, Callable[[], None]], reps: int, device: torch.device, cpu_clock: bool = False
+) -> dict[str, list[float]]:
+    """Seconds per call of each function in each of ``reps`` rounds (after one warm-up call each);
+    ``cpu_clock``: this process's CPU seconds, which time spent descheduled does not inflate."""
+    clock = time.process_time if cpu_clock else time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in fns}
     for name, fn in fns.items():
         fn()
     for _ in range(reps):
         for name, fn in fns.items():
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -111,7 +116,7 @@ def bench_losses_alone(s: Settings, names: Sequence[str]) -> list[tuple[str, flo
 
         return run
 
-    times = _interleaved_times({name: step(fn) for name, fn in losses.items()}, s.reps, s.device)
+    times = _interleaved_times({name: step(fn) for name, fn in losses.items()}, s.reps, s.device, s.cpu_clock)
     rows = []
     for name, fn in losses.items():
         with _peak_memory(s.device) as peak:
@@ -145,7 +150,7 @@ def bench_training_step(s: Settings, names: Sequence[str]) -> list[tuple[str, fl
         return run
 
     fns = {name: step(make_loss(name, s.classes).to(s.device)) for name in names}
-    times = _interleaved_times(fns, s.train_reps, s.device)
+    times = _interleaved_times(fns, s.train_reps, s.device, s.cpu_clock)
     return [
         (name, statistics.median(times[name]) * 1e3, 100 * (_median_ratio(times, name, names[0]) - 1)) for name in names
     ]
@@ -205,7 +210,7 @@ def _print_memory(size: int, classes: int, rows: list[tuple[str, float, bool]], 
 
 def _where(s: Settings) -> str:
     if s.device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
+        return f"cpu ({torch.get_num_threads()} threads, {'process CPU time' if s.cpu_clock else 'wall time'})"
     return f"cuda ({torch.cuda.get_device_name(s.device)})"
 
 
@@ -251,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-losses", nargs="+", default=list(TRAIN_LOSSES),
                         help="losses of the training step, the first the baseline (default: %(default)s)")  # fmt: skip
     parser.add_argument("--losses", nargs="*", default=None, help="losses to time alone (default: all registered)")
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="CPU: time with the process CPU clock (robust to a busy machine; use with --threads 1)")  # fmt: skip
     parser.add_argument("--memory-size", type=int, default=128, help="spatial size M of the memory part (CPU; 0 skips it)")
     parser.add_argument("--memory-losses", nargs="*", default=list(MEMORY_LOSSES), help="losses of the memory part")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -278,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reps=args.reps or (30 if gpu else 15),
             train_reps=args.train_reps or (20 if gpu else 11),
             autocast=gpu,
+            cpu_clock=args.cpu_clock and not gpu,
         )
         run(settings, losses, [] if args.no_train else args.train_losses)
     if torch.device("cpu") in devices and args.memory_size:
