@@ -61,77 +61,73 @@ def slot_dtype(block: int) -> torch.dtype:
     return torch.uint8 if block <= 256 else torch.int16 if block <= 2**15 else torch.int32
 
 
-class _Rows:
-    """The per-(image, class) row work of :class:`_CellMoments`, chunk by chunk."""
+class _Chunks:
+    """The work of :class:`_CellMoments`, one chunk of voxels of one image (all classes) at a time."""
 
     def __init__(self, probs: Tensor, codes: Tensor, num_bins: int, soft: bool) -> None:
         batch, classes, voxels = probs.shape
         self.probs, self.codes, self.soft = probs.detach(), codes, soft
         self.cells = num_bins + 1
-        self.block = (classes + 1) * self.cells  # slots of one row: label code x cell
+        self.block = (classes + 1) * self.cells  # slots of one (image, class) row: label code x cell
         # slot = code * cells + trunc(shift +- x): hard shift bins (offset bins - ceil(x)), soft 1/2
         self.code_term = torch.arange(classes + 1, dtype=torch.float64, device=probs.device) * self.cells
         self.code_term += 0.5 if soft else float(num_bins)
         self.scale = bin_scale(num_bins) * (1.0 if soft else -1.0)
         self.chunk = min(voxels, CHUNK_ELEMENTS if probs.device.type == "cpu" else voxels)
-        self.rows = [(b, c) for b in range(batch) for c in range(classes)]
+        parts = [slice(start, min(start + self.chunk, voxels)) for start in range(0, voxels, self.chunk)]
+        self.tasks = [(b, part) for b in range(batch) for part in parts]
 
-    def parts(self) -> list[slice]:
-        voxels = self.probs.shape[2]
-        return [slice(start, min(start + self.chunk, voxels)) for start in range(0, voxels, self.chunk)]
+    def run(self, task: Callable[[int, slice], Any]) -> list[Any]:
+        """``task(b, part)`` for every chunk, in order; on CPU spread over ``torch.get_num_threads()``
+        Python threads (each chunk's results written by one thread: deterministic)."""
+        workers = min(torch.get_num_threads(), len(self.tasks)) if self.probs.device.type == "cpu" else 1
 
-    def run(self, task: Callable[[int, int], None]) -> None:
-        """``task(b, c)`` for every row: on CPU spread over ``torch.get_num_threads()`` threads
-        (each row's result is written by one thread, in a fixed order: deterministic)."""
-        workers = min(torch.get_num_threads(), len(self.rows)) if self.probs.device.type == "cpu" else 1
-
-        def guarded(row: tuple[int, int]) -> None:
+        def guarded(args: tuple[int, slice]) -> Any:
             with torch.no_grad():  # grad mode is per thread
-                task(*row)
+                return task(*args)
 
         if workers <= 1:
-            for row in self.rows:
-                guarded(row)
-            return
+            return [guarded(args) for args in self.tasks]
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(guarded, self.rows))
+            return list(pool.map(guarded, self.tasks))
 
-    def moments(self, slots: Tensor, out: Tensor) -> None:
-        """Fill ``slots`` ``(B, C, N)`` and add each row's moments to ``out`` ``(k, B, C, block)``."""
+    def moments(self, slots: Tensor) -> Tensor:
+        """Fill ``slots`` ``(B, C, N)``; the moments ``(k, B, C, block)`` (k = 2 hard, 3 soft)."""
         probs, codes, block = self.probs, self.codes, self.block
 
-        def row(b: int, c: int) -> None:
-            work = torch.empty(3, self.chunk, dtype=torch.float64, device=probs.device)
-            for part in self.parts():
-                voxel_term, p64, position = work[:, : part.stop - part.start]
-                torch.index_select(self.code_term, 0, codes[b, part], out=voxel_term)
-                p = probs[b, c, part]
+        def chunk(b: int, part: slice) -> Tensor:
+            size = part.stop - part.start
+            voxel_term, p64, position = torch.empty(3, size, dtype=torch.float64, device=probs.device)
+            torch.index_select(self.code_term, 0, codes[b, part], out=voxel_term)
+            found: list[Tensor] = []
+            for p, slot in zip(probs[b, :, part], slots[b, :, part]):
                 if p.dtype != torch.float64:
                     p = p64.copy_(p)  # float64 input: p is a view of probs, never written to
-                torch.add(voxel_term, p, alpha=self.scale, out=position)
-                slot = slots[b, c, part].copy_(position)  # truncation: position >= 0
-                out[0, b, c] += torch.bincount(slot, minlength=block)
-                out[1, b, c] += torch.bincount(slot, p, minlength=block)
+                slot.copy_(torch.add(voxel_term, p, alpha=self.scale, out=position))  # truncation: >= 0
+                found += [torch.bincount(slot, minlength=block), torch.bincount(slot, p, minlength=block)]
                 if self.soft:
-                    out[2, b, c] += torch.bincount(slot, torch.mul(p, p, out=position), minlength=block)
+                    found.append(torch.bincount(slot, torch.mul(p, p, out=position), minlength=block))
+            return torch.stack(found).reshape(classes, -1, block)  # (C, k, block)
 
-        self.run(row)
+        batch, classes, _ = probs.shape
+        per_chunk = torch.stack(self.run(chunk)).reshape(batch, -1, classes, 3 if self.soft else 2, block)
+        return per_chunk.sum(1).permute(2, 0, 1, 3)
 
     def gather(self, slots: Tensor, g_sum: Tensor, g_square: Tensor | None, grad: Tensor) -> None:
-        """``grad = g_sum[slot] + g_square[slot] * p`` row by row (tables ``(B, C, block)``)."""
+        """``grad = g_sum[slot] + g_square[slot] * p`` (tables ``(B, C, block)``), chunk by chunk."""
         probs = self.probs
 
-        def row(b: int, c: int) -> None:
-            index = torch.empty(self.chunk, dtype=torch.int32, device=probs.device)
-            slope = torch.empty(self.chunk, dtype=probs.dtype, device=probs.device)
-            for part in self.parts():
-                size = part.stop - part.start
-                slot = index[:size].copy_(slots[b, c, part])  # index_select wants int32 / int64
-                out = torch.index_select(g_sum[b, c], 0, slot, out=grad[b, c, part])
+        def chunk(b: int, part: slice) -> None:
+            size = part.stop - part.start
+            index = torch.empty(size, dtype=torch.int32, device=probs.device)
+            slope = torch.empty(size, dtype=probs.dtype, device=probs.device)
+            for c, (p, slot, out) in enumerate(zip(probs[b, :, part], slots[b, :, part], grad[b, :, part])):
+                index.copy_(slot)  # index_select wants int32 / int64
+                torch.index_select(g_sum[b, c], 0, index, out=out)
                 if g_square is not None:
-                    out.addcmul_(torch.index_select(g_square[b, c], 0, slot, out=slope[:size]), probs[b, c, part])
+                    out.addcmul_(torch.index_select(g_square[b, c], 0, index, out=slope), p)
 
-        self.run(row)
+        self.run(chunk)
 
 
 class _CellMoments(torch.autograd.Function):
@@ -143,13 +139,12 @@ class _CellMoments(torch.autograd.Function):
         ctx: Any, probs: Tensor, codes: Tensor, num_bins: int, soft: bool
     ) -> tuple[Tensor, ...]:
         batch, classes, _ = probs.shape
-        rows = _Rows(probs, codes, num_bins, soft)
-        moments = torch.zeros(3 if soft else 2, batch, classes, rows.block, dtype=torch.float64, device=probs.device)
-        slots = torch.empty(probs.shape, dtype=slot_dtype(rows.block), device=probs.device)
-        rows.moments(slots, moments)
+        chunks = _Chunks(probs, codes, num_bins, soft)
+        slots = torch.empty(probs.shape, dtype=slot_dtype(chunks.block), device=probs.device)
+        moments = chunks.moments(slots)
         ctx.save_for_backward(probs, slots)
         ctx.num_bins, ctx.soft = num_bins, soft
-        outputs = moments.reshape(-1, batch, classes, classes + 1, rows.cells).unbind(0)
+        outputs = moments.reshape(-1, batch, classes, classes + 1, chunks.cells).unbind(0)
         ctx.mark_non_differentiable(outputs[0])
         return outputs
 
@@ -158,11 +153,11 @@ class _CellMoments(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         probs, slots = ctx.saved_tensors
         batch, classes, _ = probs.shape
-        rows = _Rows(probs, torch.empty(0), ctx.num_bins, ctx.soft)
+        chunks = _Chunks(probs, torch.empty(0), ctx.num_bins, ctx.soft)
         g_sum = grads[1].reshape(batch, classes, -1).to(probs.dtype)
         g_square = 2 * grads[2].reshape(batch, classes, -1).to(probs.dtype) if ctx.soft else None
         grad = torch.empty_like(probs)
-        rows.gather(slots, g_sum, g_square, grad)
+        chunks.gather(slots, g_sum, g_square, grad)
         return grad, None, None, None
 
 
