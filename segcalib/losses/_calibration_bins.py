@@ -7,14 +7,14 @@ once, into cells, with the moments ``(count, sum p, sum p^2)`` per (image, class
 the bin sums are small linear combinations of those moments, written with ordinary (autograd)
 tensor ops on ``(B, C, bins)``-sized tables.
 
-One autograd function makes the moments, a chunk of voxels of one (image, class) row at a time:
-a float64 position ``code term +- x`` (``x = p bins / (1 + eps32)``) truncated to an integer slot,
-then one ``bincount`` per moment. Backward is a gather per row: ``dL/dp = g1[slot] + 2 p g2[slot]``
-(``g1, g2`` the upstream gradients of the ``sum p`` and ``sum p^2`` moments). No ``(N, C, bins)``
-tensor exists; between forward and backward only the slots are kept (one byte per entry up to
-11 classes at 20 bins; the probabilities are kept by the softmax anyway). The float64 work buffers
-are chunk-sized and reused, so they stay in cache (fresh memory is what costs most on CPU).
-Float32 probabilities are accumulated in float64.
+One autograd function makes the moments, a chunk of voxels of one image (all classes) at a time:
+per class a float64 position ``code term +- x`` (``x = p bins / (1 + eps32)``) truncated to an
+integer slot, then one ``bincount`` per moment. Backward is a gather per chunk:
+``dL/dp = g1[slot] + 2 p g2[slot]`` (``g1, g2`` the upstream gradients of the ``sum p`` and
+``sum p^2`` moments). No ``(N, C, bins)`` tensor exists; between forward and backward only the
+slots are kept (one byte per entry up to 11 classes at 20 bins; the probabilities are kept by the
+softmax anyway). The float64 work buffers are chunk-sized, so they stay in cache (fresh memory is
+what costs most on CPU). Float32 probabilities are accumulated in float64.
 
 Cells (``x`` in ``[0, bins)``; the references' edges are ``j (1 + eps32) / bins``):
 
@@ -48,7 +48,7 @@ CHUNK_ELEMENTS = 32000
 """Voxels per chunk on CPU: the float64 work buffers (three of ``chunk`` entries) stay in cache, and
 every op stays below ATen's parallel grain (32768 elements), so it runs inline in its thread with
 no intra-op hand-off (which costs milliseconds per op when another process holds a core). The
-parallelism is across (image, class) rows instead, one Python thread per torch thread."""
+parallelism is across chunks instead, one Python thread per torch thread."""
 
 
 def bin_scale(num_bins: int) -> float:

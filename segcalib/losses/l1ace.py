@@ -13,9 +13,10 @@ bin); the loss of (b, c) is the unweighted mean over occupied bins of ``|mean p 
   (all of it to the first / last bin below the first / above the last centre); bins whose total
   weight is below ``empty_weight`` are left out. The weights are differentiable.
 
-The ``(B, C, bins)`` sums come from :mod:`segcalib.losses._calibration_bins`, which walks the voxels
-in chunks and recomputes the bins in backward: no ``(voxels, C, bins)`` membership tensor, and no
-per-voxel bin state kept between forward and backward. Ignored voxels add nothing anywhere.
+The ``(B, C, bins)`` sums come from :mod:`segcalib.losses._calibration_bins`: one histogram pass of
+per-cell moments (count, sum p, sum p^2) and a gather in backward; no ``(voxels, C, bins)``
+membership tensor, one byte per voxel and class kept between forward and backward. Ignored voxels
+add nothing anywhere.
 
 Barfoot et al., "Average Calibration Losses for Reliable Uncertainty in Medical Image
 Segmentation", arXiv 2506.03942 (IEEE TMI 2026); MICCAI 2024.
