@@ -1,23 +1,42 @@
-"""Per image, class and confidence bin: ``(sum p, sum [y == c], weight)`` with hard or soft bins, in bounded memory.
+"""Per image, class and confidence bin: ``(sum p, sum [y == c], weight)`` with hard or soft bins, in a few passes.
 
-The L1-ACE losses need three ``(B, C, bins)`` sums over the voxels. Written with autograd ops, every
-voxel keeps its bin indices, interpolation weights and products until backward (several
-``(B, C, N)`` tensors, more than one ``(N, C, bins)`` tensor at 128^3). Here forward and backward
-walk the voxels in chunks and keep nothing but the probabilities (which the softmax keeps anyway):
-backward recomputes each voxel's bins and writes the gradient
+The L1-ACE losses need three ``(B, C, bins)`` sums over the voxels. Each probability touches at
+most two neighbouring bins, and its share of each is affine in ``p`` inside one *cell* (an interval
+of ``p`` between two bin edges, hard, or two bin centres, soft). So the voxels are histogrammed
+once, into cells, with the moments ``(count, sum p, sum p^2)`` per (image, class, label code, cell);
+the bin sums are small linear combinations of those moments, written with ordinary (autograd)
+tensor ops on ``(B, C, bins)``-sized tables.
 
-- hard bins: ``dL/dp = w g_S[bin]`` (the bin assignment is piecewise constant);
-- soft bins, p between centres ``c_l`` and ``c_r``, ``t = (p - c_l)/(c_r - c_l)``:
-  ``dL/dp = w ((1 - t) g_S[l] + t g_S[r] + (p (g_S[r] - g_S[l]) + y (g_Y[r] - g_Y[l]) + g_W[r] - g_W[l]) / (c_r - c_l))``
-  (the last term is 0 at the end bins, where all of p's weight sits in one bin),
+One autograd function makes the moments, a chunk of voxels of one image (all classes) at a time:
+per class a float64 position ``code term +- x`` (``x = p bins / (1 + eps32)``) truncated to an
+integer slot, then one ``bincount`` per moment. Backward is a gather per chunk:
+``dL/dp = g1[slot] + 2 p g2[slot]`` (``g1, g2`` the upstream gradients of the ``sum p`` and
+``sum p^2`` moments). No ``(N, C, bins)`` tensor exists; between forward and backward only the
+slots are kept (one byte per entry up to 11 classes at 20 bins; the probabilities are kept by the
+softmax anyway). The float64 work buffers are chunk-sized, so they stay in cache (fresh memory is
+what costs most on CPU). Float32 probabilities are accumulated in float64.
 
-with ``g_S, g_Y, g_W`` the upstream gradients of the three sums and ``w`` the voxel's weight
-(0 on ignored voxels).
+Cells (``x`` in ``[0, bins)``; the references' edges are ``j (1 + eps32) / bins``):
+
+- hard: bin j holds ``j < x <= j + 1`` (right edge included, as ``torch.bucketize(right=False)``;
+  ``x = 0`` is bin 0). The slot is ``trunc(code term + bins - x) = code term + bins - ceil(x)``, so
+  the right-closed edges cost no extra pass; cell offset ``bins - 1 - j`` is bin j, offset ``bins``
+  is ``p = 0`` (added to bin 0). The float64 arithmetic is exact for float32 probabilities (a
+  float32 that is not an edge is at least ``ulp / 20`` from it, far above float64 rounding).
+- soft: centres at ``x = j + 1/2``; cell ``k = floor(x + 1/2)``: ``k = 0`` is below the first centre
+  and ``k = bins`` above the last (all weight to the end bin); in between, ``t = x + 1/2 - k`` goes to
+  bin k and ``1 - t`` to bin ``k - 1``, so bin k gets ``sum t = a M1 - (k - 1/2) M0`` and
+  ``sum p t = a M2 - (k - 1/2) M1`` (``a = bins / (1 + eps32)``).
+
+The moments are kept per label code (``(B, C, C + 1, cells)``): the code-c rows of class c give
+``sum [y == c]``, and code ``C`` marks ignored voxels, a block that is never read (so ignored voxels
+add nothing and get a zero gradient).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -25,118 +44,168 @@ from torch.autograd.function import once_differentiable
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 """The bins cover ``[0, 1 + FLOAT32_EPS]`` (as the references), whatever the compute dtype."""
-CHUNK_ELEMENTS = 1 << 21  # (B, C, voxels) entries per chunk: a few chunk-sized temporaries at a time
+CHUNK_ELEMENTS = 32000
+"""Voxels per chunk on CPU: the float64 work buffers (three of ``chunk`` entries) stay in cache, and
+every op stays below ATen's parallel grain (32768 elements), so it runs inline in its thread with
+no intra-op hand-off (which costs milliseconds per op when another process holds a core). The
+parallelism is across chunks instead, one Python thread per torch thread."""
 
 
-def sorted_position(values: Tensor, table: Tensor) -> Tensor:
-    """``torch.bucketize(values, table)`` (smallest i with ``values <= table[i]``, else ``len(table)``)
-    for an equally spaced ``table``: an arithmetic guess, corrected by one step against the table
-    itself, so the result is bucketize's exactly (a binary search costs several times more)."""
-    n = table.numel()
-    if n == 1:
-        return (values > table[0]).long()
-    step = (table[-1] - table[0]) / (n - 1)
-    guess = torch.ceil((values - table[0]) / step).clamp_(0, n).long()
-    padded = torch.cat([table.new_full((1,), -torch.inf), table, table.new_full((1,), torch.inf)])
-    guess += (values > padded.take(guess + 1)).long()  # above table[guess]: one up
-    guess -= (values <= padded.take(guess)).long()  # not above table[guess - 1]: one down
-    return guess
+def bin_scale(num_bins: int) -> float:
+    """``x = p * bin_scale`` is the position of ``p`` in bin widths (float64)."""
+    return num_bins / (1.0 + FLOAT32_EPS)
 
 
-def bin_table(num_bins: int, soft: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Upper bin edges (hard) or bin centres (soft) of ``num_bins`` equal bins on ``[0, 1 + eps32]``."""
-    grid = torch.linspace(0.0, 1.0 + FLOAT32_EPS, 2 * num_bins + 1, dtype=dtype, device=device)
-    if soft:
-        return grid[1::2].contiguous()
-    return torch.linspace(0.0, 1.0 + FLOAT32_EPS, num_bins + 1, dtype=dtype, device=device)[1:]
+def slot_dtype(block: int) -> torch.dtype:
+    """The narrowest integer type that ``bincount`` takes and that holds slots ``[0, block)``."""
+    return torch.uint8 if block <= 256 else torch.int16 if block <= 2**15 else torch.int32
 
 
-class _Chunk:
-    """One slice of voxels ``[start, stop)``: probabilities, weights, labels as a one-hot mask, and
-    each entry's bins: ``low`` / ``high`` flat indices into ``(B, C, bins)`` and ``t`` (soft) or
-    the single bin ``low`` (hard)."""
+class _Chunks:
+    """The work of :class:`_CellMoments`, one chunk of voxels of one image (all classes) at a time."""
 
-    def __init__(self, probs: Tensor, labels: Tensor, weight: Tensor, table: Tensor, soft: bool, rows: Tensor) -> None:
-        num_bins = table.numel()
-        self.p = probs
-        self.w = weight.unsqueeze(1)
-        self.y = labels.unsqueeze(1) == torch.arange(probs.shape[1], device=probs.device).reshape(1, -1, 1)
-        if soft:
-            above = sorted_position(probs, table)  # first centre >= p
-            left = (above - 1).clamp_(0, num_bins - 1)
-            right = above.clamp_(max=num_bins - 1)
-            low_centre = table.take(left)
-            gap = table.take(right) - low_centre
-            self.slope = torch.where(left != right, gap.clamp_min_(FLOAT32_EPS).reciprocal_(), 0.0)
-            self.t = (probs - low_centre).mul_(self.slope)
-            self.low, self.high = left.add_(rows), right.add_(rows)
-        else:
-            self.low = sorted_position(probs, table).clamp_(max=num_bins - 1).add_(rows)
-            self.t = None
+    def __init__(self, probs: Tensor, codes: Tensor, num_bins: int, soft: bool) -> None:
+        batch, classes, voxels = probs.shape
+        self.probs, self.codes, self.soft = probs.detach(), codes, soft
+        self.cells = num_bins + 1
+        self.block = (classes + 1) * self.cells  # slots of one (image, class) row: label code x cell
+        # slot = code * cells + trunc(shift +- x): hard shift bins (offset bins - ceil(x)), soft 1/2
+        self.code_term = torch.arange(classes + 1, dtype=torch.float64, device=probs.device) * self.cells
+        self.code_term += 0.5 if soft else float(num_bins)
+        self.scale = bin_scale(num_bins) * (1.0 if soft else -1.0)
+        self.chunk = min(voxels, CHUNK_ELEMENTS if probs.device.type == "cpu" else voxels)
+        parts = [slice(start, min(start + self.chunk, voxels)) for start in range(0, voxels, self.chunk)]
+        self.tasks = [(b, part) for b in range(batch) for part in parts]
+
+    def run(self, task: Callable[[int, slice], Any]) -> list[Any]:
+        """``task(b, part)`` for every chunk, in order; on CPU spread over ``torch.get_num_threads()``
+        Python threads (each chunk's results written by one thread: deterministic)."""
+        workers = min(torch.get_num_threads(), len(self.tasks)) if self.probs.device.type == "cpu" else 1
+
+        def guarded(args: tuple[int, slice]) -> Any:
+            with torch.no_grad():  # grad mode is per thread
+                return task(*args)
+
+        if workers <= 1:
+            return [guarded(args) for args in self.tasks]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(guarded, self.tasks))
+
+    def moments(self, slots: Tensor) -> Tensor:
+        """Fill ``slots`` ``(B, C, N)``; the moments ``(k, B, C, block)`` (k = 2 hard, 3 soft)."""
+        probs, codes, block = self.probs, self.codes, self.block
+
+        def chunk(b: int, part: slice) -> Tensor:
+            size = part.stop - part.start
+            voxel_term, p64, position = torch.empty(3, size, dtype=torch.float64, device=probs.device)
+            torch.index_select(self.code_term, 0, codes[b, part], out=voxel_term)
+            found: list[Tensor] = []
+            for p, slot in zip(probs[b, :, part], slots[b, :, part]):
+                if p.dtype != torch.float64:
+                    p = p64.copy_(p)  # float64 input: p is a view of probs, never written to
+                slot.copy_(torch.add(voxel_term, p, alpha=self.scale, out=position))  # truncation: >= 0
+                found += [torch.bincount(slot, minlength=block), torch.bincount(slot, p, minlength=block)]
+                if self.soft:
+                    found.append(torch.bincount(slot, torch.mul(p, p, out=position), minlength=block))
+            return torch.stack(found).reshape(classes, -1, block)  # (C, k, block)
+
+        batch, classes, _ = probs.shape
+        per_chunk = torch.stack(self.run(chunk)).reshape(batch, -1, classes, 3 if self.soft else 2, block)
+        return per_chunk.sum(1).permute(2, 0, 1, 3)
+
+    def gather(self, slots: Tensor, g_sum: Tensor, g_square: Tensor | None, grad: Tensor) -> None:
+        """``grad = g_sum[slot] + g_square[slot] * p`` (tables ``(B, C, block)``), chunk by chunk."""
+        probs = self.probs
+
+        def chunk(b: int, part: slice) -> None:
+            size = part.stop - part.start
+            index = torch.empty(size, dtype=torch.int32, device=probs.device)
+            slope = torch.empty(size, dtype=probs.dtype, device=probs.device)
+            for c, (p, slot, out) in enumerate(zip(probs[b, :, part], slots[b, :, part], grad[b, :, part])):
+                index.copy_(slot)  # index_select wants int32 / int64
+                torch.index_select(g_sum[b, c], 0, index, out=out)
+                if g_square is not None:
+                    out.addcmul_(torch.index_select(g_square[b, c], 0, index, out=slope), p)
+
+        self.run(chunk)
 
 
-def _chunks(probs: Tensor, labels: Tensor, weight: Tensor, table: Tensor, soft: bool) -> Iterator[tuple[slice, _Chunk]]:
-    batch, classes, voxels = probs.shape
-    rows = torch.arange(batch * classes, device=probs.device).mul_(table.numel()).reshape(batch, classes, 1)
-    step = max(1, CHUNK_ELEMENTS // max(batch * classes, 1))
-    for start in range(0, voxels, step):
-        part = slice(start, min(start + step, voxels))
-        yield part, _Chunk(probs[:, :, part], labels[:, part], weight[:, part], table, soft, rows)
-
-
-class _BinnedSums(torch.autograd.Function):
-    """``(3, B, C, bins)``: sums of ``w p``, ``w [y == c]`` and ``w`` per bin (soft: interpolated)."""
+class _CellMoments(torch.autograd.Function):
+    """``(B, C, C + 1, bins + 1)`` moments per (image, class, label code, cell), float64: count,
+    sum p and (soft) sum p^2. Code ``C`` marks ignored voxels."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, probs: Tensor, labels: Tensor, weight: Tensor, num_bins: int, soft: bool
-    ) -> Tensor:
-        batch, classes = probs.shape[:2]
-        table = bin_table(num_bins, soft, probs.dtype, probs.device)
-        sums = probs.new_zeros(3, batch * classes * num_bins)
-        for _, chunk in _chunks(probs, labels, weight, table, soft):
-            wy = chunk.w * chunk.y
-            parts = [(chunk.low, 1.0 - chunk.t if soft else None), (chunk.high, chunk.t)] if soft else [(chunk.low, None)]
-            for index, share in parts:
-                flat = index.reshape(-1)
-                w = chunk.w if share is None else chunk.w * share
-                sums[0].scatter_add_(0, flat, (w * chunk.p).reshape(-1))
-                sums[1].scatter_add_(0, flat, (wy if share is None else wy * share).reshape(-1))
-                sums[2].scatter_add_(0, flat, w.expand_as(chunk.p).reshape(-1))
-        ctx.save_for_backward(probs, labels, weight)
+        ctx: Any, probs: Tensor, codes: Tensor, num_bins: int, soft: bool
+    ) -> tuple[Tensor, ...]:
+        batch, classes, _ = probs.shape
+        chunks = _Chunks(probs, codes, num_bins, soft)
+        slots = torch.empty(probs.shape, dtype=slot_dtype(chunks.block), device=probs.device)
+        moments = chunks.moments(slots)
+        ctx.save_for_backward(probs, slots)
         ctx.num_bins, ctx.soft = num_bins, soft
-        return sums.reshape(3, batch, classes, num_bins)
+        outputs = moments.reshape(-1, batch, classes, classes + 1, chunks.cells).unbind(0)
+        ctx.mark_non_differentiable(outputs[0])
+        return outputs
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        probs, labels, weight = ctx.saved_tensors
-        table = bin_table(ctx.num_bins, ctx.soft, probs.dtype, probs.device)
-        g_sum, g_y, g_w = grad.reshape(3, -1).unbind(0)
-        grad_probs = torch.empty_like(probs)
-        for part, chunk in _chunks(probs, labels, weight, table, ctx.soft):
-            low = g_sum.take(chunk.low)
-            if not ctx.soft:
-                grad_probs[:, :, part] = low * chunk.w
-                continue
-            high = g_sum.take(chunk.high)
-            spread = (high - low).mul_(chunk.p)
-            spread += torch.where(chunk.y, g_y.take(chunk.high) - g_y.take(chunk.low), 0.0)
-            spread += g_w.take(chunk.high) - g_w.take(chunk.low)
-            value = torch.lerp(low, high, chunk.t).add_(spread.mul_(chunk.slope))
-            grad_probs[:, :, part] = value.mul_(chunk.w)
-        return grad_probs, None, None, None, None
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        probs, slots = ctx.saved_tensors
+        batch, classes, _ = probs.shape
+        chunks = _Chunks(probs, torch.empty(0), ctx.num_bins, ctx.soft)
+        g_sum = grads[1].reshape(batch, classes, -1).to(probs.dtype)
+        g_square = 2 * grads[2].reshape(batch, classes, -1).to(probs.dtype) if ctx.soft else None
+        grad = torch.empty_like(probs)
+        chunks.gather(slots, g_sum, g_square, grad)
+        return grad, None, None, None
 
 
-def binned_sums(probs: Tensor, labels: Tensor, weight: Tensor, num_bins: int, soft: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(sum p, sum [y == c], weight)``, each ``(B, C, num_bins)``, differentiable in ``probs``.
+def _interior_shares(m0: Tensor, m1: Tensor, m2: Tensor, num_bins: int) -> tuple[Tensor, Tensor]:
+    """Soft cells 1..bins-1: each cell's ``(sum t, sum p t)``, the shares of its right bin."""
+    half = torch.arange(1, num_bins, dtype=m0.dtype, device=m0.device) - 0.5
+    a = bin_scale(num_bins)
+    inner = slice(1, num_bins)
+    return a * m1[..., inner] - half * m0[..., inner], a * m2[..., inner] - half * m1[..., inner]
+
+
+def _soft_bins(m0: Tensor, moment: Tensor, shares: Tensor, num_bins: int) -> Tensor:
+    """Bin totals of one soft statistic: end cells whole, inner cells split left / right."""
+    total = torch.zeros(*m0.shape[:-1], num_bins, dtype=m0.dtype, device=m0.device)
+    total = total.index_add(-1, torch.tensor([0, num_bins - 1], device=m0.device), moment[..., [0, num_bins]])
+    if num_bins > 1:
+        inner = moment[..., 1:num_bins]
+        total = total + torch.nn.functional.pad(inner - shares, (0, 1)) + torch.nn.functional.pad(shares, (1, 0))
+    return total
+
+
+def binned_sums(
+    probs: Tensor, labels: Tensor, valid: Tensor, num_bins: int, soft: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sum p, sum [y == c], weight)``, each ``(B, C, num_bins)`` float64, differentiable in ``probs``.
 
     Args:
-        probs: ``(B, C, N)`` probabilities.
-        labels: ``(B, N)`` int64 labels (any class on ignored voxels).
-        weight: ``(B, N)`` 1 on counted voxels, 0 on ignored ones (probs' dtype).
+        probs: ``(B, C, N)`` float32 or float64 probabilities.
+        labels: ``(B, N)`` int64 labels in ``[0, C)`` on valid voxels (anything on ignored ones).
+        valid: ``(B, N)`` bool, False on ignored voxels.
         num_bins: equal bins on ``[0, 1 + eps32]``.
         soft: linear interpolation between neighbouring bin centres instead of hard bins.
     """
-    sums = _BinnedSums.apply(probs, labels.contiguous(), weight.contiguous(), num_bins, soft)
-    return sums[0], sums[1], sums[2]
+    classes = probs.shape[1]
+    codes = labels if bool(valid.all()) else labels.masked_fill(~valid, classes)
+    moments = _CellMoments.apply(probs, codes, num_bins, soft)
+    if soft:
+        m0, m1, m2 = moments
+        t_sum, pt_sum = _interior_shares(m0, m1, m2, num_bins)
+        weight = _soft_bins(m0, m0, t_sum, num_bins)
+        sum_p = _soft_bins(m0, m1, pt_sum, num_bins)
+    else:
+        # cell offset bins - 1 - j is bin j (x in (j, j + 1]); offset bins (p = 0) joins bin 0
+        def fold(m: Tensor) -> Tensor:
+            bins = m[..., :num_bins].flip(-1)
+            return torch.cat([bins[..., :1] + m[..., num_bins:], bins[..., 1:]], dim=-1)
+
+        weight, sum_p = fold(moments[0]), fold(moments[1])
+    # (B, C, C + 1, bins): class x label code; code C (ignored voxels) is dropped
+    labelled = torch.diagonal(weight, dim1=1, dim2=2).movedim(-1, 1)
+    return sum_p[:, :, :classes].sum(2), labelled, weight[:, :, :classes].sum(2)

@@ -19,7 +19,7 @@ class LossInputs:
         target: ``(B, *spatial)`` int64 as given, ignored voxels still hold ``ignore_index``.
         valid: ``(B, *spatial)`` bool, False on ignored voxels.
         count: 0-d number of valid voxels, at least 1, so that every mean of an all-ignored batch
-            is 0 with zero gradient instead of 0/0.
+            is 0 with zero gradient instead of 0/0 (lazy).
         labels: ``target`` with ignored voxels set to 0, safe for ``gather`` and ``one_hot`` (lazy).
         weight: ``valid`` in the logits' dtype, 1 = counted, 0 = ignored (lazy).
     """
@@ -33,7 +33,10 @@ class LossInputs:
         self.target = as_label_map(target, self.logits)
         self.ignore_index = ignore_index
         self.valid = self.target != ignore_index
-        self.count = self.valid.sum().to(self.logits.dtype).clamp_min(1.0)
+
+    @cached_property
+    def count(self) -> Tensor:
+        return self.valid.sum().to(self.logits.dtype).clamp_min(1.0)
 
     @cached_property
     def labels(self) -> Tensor:

@@ -13,9 +13,10 @@ bin); the loss of (b, c) is the unweighted mean over occupied bins of ``|mean p 
   (all of it to the first / last bin below the first / above the last centre); bins whose total
   weight is below ``empty_weight`` are left out. The weights are differentiable.
 
-The ``(B, C, bins)`` sums come from :mod:`segcalib.losses._calibration_bins`, which walks the voxels
-in chunks and recomputes the bins in backward: no ``(voxels, C, bins)`` membership tensor, and no
-per-voxel bin state kept between forward and backward. Ignored voxels add nothing anywhere.
+The ``(B, C, bins)`` sums come from :mod:`segcalib.losses._calibration_bins`: one histogram pass of
+per-cell moments (count, sum p, sum p^2) and a gather in backward; no ``(voxels, C, bins)``
+membership tensor, one byte per voxel and class kept between forward and backward. Ignored voxels
+add nothing anywhere.
 
 Barfoot et al., "Average Calibration Losses for Reliable Uncertainty in Medical Image
 Segmentation", arXiv 2506.03942 (IEEE TMI 2026); MICCAI 2024.
@@ -54,9 +55,8 @@ def l1_average_calibration_error(
     if not include_background and classes < 2:
         raise ValueError("L1-ACE without background needs at least 2 classes")
     probs = logits.softmax(1).reshape(batch, classes, -1)
-    labels = inputs.labels.reshape(batch, -1)
-    weight = inputs.weight.reshape(batch, -1)
-    sum_p, sum_y, counts = binned_sums(probs, labels, weight, num_bins, soft)
+    labels = inputs.target.reshape(batch, -1)
+    sum_p, sum_y, counts = binned_sums(probs, labels, inputs.valid.reshape(batch, -1), num_bins, soft)
     occupied = counts > 0
     if soft:
         occupied &= counts >= empty_weight
@@ -66,12 +66,9 @@ def l1_average_calibration_error(
     per_class = torch.where(occupied, gap, 0.0).sum(-1) / n_occupied.clamp_min(1)
     counted = n_occupied > 0
     if ignore_empty_classes:
-        present = logits.new_zeros(batch * classes).scatter_add_(
-            0, (torch.arange(batch, device=labels.device).reshape(batch, 1) * classes + labels).reshape(-1), weight.reshape(-1)
-        )
-        counted &= present.reshape(batch, classes) > 0
+        counted &= sum_y.sum(-1) > 0  # every voxel of class c adds a total weight 1 to sum_y
     per_class = torch.where(counted, per_class, 0.0)
-    return (per_class if include_background else per_class[:, 1:]).mean()
+    return (per_class if include_background else per_class[:, 1:]).mean().to(logits.dtype)
 
 
 @register_loss("hardl1ace")

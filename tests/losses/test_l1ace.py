@@ -272,22 +272,38 @@ def test_invalid_parameters() -> None:
         build_loss("hardl1ace", empty_weight=0.01)  # soft binning only
 
 
+def _exact_hard_bin(value: float, num_bins: int) -> int:
+    """Smallest j with ``value <= (j + 1)(1 + EPS32)/num_bins``, in exact rational arithmetic."""
+    from fractions import Fraction
+
+    top = 1 + Fraction(1, 2**23)
+    return next(j for j in range(num_bins) if Fraction(value) <= (j + 1) * top / num_bins)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("num_bins", [1, 2, 7, 20])
-def test_bin_lookup_equals_bucketize_at_and_beside_every_edge(num_bins: int, dtype: torch.dtype) -> None:
-    from segcalib.losses._calibration_bins import FLOAT32_EPS, sorted_position
+def test_hard_bins_are_right_closed_at_the_exact_edges(num_bins: int, dtype: torch.dtype) -> None:
+    """Every probability at, just above and just below each edge ``j (1 + eps32) / bins`` (as
+    rounded to the dtype, and the float32 values that are exactly an edge: 0.25 + 2^-25,
+    0.5 + 2^-24) lands in the bin exact rational arithmetic gives; float32 exactly, float64 at
+    1e-12 from an edge (the slot arithmetic is float64)."""
+    from segcalib.losses._calibration_bins import binned_sums
 
-    grid = torch.linspace(0.0, 1.0 + FLOAT32_EPS, 2 * num_bins + 1, dtype=dtype)
+    edges = torch.tensor([(j + 1) * (1 + EPS32) / num_bins for j in range(num_bins - 1)], dtype=dtype)
+    if dtype == torch.float32:
+        near = [edges, torch.nextafter(edges, torch.full_like(edges, 2.0)), torch.nextafter(edges, torch.zeros_like(edges))]
+        exact = [0.25 + 2.0**-25, 0.5 + 2.0**-24]
+    else:
+        near = [edges + 1e-12, edges - 1e-12]
+        exact = []
     gen = torch.Generator().manual_seed(46)
-    for table in (grid[2::2].contiguous(), grid[1::2].contiguous()):  # upper edges, centres
-        values = torch.cat([
-            torch.rand(20000, generator=gen, dtype=dtype),
-            table,
-            torch.nextafter(table, torch.full_like(table, 2.0)),
-            torch.nextafter(table, torch.full_like(table, -1.0)),
-            torch.tensor([0.0, 1.0], dtype=dtype),
-        ])
-        assert torch.equal(sorted_position(values, table), torch.bucketize(values, table))
+    values = torch.cat([*near, torch.tensor([0.0, 1.0, 2.0**-30, *exact], dtype=dtype), torch.rand(500, generator=gen, dtype=dtype)])
+    # each probability is an image of one voxel and one class: its bin is the one with a count
+    n = values.numel()
+    _, _, counts = binned_sums(values.reshape(n, 1, 1), torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.bool), num_bins, False)
+    assert torch.equal(counts.sum(-1), torch.ones(n, 1, dtype=torch.float64))
+    expected = torch.tensor([_exact_hard_bin(value, num_bins) for value in values.tolist()])
+    assert torch.equal(counts.reshape(n, num_bins).argmax(-1), expected)
 
 
 @pytest.mark.parametrize("name", ["hardl1ace", "softl1ace"])
@@ -307,3 +323,33 @@ def test_chunked_binning_equals_one_chunk(name: str, monkeypatch) -> None:
         results.append((value.detach(), z.grad))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_chunks_spread_over_threads_equal_one_thread(soft: bool, monkeypatch) -> None:
+    """The chunks run in Python threads (one per torch thread); the bin sums and their gradient
+    are the same, bit for bit, as with a single thread (each chunk's moments summed in a fixed
+    order). Checked on the binning itself: torch's own softmax backward differs by ~1e-9 between
+    thread counts."""
+    import segcalib.losses._calibration_bins as bins
+
+    monkeypatch.setattr(bins, "CHUNK_ELEMENTS", 5)  # many chunks
+    logits, target = random_batch(SHAPES["3d"], dtype=torch.float32, seed=48)
+    target[0, 1] = -100
+    probs = logits.softmax(1).reshape(2, 3, -1)
+    labels, valid = target.reshape(2, -1), target.reshape(2, -1) != -100
+    weights = torch.randn(3, 2, 3, 20, generator=torch.Generator().manual_seed(49), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            p = probs.clone().requires_grad_(True)
+            sums = torch.stack(bins.binned_sums(p, labels, valid, 20, soft))
+            (sums * weights).sum().backward()
+            results.append((sums.detach(), p.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert results[0][1].abs().sum() > 0
