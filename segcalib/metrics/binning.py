@@ -220,6 +220,16 @@ def _torch_histograms(
             nll = p_true.clamp(min=request.nll_eps).log().neg_()
             brier = (p * p).sum(1).sub_(p_true, alpha=2.0).add_(1.0)
             score_acc.index_add_(0, slot.expand_as(nll).reshape(-1), torch.stack([nll, brier], -1).view(-1, 2))
+    return accumulated_histograms(top_acc, cls_acc, score_acc, (batch, slots, num_classes, m), n_cells, request)
+
+
+def accumulated_histograms(
+    top_acc: torch.Tensor, cls_acc: torch.Tensor, score_acc: torch.Tensor, shape: tuple[int, int, int, int],
+    n_cells: int, request: HistogramRequest,
+) -> Histograms:
+    """The requested statistics out of flat ``(entries, 3|2)`` accumulators over ``shape`` = (cases,
+    slots, classes, bins), the last slot (dropped voxels) cut off."""
+    batch, slots, num_classes, m = shape
     result = Histograms()
     if request.top:
         result.top = top_acc.view(batch, slots, m, 3)[:, :n_cells]

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import torch
 
-from segcalib.metrics.binning import HistogramRequest, Histograms
+from segcalib.metrics.binning import HistogramRequest, Histograms, accumulated_histograms
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it
     import triton
@@ -162,11 +162,4 @@ def triton_histograms(
             CELL_BINS=triton.next_power_of_2(slots * n_bins), SLOT_BINS=triton.next_power_of_2(slots),
             BLOCK_SIZE=BLOCK, num_warps=4,
         )
-    result = Histograms()
-    if request.top:
-        result.top = top_acc.view(batch, slots, n_bins, 3)[:, :n_cells]
-    if request.classwise:
-        result.classwise = cls_acc.view(batch, slots, num_classes, n_bins, 3)[:, :n_cells]
-    if request.scores:
-        result.scores = score_acc.view(batch, slots, 2)[:, :n_cells]
-    return result
+    return accumulated_histograms(top_acc, cls_acc, score_acc, (batch, slots, num_classes, n_bins), n_cells, request)
