@@ -192,13 +192,14 @@ def region_cells(
     if len(masks) > MAX_PARTIAL_REGIONS:
         raise ValueError(f"at most {MAX_PARTIAL_REGIONS} regions that are not every voxel")
     n_cells = 2 ** len(masks)
-    cell_ids = torch.arange(n_cells)
+    cell_ids = torch.arange(n_cells, device=target.device)  # built on the device: no host-to-device copy (a sync)
     membership = torch.stack(
         [
-            ((cell_ids >> bit_of[name]) & 1).double() if name in bit_of else torch.ones(n_cells, dtype=torch.float64)
+            ((cell_ids >> bit_of[name]) & 1).double() if name in bit_of
+            else torch.ones(n_cells, dtype=torch.float64, device=target.device)
             for name in regions
         ]
-    ).to(target.device)
+    )
     ignored = target == ignore_index if ignore_index is not None else None
     if not masks and ignored is None:
         return None, 1, membership, target
