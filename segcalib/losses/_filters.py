@@ -63,3 +63,33 @@ def separable_filter(x: Tensor, kernel_1d: Tensor) -> Tensor:
         shape[axis] = kernel_1d.numel()
         x = depthwise_filter(x, kernel_1d.reshape(shape), "zeros")
     return x
+
+
+def box_sum(x: Tensor, size: int) -> Tensor:
+    """Sum of ``x`` over the ``size^d`` window (odd ``size``) around every voxel of a ``(B, C, *spatial)``
+    map, zeros outside; ``size`` shifted adds per axis instead of ``size^d`` reads per voxel. On 0/1
+    maps every sum is an exact integer, so ``box_sum(x, k) / k**d`` equals
+    ``avg_pool(x, k, stride=1, padding=k // 2, count_include_pad=True)`` exactly."""
+    half, dims = size // 2, x.dim() - 2
+    out = F.pad(x, (half, half) * dims)
+    for axis in range(2, x.dim()):
+        n = out.shape[axis] - 2 * half
+        total = out.narrow(axis, 0, n).clone()
+        for shift in range(1, size):
+            total += out.narrow(axis, shift, n)
+        out = total
+    return out
+
+
+def inside_share(shape: tuple[int, ...], size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(1, 1, *shape)``: the share of the ``size^d`` window around each voxel that lies inside the
+    image (a product of per-axis counts: exact, as ``avg_pool`` of ones with zero padding)."""
+    half = size // 2
+    share = torch.ones((1, 1) + (1,) * len(shape), dtype=torch.float64, device=device)
+    for axis, n in enumerate(shape):
+        i = torch.arange(n, device=device)
+        count = (torch.clamp(i + half, max=n - 1) - torch.clamp(i - half, min=0) + 1).to(torch.float64)
+        view = [1, 1] + [1] * len(shape)
+        view[2 + axis] = n
+        share = share * count.view(view)
+    return (share / size ** len(shape)).to(dtype)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from segcalib.errors import ConfigError
 from segcalib.losses._checks import check_choice, check_float, check_int, check_odd, set_multiplier_schedule
+from segcalib.losses._filters import box_sum, inside_share
 from segcalib.losses._inputs import LossInputs
 from segcalib.losses._margin_ce import per_class
 from segcalib.losses._penalties import PENALTIES
@@ -19,7 +19,6 @@ from segcalib.spatial.regions import BOUNDARY, DEFAULT_BOUNDARY_MM, RegionContex
 from segcalib.utils.distributed import all_reduce_sum
 from segcalib.utils.tensors import HALF_DTYPES
 
-_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
 REGIONS = (BOUNDARY, "interior")
 """Row order of ``lambdas`` / ``rhos``: the boundary band, then every other voxel."""
 
@@ -32,13 +31,13 @@ def neighbour_proportions(
     As the reference code: voxels outside the image count as background (class 0), ignored voxels
     as no class. Zero-padded box means (``count_include_pad``) in ``dtype``, plus the outside share on class 0.
     """
-    onehot = torch.zeros((labels.shape[0], num_classes, *labels.shape[1:]), dtype=dtype, device=labels.device)
-    onehot.scatter_(1, labels.unsqueeze(1), valid.unsqueeze(1).to(dtype))
-    pool = _AVG_POOL[labels.dim() - 1]
-    tau = pool(onehot, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
-    inside = pool(torch.ones_like(onehot[:, :1]), kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
+    work = torch.float32 if dtype in HALF_DTYPES else dtype  # window sums up to k^d: exact in float32
+    onehot = torch.zeros((labels.shape[0], num_classes, *labels.shape[1:]), dtype=work, device=labels.device)
+    onehot.scatter_(1, labels.unsqueeze(1), valid.unsqueeze(1).to(work))
+    tau = box_sum(onehot, kernel_size).div_(kernel_size ** (labels.dim() - 1))
+    inside = inside_share(tuple(labels.shape[1:]), kernel_size, work, labels.device)
     tau[:, :1] += 1 - inside  # the window's voxels outside the image count as background
-    return tau
+    return tau.to(dtype)
 
 
 @register_loss("crac")

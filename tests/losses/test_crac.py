@@ -22,6 +22,7 @@ from scipy import ndimage
 from segcalib.errors import ConfigError
 from segcalib.losses import build_loss
 from segcalib.losses._penalties import PENALTIES
+from segcalib.losses.crac import neighbour_proportions
 from tests.losses import _reference as ref
 from tests.losses._helpers import SHAPES
 
@@ -382,3 +383,12 @@ def test_two_process_update_equals_single_process(tmp_path) -> None:
         torch.testing.assert_close(state["lambdas"], single.lambdas, rtol=1e-6, atol=0)
         torch.testing.assert_close(state["rhos"], single.rhos, rtol=1e-6, atol=0)
         torch.testing.assert_close(state["previous_constraint"], single.previous_constraint, rtol=1e-12, atol=1e-15)
+
+
+def test_bfloat16_neighbour_proportions_round_the_float32_ones() -> None:
+    # avg_pool3d has no bfloat16 CPU kernel: the shares are summed in float32, then rounded once
+    labels = torch.randint(0, 3, (2, 6, 5, 7), generator=torch.Generator().manual_seed(3))
+    valid = labels != 2
+    shares = neighbour_proportions(labels, valid, 3, 3, torch.bfloat16)
+    assert shares.dtype == torch.bfloat16
+    assert torch.equal(shares, neighbour_proportions(labels, valid, 3, 3, torch.float32).to(torch.bfloat16))

@@ -10,7 +10,7 @@ import torch
 
 from segcalib.errors import ConfigError
 from segcalib.losses import build_loss
-from segcalib.losses._filters import erf_gaussian_1d, svls_kernel
+from segcalib.losses._filters import box_sum, erf_gaussian_1d, inside_share, svls_kernel
 from segcalib.losses._inputs import LossInputs
 from tests.losses import _reference as ref
 from tests.losses._helpers import SHAPES, random_batch
@@ -140,3 +140,16 @@ def test_invalid_kernel_parameters() -> None:
         build_loss("nacl", distance="cosine")
     with pytest.raises(ConfigError, match="parameter 'sigma'"):
         build_loss("svls", sigma=0.0)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("size", [3, 5])
+def test_box_sum_and_inside_share_equal_zero_padded_avg_pool(dims: int, size: int) -> None:
+    pool = {2: torch.nn.functional.avg_pool2d, 3: torch.nn.functional.avg_pool3d}[dims]
+    g = torch.Generator().manual_seed(size + dims)
+    shape = (2, 3, 9, 7, 6)[: 2 + dims]
+    x = (torch.rand(shape, generator=g) > 0.4).double()
+    expected = pool(x, size, stride=1, padding=size // 2, count_include_pad=True)
+    assert torch.equal(box_sum(x, size) / size**dims, expected)  # integer window sums: exact
+    ones = pool(torch.ones(1, 1, *shape[2:], dtype=torch.float64), size, stride=1, padding=size // 2, count_include_pad=True)
+    assert torch.equal(inside_share(shape[2:], size, torch.float64, x.device), ones)
