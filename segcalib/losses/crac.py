@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from segcalib.errors import ConfigError
 from segcalib.losses._checks import check_choice, check_float, check_int, check_odd, set_multiplier_schedule
 from segcalib.losses._filters import box_sum, inside_share
 from segcalib.losses._inputs import LossInputs
 from segcalib.losses._margin_ce import per_class
-from segcalib.losses._penalties import PENALTIES
+from segcalib.losses._penalties import PENALTIES, Penalty
 from segcalib.losses.base import AdaptiveLoss
 from segcalib.losses.registry import register_loss
 from segcalib.spatial.regions import BOUNDARY, DEFAULT_BOUNDARY_MM, RegionContext, region_mask
@@ -38,6 +39,29 @@ def neighbour_proportions(
     inside = inside_share(tuple(labels.shape[1:]), kernel_size, work, labels.device)
     tau[:, :1] += 1 - inside  # the window's voxels outside the image count as background
     return tau.to(dtype)
+
+
+class _ConstraintPenalty(torch.autograd.Function):
+    """``sum_{valid i, k} P(|goal_ik - z_ik|; lam_ik, rho_ik)`` with a hand-written backward
+    ``-sign(goal - z) P'(h)`` on valid voxels: one gradient tensor instead of autograd keeping a
+    tensor per elementwise step of the penalty."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, goal: Tensor, valid: Tensor, lam: Tensor, rho: Tensor,  # type: ignore[override]
+                penalty: Penalty) -> Tensor:
+        value = penalty.value(torch.sub(goal, logits).abs_(), lam, rho)
+        ctx.save_for_backward(logits, goal, valid, lam, rho)
+        ctx.penalty = penalty
+        return torch.where(valid.unsqueeze(1), value, 0.0).sum(1).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        logits, goal, valid, lam, rho = ctx.saved_tensors
+        diff = torch.sub(goal, logits)
+        slope = ctx.penalty.derivative(diff.abs(), lam, rho)  # dP/dh; dh/dz = -sign(goal - z)
+        slope = torch.where(valid.unsqueeze(1), slope, 0.0)
+        return slope.mul_(diff.sign_()).mul_(-grad), None, None, None, None, None
 
 
 @register_loss("crac")
@@ -155,13 +179,18 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         )
         return region_mask(BOUNDARY, context) & inputs.valid
 
-    def constraints(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
-        """``h`` ``(B, C, *spatial)`` (see the class docstring) and the boundary mask ``(B, *spatial)``."""
+    def goals(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
+        """The logits' targets ``(B, C, *spatial)`` (``tau`` on the boundary, ``m tau`` inside; no
+        gradient) and the boundary mask ``(B, *spatial)``."""
         self._check_classes(inputs.logits)
         with torch.no_grad():
             tau = self._tau(inputs)
             boundary = self.regions(inputs, tau)
-            goal = torch.where(boundary.unsqueeze(1), tau, self.margin * tau)
+            return torch.where(boundary.unsqueeze(1), tau, self.margin * tau), boundary
+
+    def constraints(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
+        """``h`` ``(B, C, *spatial)`` (see the class docstring) and the boundary mask ``(B, *spatial)``."""
+        goal, boundary = self.goals(inputs)
         return (goal - inputs.logits).abs(), boundary
 
     def _per_voxel(self, values: Tensor, boundary: Tensor, like: Tensor) -> Tensor:
@@ -169,12 +198,12 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         return torch.where(boundary.unsqueeze(1), per_class(values[0], like), per_class(values[1], like))
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        h, boundary = self.constraints(inputs)
-        lam = self._per_voxel(self.lambdas, boundary, h)
-        rho = self._per_voxel(self.rhos, boundary, h)
-        value = self._penalty.value(h, lam, rho)
-        per_voxel = torch.where(inputs.valid.unsqueeze(1), value, 0.0).sum(1)
-        penalty = per_voxel.sum() / (inputs.count * 2 * self.num_classes)
+        goal, boundary = self.goals(inputs)
+        logits = inputs.logits
+        lam = self._per_voxel(self.lambdas, boundary, logits)
+        rho = self._per_voxel(self.rhos, boundary, logits)
+        total = _ConstraintPenalty.apply(logits, goal, inputs.valid, lam, rho, self._penalty)
+        penalty = total / (inputs.count * 2 * self.num_classes)
         ce = inputs.cross_entropy()
         return ce + penalty, {"ce": ce, "penalty": penalty}
 
