@@ -14,7 +14,8 @@ the seed papers' losses seed by seed, the other losses, then the long regime for
 short regime's top three losses by the criterion (chosen once the must-have short units are done).
 ``--budget-min M`` starts units while the minutes used plus the median unit time seen so far fit in
 M; a finished unit is never redone, a killed one leaves no record and is redone. ``--tables-only``
-rebuilds ``docs/results.md`` and ``docs/what_to_use.md`` from the records alone, on any machine.
+rebuilds ``docs/results.md``, ``docs/what_to_use.md`` and ``configs/recipe.yaml`` (the recipe ``segcalib
+demo`` trains and calibrates with) from the records alone, on any machine.
 
 Protocol, fixed before running (see :mod:`pipelines.study.cases` and :mod:`pipelines.study.selection`):
 
@@ -60,11 +61,11 @@ sys.path.insert(0, str(REPO))
 from segcalib.calibrators.selection import candidate_names  # noqa: E402
 from segcalib.spatial.regions import default_regions  # noqa: E402
 
-from pipelines.study.budget import run_budget  # noqa: E402
+from pipelines.study.budget import must_have_complete, run_budget  # noqa: E402
 from pipelines.study.cases import PROTOCOLS  # noqa: E402
 from pipelines.study.grid import BASELINE, LOSSES, REGIMES, SMOKE_EPOCHS, SMOKE_OVERRIDES, GridSettings  # noqa: E402
 from pipelines.study.run import CVSettings  # noqa: E402
-from pipelines.study.tables import study_from_records, write_results, write_what_to_use  # noqa: E402
+from pipelines.study.tables import study_from_records, write_recipe, write_results, write_what_to_use  # noqa: E402
 from pipelines.study.unit import RECORDS, load_records  # noqa: E402
 
 log = logging.getLogger("segcalib.study")
@@ -97,6 +98,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--results", type=Path)
     parser.add_argument("--what-to-use", type=Path)
+    parser.add_argument("--recipe", type=Path, help="the recipe `segcalib demo` uses (default: configs/recipe.yaml with "
+                        "the default --results, otherwise recipe.yaml beside --results)")
     parser.add_argument("--hardware", default=f"{platform.machine()}, {platform.processor() or 'CPU'}")
     args = parser.parse_args(argv)
     smoke = args.smoke
@@ -112,8 +115,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.set = (list(SMOKE_OVERRIDES) if smoke else []) + args.set
     args.out = args.out or REPO / "runs" / ("study_smoke" if smoke else "study")
     args.records = args.records or (args.out / "records" if smoke else RECORDS)
-    args.results = args.results or (args.out / "results.md" if smoke else REPO / "docs" / "results.md")
+    default_results = REPO / "docs" / "results.md"
+    args.results = args.results or (args.out / "results.md" if smoke else default_results)
     args.what_to_use = args.what_to_use or args.results.with_name("what_to_use.md")
+    args.recipe = args.recipe or (REPO / "configs" / "recipe.yaml" if args.results == default_results
+                                  else args.results.with_name("recipe.yaml"))
     return args
 
 
@@ -136,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     write_results(study, args.results)
     write_what_to_use(study, args.what_to_use, args.results)
-    print(f"wrote {args.results} and {args.what_to_use} from {len(records)} record(s)")
+    write_recipe(study, args.recipe, must_have_complete(records, args.seeds, args.dice_tolerance))
+    print(f"wrote {args.results}, {args.what_to_use} and {args.recipe} from {len(records)} record(s)")
     return 0
 
 

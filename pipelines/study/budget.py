@@ -7,7 +7,7 @@ import logging
 import math
 import statistics
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from pipelines.study.grid import BASELINE, LONG_TOP, GridSettings, Job, must_have_short, priority_order
 from pipelines.study.run import CVSettings, run_all
@@ -28,6 +28,15 @@ def pending_units(args: argparse.Namespace, records: dict[Job, dict[str, Any]]) 
             losses = args.long_losses or [BASELINE, *top_losses(records, LONG_TOP, args.dice_tolerance)]
             queue += [Job("long", loss, seed) for seed in args.seeds for loss in losses]
     return [job for job in queue if job not in records]
+
+
+def must_have_complete(records: dict[Job, dict[str, Any]], seeds: Sequence[int], dice_tolerance: float) -> bool:
+    """Whether the study's must-have grid has every record: CE+Dice and the seed papers' losses in
+    the short regime, then the long regime for CE+Dice and the short regime's top three."""
+    if not all(j in records for j in must_have_short(seeds)):
+        return False
+    long_losses = [BASELINE, *top_losses(records, LONG_TOP, dice_tolerance)]
+    return all(Job("long", loss, seed) in records for loss in long_losses for seed in seeds)
 
 
 def expected_seconds(records: dict[Job, dict[str, Any]], device: str | None) -> float:

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from segcalib.experiment import BASELINE_LOSS
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "hippocampus"
-BASELINE = "ce_dice"
+BASELINE = BASELINE_LOSS  # CE+Dice: every candidate is measured against it
 SEED_PAPER_LOSSES = ("ce", "focal", "ls", "svls", "nacl", "mbls", "mbls_dice", "cals")  # the seed papers' losses
 OTHER_LOSSES = ("ecp", "dice", "focal_adaptive", "logit_l1", "cals_heuristic", "hardl1ace_dice", "softl1ace_dice", "crac")  # and those added since
 LOSSES = (BASELINE, *SEED_PAPER_LOSSES, *OTHER_LOSSES)

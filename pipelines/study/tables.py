@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from segcalib.config import load_config
+from segcalib.experiment import Recipe
+from segcalib.spatial.regions import ALL
 from segcalib.reports.markdown import markdown_table
 from segcalib.utils.files import write_text_atomic
 
@@ -306,6 +308,19 @@ def write_what_to_use(study: StudyResults, path: Path, results: Path) -> None:
                 f"checks of the papers' claims are in [{link}]({link}).")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "# What to use\n\n" + text + "\n")
+
+
+def write_recipe(study: StudyResults, path: Path, complete: bool) -> None:
+    """``configs/recipe.yaml``: the recipe ``segcalib demo`` trains and calibrates with."""
+    if study.recipe is None:
+        return
+    c = study.recipe.candidate
+    region = c.region if c.calibrator != NONE else ALL  # a recipe without a calibrator has no fit region
+    recipe = Recipe(loss=c.loss, calibrator=c.calibrator, region=region, regime=c.regime,
+                    admissible=bool(study.recipe.admissible), score=round(float(study.recipe.score), 4),
+                    records=len(study.records), complete=complete)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, recipe.to_yaml())
 
 
 def study_from_records(records: Mapping[Job, dict[str, Any]], args: argparse.Namespace) -> StudyResults | None:

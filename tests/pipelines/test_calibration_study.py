@@ -138,6 +138,13 @@ def test_tables_are_means_over_seeds_of_the_records(smoke) -> None:
              "## The seed papers' claims"]
     assert [text.index(h) for h in order] == sorted(text.index(h) for h in order)
     assert "(results.md)" in (root / "docs" / "what_to_use.md").read_text()
+    from segcalib.experiment import read_recipe
+
+    recipe = read_recipe(root / "docs" / "recipe.yaml")  # what `segcalib demo` trains and calibrates with
+    headline = text.split("## Recommended recipe")[1].split("**")[1]
+    fitted = "" if recipe.calibrator == "none" else f" fitted on {recipe.region} voxels"
+    assert headline == f"{recipe.loss}, {recipe.regime} regime, {recipe.calibrator}{fitted}"
+    assert f"criterion {recipe.score:.3f}" in text and recipe.records == 4 and recipe.complete is False
 
 
 def test_priority_order_and_the_long_regime_waits_for_the_must_have_units() -> None:
@@ -158,6 +165,20 @@ def test_priority_order_and_the_long_regime_waits_for_the_must_have_units() -> N
     done = {j: {} for j in order[:27]}  # every must-have short unit has a record
     pending = pending_units(args, done)
     assert pending[-6:] == [Job("long", l, s) for s in (0, 1, 2) for l in ("ce_dice", "mbls")]
+
+
+def test_the_must_have_grid_is_complete_only_with_the_long_regime_of_the_top_three(monkeypatch) -> None:
+    from pipelines.study import budget
+    from pipelines.study.grid import must_have_short
+
+    monkeypatch.setattr(budget, "top_losses", lambda records, n, tol: ["mbls", "cals", "svls"][:n])
+    short = {j: {} for j in must_have_short([0, 1, 2])}
+    assert len(short) == 27 and not budget.must_have_complete({}, [0, 1, 2], 0.003)
+    long = {Job("long", l, s): {} for l in ("ce_dice", "mbls", "cals", "svls") for s in (0, 1, 2)}
+    assert not budget.must_have_complete(short, [0, 1, 2], 0.003)
+    assert budget.must_have_complete({**short, **long}, [0, 1, 2], 0.003)
+    assert not budget.must_have_complete({**long, **dict(list(short.items())[1:])}, [0, 1, 2], 0.003)
+    assert not budget.must_have_complete({**short, **dict(list(long.items())[:-1])}, [0, 1, 2], 0.003)
 
 
 def test_protocols_never_hold_a_test_case() -> None:
