@@ -59,3 +59,10 @@ def test_a_mistyped_command_or_choice_gets_a_suggestion(capsys) -> None:
     assert main([*fit, "--method", "vectr"]) == 2
     assert "invalid choice: 'vectr'; did you mean 'vector'?" in capsys.readouterr().err
     assert _probe(["exprot"]) == {"code": 2, "heavy": []}
+
+
+@pytest.mark.parametrize("args", [["calibrate", "fit", "--help"], ["evaluate", "--help"], ["conformal", "fit", "--help"]])
+def test_a_registry_command_help_does_not_import_monai(args: list[str]) -> None:
+    # its choices come from the registries (torch), but the sliding window's MONAI is seconds more
+    result = _probe(args)
+    assert result["code"] == 0 and "torch" in result["heavy"] and "monai" not in result["heavy"]
