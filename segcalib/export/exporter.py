@@ -8,9 +8,10 @@ members. Members are averaged in probability space after their calibration, stre
 member's full-volume output plus the running sums in memory. Ensembles also write the total
 predictive entropy, the mutual information (epistemic) and the expected entropy (aleatoric).
 
-Writing overlaps the prediction of the next case (``ExportOptions.overlap``): the maps of case i
-are checked and written on a worker thread while case i+1 is predicted, one case behind (at most
-two cases' maps in memory), with the same files byte for byte as one after the other; an error of
+Writing overlaps the prediction of the next case (``ExportOptions.overlap``; by default when the
+model runs on a GPU, as on the CPU both would share the same cores): the maps of case i are
+checked and written on a worker thread while case i+1 is predicted, one case behind (at most two
+cases' maps in memory), with the same files byte for byte as one after the other; an error of
 the writer stops the export at the next case and is raised here, after the writer has finished.
 Every file is written under a temporary name and renamed; ``export.json`` records the members,
 the combination rule, the post-hoc step, config hashes and versions. A rerun with the same
@@ -21,7 +22,7 @@ fitting them again, and leaves a complete export untouched.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ class ExportOptions:
     device: str | None = None
     progress: bool = True
     allow_foreign_checkpoint: bool = False  # a checkpoint of another config: use the config it carries
-    overlap: bool = True  # write case i on a worker thread while case i+1 is predicted
+    overlap: bool | None = None  # write case i on a worker thread while case i+1 is predicted; None: on a GPU
 
 
 @dataclass
@@ -130,19 +131,34 @@ def export(
         bar = progress_bar(len(cases), "export", options.progress)
         bar.update(len(skipped))
 
-        def predict(case: Case) -> tuple:
-            return _predict_case(members, flips, mc, case, output_paths(output, case.case_id, extra), options)
-
-        def write(case: Case, prepared: tuple) -> None:
-            _write_case(members, case, output_paths(output, case.case_id, extra), options, *prepared)
-            done.append(case.case_id)
+        def written(case_id: str) -> None:
+            done.append(case_id)
             bar.update(1)
 
-        overlapped([c for c in cases if c.case_id in to_write], predict, write, enabled=options.overlap)
+        export_cases(members, flips, mc, [c for c in cases if c.case_id in to_write], output, extra, options, written)
         bar.close()
     settings["header_rewritten"] = [c.case_id for c in cases if header_rewritten(c.images[0])]
     finish(output, settings, [c.case_id for c in cases])
     return ExportResult(output, done, skipped, settings["temperature"], settings)
+
+
+def export_cases(
+    members: list[Member], flips: list, mc: int, cases: Sequence[Case], output: Path, extra: Sequence[str],
+    options: ExportOptions, written: Callable[[str], None] = lambda case_id: None,
+) -> None:
+    """Predict and write the maps of ``cases`` into ``output``, in order, writing case i while case
+    i+1 is predicted when ``options.overlap`` (None: when the first member runs on a GPU);
+    ``written(case_id)`` after each case."""
+    overlap = options.overlap if options.overlap is not None else members[0].model.device.type == "cuda"
+
+    def predict(case: Case) -> tuple:
+        return _predict_case(members, flips, mc, case, output_paths(output, case.case_id, extra), options)
+
+    def write(case: Case, prepared: tuple) -> None:
+        _write_case(members, case, output_paths(output, case.case_id, extra), options, *prepared)
+        written(case.case_id)
+
+    overlapped(cases, predict, write, enabled=overlap)
 
 
 def _export_case(

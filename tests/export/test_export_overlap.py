@@ -10,17 +10,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 import segcalib.export.exporter as exporter
 import segcalib.export.writers as writers
 from segcalib.config import load_config
 from segcalib.errors import DataError, RunError
 from segcalib.export import ExportOptions, export
+from segcalib.inference.sliding_window import SlidingWindow
+from segcalib.inference.trained_model import TrainedModel
 from tests.conftest import SMOKE_CONFIG
-from tests.export.test_export import _model
 from tests.synthetic import LPS_ANISO, make_dataset
 
 N_TEST = 3
+
+
+class IntensityEcho(nn.Module):
+    """Logits (0, x, -x): maps that follow the image, no training needed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x), x, -x], dim=1)
+
+
+def _model(cfg) -> TrainedModel:
+    return TrainedModel(
+        cfg=cfg, net=IntensityEcho(), window=SlidingWindow(roi_size=[8, 8, 8], overlap=0.5),
+        checkpoint=Path("none"), epoch=0, num_classes=3, class_names=["bg", "a", "b"], config_hash="x",
+        device=torch.device("cpu"),
+    )
 
 
 @pytest.fixture
@@ -65,9 +83,13 @@ def test_overlapped_files_equal_sequential_byte_for_byte(echo_export: Path, tmp_
     assert _files(tmp_path / "fast") == files
     record = json.loads((tmp_path / "fast" / "export.json").read_text())
     assert record["status"] == "complete" and record["cases"] == plain.cases
+    seen.clear()  # by default only a model on a GPU overlaps: on the CPU both would share the cores
+    export("run", echo_export, tmp_path / "default", ExportOptions(**options))
+    assert seen and all(thread == threading.main_thread().name for thread, _ in seen)
 
 
-def test_write_error_names_the_case_and_keeps_complete_maps(echo_export: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("overlap", [True, False])
+def test_write_error_names_the_case_and_keeps_complete_maps(echo_export: Path, tmp_path: Path, monkeypatch, overlap) -> None:
     out = tmp_path / "out"
     real = writers.save_like
     written: list[str] = []
@@ -80,7 +102,7 @@ def test_write_error_names_the_case_and_keeps_complete_maps(echo_export: Path, t
 
     monkeypatch.setattr(writers, "save_like", failing)
     with pytest.raises(RunError, match=r"writing the maps of case \S+ failed \(PermissionError: .*Permission denied") as err:
-        export("run", echo_export, out, ExportOptions(progress=False))
+        export("run", echo_export, out, ExportOptions(progress=False, overlap=overlap))
     assert str(out) in str(err.value)
     first = sorted(_files(out))  # the first case, complete; nothing of the second; no temporary file
     assert len(first) == 2 and first[0].split("_probs")[0] == first[1].split("_seg")[0]
@@ -93,7 +115,8 @@ def test_write_error_names_the_case_and_keeps_complete_maps(echo_export: Path, t
     assert len(_files(out)) == 2 * N_TEST
 
 
-def test_refused_maps_from_the_writer_roll_the_folder_back(echo_export: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("overlap", [True, False])
+def test_refused_maps_from_the_writer_roll_the_folder_back(echo_export: Path, tmp_path: Path, monkeypatch, overlap) -> None:
     out = tmp_path / "out"
     real = writers.check_maps
     calls = {"n": 0}
@@ -106,5 +129,5 @@ def test_refused_maps_from_the_writer_roll_the_folder_back(echo_export: Path, tm
 
     monkeypatch.setattr(writers, "check_maps", refuse_second)
     with pytest.raises(DataError, match="NaN or infinite value.*nothing was written for this case"):
-        export("run", echo_export, out, ExportOptions(progress=False))
+        export("run", echo_export, out, ExportOptions(progress=False, overlap=overlap))
     assert not out.exists()  # made by this export, removed with what it wrote (as without overlap)
