@@ -47,6 +47,21 @@ def test_failing_kernel_falls_back_to_torch_path(monkeypatch) -> None:
     make_loss("mbls", margin=1.0)(logits, target)
 
 
+def test_out_of_memory_in_the_kernel_is_raised_not_hidden(monkeypatch) -> None:
+    from segcalib.losses import _margin_ce_triton
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    logits, target = random_batch((1, 3, 4, 4), seed=2)
+    monkeypatch.setattr(_margin_ce, "_TRITON_FAILED", [])
+    monkeypatch.setattr(_margin_ce_triton, "fused_margin_cross_entropy", out_of_memory)
+    monkeypatch.setattr(_margin_ce, "fused_backend", lambda logits, penalty: "triton")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        make_loss("cals", 3)(logits, target)
+    assert not _margin_ce._TRITON_FAILED
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already interpreted")
 def test_kernel_interpreted_on_cpu() -> None:
