@@ -8,6 +8,11 @@ resident memory (VmHWM) above the pre-export baseline is compared with the outpu
 
     python -m benchmarks.bench_export --sizes 256 512
     python -m benchmarks.bench_export --sizes 512 --device cuda   # inference and stitching on the GPU
+    python -m benchmarks.bench_export --overlap 160 --cases 4     # seconds per case, writes overlapped or not
+
+``--overlap N`` times instead the export of several N^3 cases (probs, seg, uncertainty) with the
+writing of case i overlapped with the prediction of case i+1 and one after the other, and checks
+that both give the same bytes.
 """
 
 from __future__ import annotations
@@ -84,6 +89,62 @@ def measure(size: int, classes: int, uncertainty: bool, device: str = "cpu") -> 
             "peak_reset": peak_reset}
 
 
+def _echo_model(classes: int, device: str, folder: Path):
+    """A TrainedModel whose K-class "network" echoes the image (the cost is segcalib's)."""
+    import torch
+    from torch import nn
+
+    from segcalib.config import load_config
+    from segcalib.inference.sliding_window import SlidingWindow
+    from segcalib.inference.trained_model import TrainedModel
+
+    class Echo(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x * (k - classes / 2) for k in range(classes)], dim=1)
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / "smoke.yaml", {"data.patch_size": [128, 128, 128], "model.strides": [2, 2, 2]})
+    return cfg, TrainedModel(cfg=cfg, net=Echo(), window=SlidingWindow(roi_size=[128, 128, 128], overlap=0.25, sw_batch_size=2),
+                             checkpoint=folder, epoch=0, num_classes=classes, class_names=[str(k) for k in range(classes)],
+                             config_hash="bench", device=torch.device(device))
+
+
+def measure_overlap(size: int, classes: int = 4, n_cases: int = 4, device: str = "cpu") -> dict:
+    """Seconds per case of exporting ``n_cases`` N^3 cases (probs, seg, uncertainty) with writing
+    overlapped with the next prediction and without, best of two rounds each; and whether both
+    wrote the same bytes."""
+    import nibabel as nib
+
+    from segcalib.data.manifest import Case
+    from segcalib.data.transforms import preprocessing
+    from segcalib.export.exporter import ExportOptions, export_cases
+    from segcalib.export.members import Member
+
+    folder = Path(tempfile.mkdtemp(prefix="segcalib-bench-export-overlap-"))
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(n_cases):
+        image = folder / f"case{i}.nii.gz"
+        volume = rng.normal(size=(size, size, size)).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, np.diag([-1.0, -1.0, 1.0, 1.0])), image)
+        cases.append(Case(f"case{i}", (image,), None, "test"))
+    cfg, model = _echo_model(classes, device, folder)
+    member = Member(model, temperature=1.5, chain=preprocessing(cfg.data, with_label=False))
+    seconds: dict[str, list[float]] = {"overlapped": [], "sequential": []}
+    for round_ in range(2):
+        for mode in seconds:
+            out = folder / f"{mode}{round_}"
+            started = time.perf_counter()
+            options = ExportOptions(uncertainty=True, overlap=mode == "overlapped", progress=False)
+            export_cases([member], [None], 1, cases, out, ["uncertainty"], options)
+            seconds[mode].append(time.perf_counter() - started)
+    same = all((folder / "overlapped0" / p.name).read_bytes() == p.read_bytes() for p in (folder / "sequential0").iterdir())
+    best = {mode: min(times) / n_cases for mode, times in seconds.items()}
+    return {"size": size, "classes": classes, "cases": n_cases, "device": device,
+            "s_per_case_overlapped": best["overlapped"], "s_per_case_sequential": best["sequential"],
+            "speedup": best["sequential"] / best["overlapped"], "same_bytes": same}
+
+
 def measure_in_child(size: int, classes: int = 4, device: str = "cpu", timeout: float | None = None) -> dict:
     """:func:`measure` in a fresh Python process, so that its peak is the export's alone."""
     cmd = [sys.executable, "-m", "benchmarks.bench_export", "--child", str(size), "--classes", str(classes), "--device", device]
@@ -99,8 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--uncertainty", action="store_true", default=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network and stitching run")
+    parser.add_argument("--overlap", type=int, metavar="N", help="time several N^3 cases, overlapped and not")
+    parser.add_argument("--cases", type=int, default=4, help="cases of --overlap (default 4)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.overlap:
+        r = measure_overlap(args.overlap, args.classes, args.cases, args.device)
+        print(f"{r['cases']} cases of {r['size']}³x{r['classes']} on {r['device']}: {r['s_per_case_sequential']:.2f} s/case "
+              f"one after the other, {r['s_per_case_overlapped']:.2f} s/case overlapped ({r['speedup']:.2f}x); "
+              f"same bytes: {r['same_bytes']}")
+        return 0
     if args.child:
         print(json.dumps(measure(args.child, args.classes, args.uncertainty, args.device)))
         return 0

@@ -91,7 +91,7 @@ run_stage metrics     75   20
 run_stage losses      90   20
 run_stage evaluate    75   20
 run_stage training    90   20
-run_stage export     180   40
+run_stage export     240   40
 
 TOTAL=$(elapsed)
 say "summary (total ${TOTAL} s)"

@@ -72,6 +72,23 @@ def _verdict(ok: bool | None) -> str:
     return {True: "pass", False: "**FAIL**", None: "–"}[ok]
 
 
+def _detail_figures(figures: dict[str, dict]) -> list[str]:
+    """Figures behind the checks that say where time goes (issue 25): which MbLS/CALS path ran,
+    HD95's parts, the overlapped export."""
+    lines: list[str] = []
+    if figures.get("losses", {}).get("mbls_cals_path"):
+        lines.append(f"- MbLS/CALS path in the training step: {figures['losses']['mbls_cals_path']}")
+    for row in figures.get("metrics", {}).get("rows", []):
+        if str(row.get("metric", "")).startswith("hd95"):
+            lines.append(f"- {row['metric']}: {_fmt(row.get('ours_ms'))} ms ({row.get('agreement', '')})")
+    overlap = figures.get("export", {}).get("overlap")
+    if overlap:
+        lines.append(f"- export of {overlap['cases']} cases of {overlap['size']}³x{overlap['classes']}: "
+                     f"{_fmt(overlap['s_per_case_sequential'])} s/case one after the other, "
+                     f"{_fmt(overlap['s_per_case_overlapped'])} s/case overlapped, same bytes: {overlap['same_bytes']}")
+    return ["", "## Where the time goes", "", *lines] if lines else []
+
+
 def to_markdown(results: dict) -> str:
     """The summary: machine, overall verdict, one table row per check, then skips and failures."""
     env = results.get("env", {})
@@ -111,6 +128,7 @@ def to_markdown(results: dict) -> str:
         lines += [f"- failed: `{t}`" for t in f.get("failed", []) + f.get("errors", [])]
         lines += [f"- skipped {n}x: {r}" for r, n in f.get("skipped", {}).items()]
         lines += [f"- not collected: `{m}` (needs {r})" for m, r in f.get("not_collected", {}).items()]
+    lines += _detail_figures({s["stage"]: s.get("figures") or {} for s in results["stages"]})
     for s in results["stages"]:
         if s["status"] in ("error", "timeout") and s.get("log_tail"):
             tail = "\n".join(s["log_tail"].splitlines()[-15:])

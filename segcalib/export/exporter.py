@@ -8,6 +8,11 @@ members. Members are averaged in probability space after their calibration, stre
 member's full-volume output plus the running sums in memory. Ensembles also write the total
 predictive entropy, the mutual information (epistemic) and the expected entropy (aleatoric).
 
+Writing overlaps the prediction of the next case (``ExportOptions.overlap``; by default when the
+model runs on a GPU, as on the CPU both would share the same cores): the maps of case i are
+checked and written on a worker thread while case i+1 is predicted, one case behind (at most two
+cases' maps in memory), with the same files byte for byte as one after the other; an error of
+the writer stops the export at the next case and is raised here, after the writer has finished.
 Every file is written under a temporary name and renamed; ``export.json`` records the members,
 the combination rule, the post-hoc step, config hashes and versions. A rerun with the same
 settings skips cases whose outputs are all there, reuses the recorded temperatures instead of
@@ -17,7 +22,7 @@ fitting them again, and leaves a complete export untouched.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,7 @@ import torch
 
 from segcalib.data import Case, check_manifest, load_manifest
 from segcalib.data.volumes import header_rewritten
-from segcalib.errors import ConfigError, DataError
+from segcalib.errors import ConfigError, DataError, RunError
 from segcalib.export.members import Member, calibrate_member, member_maps, note_member_provenance, tta_flips
 from segcalib.export.record import EXPORT_JSON, claimed_output, finish, now, previous_record, versions
 from segcalib.export.writers import ENSEMBLE_MAPS, all_written, check_dtype, output_paths, write_probability_maps
@@ -36,6 +41,7 @@ from segcalib.inference.ensemble import ProbabilityEnsemble
 from segcalib.inference.temperature import DEFAULT_MAX_VOXELS, TemperatureRequest
 from segcalib.inference.trained_model import load_trained_model
 from segcalib.spatial.regions import DEFAULT_BOUNDARY_MM
+from segcalib.utils.overlap import overlapped
 from segcalib.utils.progress import progress_bar
 
 log = logging.getLogger("segcalib")
@@ -59,6 +65,7 @@ class ExportOptions:
     device: str | None = None
     progress: bool = True
     allow_foreign_checkpoint: bool = False  # a checkpoint of another config: use the config it carries
+    overlap: bool | None = None  # write case i on a worker thread while case i+1 is predicted; None: on a GPU
 
 
 @dataclass
@@ -116,41 +123,62 @@ def export(
     settings.update({k: settings["members"][0][k] for k in ("temperature", "temperature_fit")})
     note_member_provenance(members)
 
-    done, skipped = [], []
+    done, skipped, to_write = [], [], []
+    for case in cases:
+        paths = output_paths(output, case.case_id, extra)
+        (skipped if all_written(paths) else to_write).append(case.case_id)
     with claimed_output(output, settings, previous, _SAME_KEYS):
         bar = progress_bar(len(cases), "export", options.progress)
-        for case in cases:
-            paths = output_paths(output, case.case_id, extra)
-            if all_written(paths):
-                skipped.append(case.case_id)
-            else:
-                _export_case(members, flips, mc, case, paths, options)
-                done.append(case.case_id)
+        bar.update(len(skipped))
+
+        def written(case_id: str) -> None:
+            done.append(case_id)
             bar.update(1)
+
+        export_cases(members, flips, mc, [c for c in cases if c.case_id in to_write], output, extra, options, written)
         bar.close()
     settings["header_rewritten"] = [c.case_id for c in cases if header_rewritten(c.images[0])]
     finish(output, settings, [c.case_id for c in cases])
     return ExportResult(output, done, skipped, settings["temperature"], settings)
 
 
+def export_cases(
+    members: list[Member], flips: list, mc: int, cases: Sequence[Case], output: Path, extra: Sequence[str],
+    options: ExportOptions, written: Callable[[str], None] = lambda case_id: None,
+) -> None:
+    """Predict and write the maps of ``cases`` into ``output``, in order, writing case i while case
+    i+1 is predicted when ``options.overlap`` (None: when the first member runs on a GPU);
+    ``written(case_id)`` after each case."""
+    overlap = options.overlap if options.overlap is not None else members[0].model.device.type == "cuda"
+
+    def predict(case: Case) -> tuple:
+        return _predict_case(members, flips, mc, case, output_paths(output, case.case_id, extra), options)
+
+    def write(case: Case, prepared: tuple) -> None:
+        _write_case(members, case, output_paths(output, case.case_id, extra), options, *prepared)
+        written(case.case_id)
+
+    overlapped(cases, predict, write, enabled=overlap)
+
+
 def _export_case(
     members: list[Member], flips: list, mc: int, case: Case, paths: dict[str, Path], options: ExportOptions
 ) -> None:
     """Predict one case with every member and write its maps (each file atomically)."""
-    reference = case.images[0]
+    _write_case(members, case, paths, options, *_predict_case(members, flips, mc, case, paths, options))
 
-    def producer() -> str:
-        return "; ".join(m.describe() for m in members)
 
+def _predict_case(
+    members: list[Member], flips: list, mc: int, case: Case, paths: dict[str, Path], options: ExportOptions
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The maps of one case ``(K, *spatial)`` in file order, and the extra maps asked for."""
     ensemble: ProbabilityEnsemble | None = None
     single = len(members) == 1 and mc == 1 and not flips[0]
     logits: list[np.ndarray] | None = [] if single and "logits" in paths else None
     for member, member_flips in zip(members, flips):
         for maps in member_maps(member, case, member_flips, mc, logits):
             if single:
-                extras = {"logits": logits[0]} if logits else {}
-                write_probability_maps(maps, reference, paths, options.dtype, extras, producer)
-                return
+                return maps, ({"logits": logits[0]} if logits else {})
             if ensemble is None:
                 ensemble = ProbabilityEnsemble(variance=options.variance, dtype=torch.float32)
             ensemble.add(torch.from_numpy(np.ascontiguousarray(maps)).unsqueeze(0))
@@ -159,7 +187,26 @@ def _export_case(
     extras = {name: getattr(result, name)[0].numpy() for name in ENSEMBLE_MAPS}
     if result.variance is not None:
         extras["variance"] = result.variance[0].numpy()
-    write_probability_maps(result.mean[0].numpy(), reference, paths, options.dtype, extras, producer)
+    return result.mean[0].numpy(), extras
+
+
+def _write_case(
+    members: list[Member], case: Case, paths: dict[str, Path], options: ExportOptions, maps: np.ndarray,
+    extras: dict[str, np.ndarray],
+) -> None:
+    """Check and write one case's maps, each file atomically; a failing write names the case."""
+
+    def producer() -> str:
+        return "; ".join(m.describe() for m in members)
+
+    try:
+        write_probability_maps(maps, case.images[0], paths, options.dtype, extras, producer)
+    except OSError as err:  # a full disk is a ResourceError already; the rest (permissions, I/O) named here
+        folder = paths["probs"].parent
+        raise RunError(
+            f"{folder}: writing the maps of case {case.case_id} failed ({type(err).__name__}: {err}); "
+            "the maps written before are complete and a rerun resumes from them"
+        ) from err
 
 
 def export_case(model, case: Case, chain, paths: dict[str, Path], temperature: float = 1.0, dtype: str = "float32") -> None:

@@ -15,7 +15,9 @@ class LossInputs:
     """A batch prepared for a loss (SPEC §0: every voxel is a sample).
 
     Attributes:
-        logits: ``(B, C, *spatial)``, float32 (half precision is promoted) or float64.
+        source_logits: ``(B, C, *spatial)`` as given (half precision kept: for kernels that read it directly).
+        dtype: the compute dtype, float32 for half-precision logits, else theirs.
+        logits: ``(B, C, *spatial)``, float32 (half precision is promoted, lazily) or float64.
         target: ``(B, *spatial)`` int64 as given, ignored voxels still hold ``ignore_index``.
         valid: ``(B, *spatial)`` bool, False on ignored voxels.
         count: 0-d number of valid voxels, at least 1, so that every mean of an all-ignored batch
@@ -29,14 +31,21 @@ class LossInputs:
             raise ValueError(f"logits must be (B, C, *spatial), got shape {tuple(logits.shape)}")
         if not logits.is_floating_point():
             raise TypeError(f"logits must be floating point, got {logits.dtype}")
-        self.logits = logits.float() if logits.dtype in HALF_DTYPES else logits
-        self.target = as_label_map(target, self.logits)
+        self.source_logits = logits
+        self._grad_enabled = torch.is_grad_enabled()  # the promotion, done lazily, is recorded as if done here
+        self.dtype = torch.float32 if logits.dtype in HALF_DTYPES else logits.dtype
+        self.target = as_label_map(target, logits)
         self.ignore_index = ignore_index
         self.valid = self.target != ignore_index
 
     @cached_property
+    def logits(self) -> Tensor:
+        with torch.set_grad_enabled(self._grad_enabled):
+            return self.source_logits.to(self.dtype)
+
+    @cached_property
     def count(self) -> Tensor:
-        return self.valid.sum().to(self.logits.dtype).clamp_min(1.0)
+        return self.valid.sum().to(self.dtype).clamp_min(1.0)
 
     @cached_property
     def labels(self) -> Tensor:
@@ -44,15 +53,15 @@ class LossInputs:
 
     @cached_property
     def weight(self) -> Tensor:
-        return self.valid.to(self.logits.dtype)
+        return self.valid.to(self.dtype)
 
     @property
     def num_classes(self) -> int:
-        return self.logits.shape[1]
+        return self.source_logits.shape[1]
 
     @property
     def spatial_dims(self) -> int:
-        return self.logits.dim() - 2
+        return self.source_logits.dim() - 2
 
     def one_hot(self) -> Tensor:
         """``(B, C, *spatial)`` one-hot target in the logits' dtype, all zero on ignored voxels."""

@@ -11,6 +11,7 @@ as ``torch.amax`` does (ties are common with bf16 logits)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from torch.autograd.function import once_differentiable
 
 from segcalib.losses._inputs import LossInputs
 from segcalib.losses._penalties import Penalty
+
+_TRITON_FAILED: list[str] = []  # why the fused Triton kernel failed in this process, if it did
 
 
 def logit_constraints(logits: Tensor, zmax: Tensor, margin: float, scale: float, out: Tensor | None = None) -> Tensor:
@@ -107,3 +110,43 @@ def cross_entropy_with_penalty(
         float(scale),
     )
     return ce_sum / inputs.count, penalty_sum / (inputs.count * inputs.num_classes)
+
+
+def fused_backend(logits: Tensor, penalty: Penalty) -> str:
+    """``"triton"`` (the fused kernel of :mod:`segcalib.losses._margin_ce_triton`) for CUDA logits
+    it handles when Triton imports, until it fails once in this process; ``"torch"`` otherwise
+    (always on CPU, where the function above is the faster path)."""
+    if logits.device.type != "cuda" or _TRITON_FAILED or logits.numel() == 0:
+        return "torch"
+    from segcalib.losses._margin_ce_triton import kernel_supports
+
+    return "triton" if kernel_supports(logits, penalty) else "torch"
+
+
+def penalised_cross_entropy(
+    inputs: LossInputs,
+    penalty: Penalty,
+    margin: float,
+    scale: float = 1.0,
+    lam: Tensor | None = None,
+    rho: Tensor | None = None,
+    weight: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, ce, penalty)`` with ``loss = ce + weight * penalty`` (the parts of
+    :func:`cross_entropy_with_penalty`), by the backend :func:`fused_backend` picks. On the Triton
+    path loss and gradient come from one kernel and only ``loss`` carries a gradient."""
+    if fused_backend(inputs.source_logits, penalty) == "triton":
+        from segcalib.losses._margin_ce_triton import fused_margin_cross_entropy
+
+        try:
+            return fused_margin_cross_entropy(
+                inputs.source_logits, inputs.target, inputs.count, penalty, margin, scale, lam, rho, weight,
+                inputs.ignore_index,
+            )  # fmt: skip
+        except torch.cuda.OutOfMemoryError:
+            raise  # the torch path needs more memory, not less
+        except Exception as err:  # a kernel that fails to build must not stop a training run
+            _TRITON_FAILED.append(repr(err))
+            warnings.warn(f"the fused Triton MbLS/CALS kernel failed ({err!r}); using torch ops from now on", stacklevel=2)
+    ce, pen = cross_entropy_with_penalty(inputs, penalty, margin, scale, lam, rho)
+    return (ce + pen if weight == 1.0 else ce + weight * pen), ce, pen

@@ -39,7 +39,7 @@ class CalibrationLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         inputs = LossInputs(logits, target, self.ignore_index)
-        with torch.autocast(device_type=inputs.logits.device.type, enabled=False):
+        with torch.autocast(device_type=inputs.source_logits.device.type, enabled=False):
             total, components = self.compute(inputs)
         self.last_components = {key: value.detach() for key, value in components.items()}
         return total

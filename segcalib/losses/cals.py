@@ -9,7 +9,7 @@ from torch import Tensor
 
 from segcalib.losses._checks import check_bool, check_float, check_int, set_multiplier_schedule
 from segcalib.losses._inputs import LossInputs
-from segcalib.losses._margin_ce import cross_entropy_with_penalty, logit_constraints, per_class
+from segcalib.losses._margin_ce import logit_constraints, penalised_cross_entropy, per_class
 from segcalib.losses._penalties import PENALTIES
 from segcalib.losses.base import AdaptiveLoss
 from segcalib.losses.registry import register_loss
@@ -80,11 +80,11 @@ class ClassAdaptiveLoss(AdaptiveLoss):
             raise ValueError(f"{self.name} was built for {self.num_classes} classes, got logits {tuple(logits.shape)}")
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        self._check_classes(inputs.logits)
-        ce, penalty = cross_entropy_with_penalty(
+        self._check_classes(inputs.source_logits)
+        loss, ce, penalty = penalised_cross_entropy(
             inputs, self._penalty, self.margin, self._scale, self.lambdas, self.rhos
         )
-        return ce + penalty, {"ce": ce, "penalty": penalty}
+        return loss, {"ce": ce, "penalty": penalty}
 
     @torch.no_grad()
     def accumulate(self, val_logits: Tensor, val_target: Tensor | None = None) -> None:

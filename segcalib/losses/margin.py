@@ -6,7 +6,7 @@ from torch import Tensor
 
 from segcalib.losses._checks import check_float
 from segcalib.losses._inputs import LossInputs
-from segcalib.losses._margin_ce import cross_entropy_with_penalty
+from segcalib.losses._margin_ce import penalised_cross_entropy
 from segcalib.losses._penalties import Margin
 from segcalib.losses.base import CalibrationLoss
 from segcalib.losses.dice import soft_dice_loss
@@ -30,8 +30,8 @@ class MarginLoss(CalibrationLoss):
         self.alpha = check_float(self.name, "alpha", alpha, low=0.0)
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        ce, penalty = cross_entropy_with_penalty(inputs, Margin(), self.margin)
-        return ce + self.alpha * penalty, {"ce": ce, "penalty": penalty}
+        loss, ce, penalty = penalised_cross_entropy(inputs, Margin(), self.margin, weight=self.alpha)
+        return loss, {"ce": ce, "penalty": penalty}
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, alpha={self.alpha}, {super().extra_repr()}"
@@ -44,6 +44,6 @@ class MarginDiceLoss(MarginLoss):
     """
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        ce, penalty = cross_entropy_with_penalty(inputs, Margin(), self.margin)
+        loss, ce, penalty = penalised_cross_entropy(inputs, Margin(), self.margin, weight=self.alpha)
         dice = soft_dice_loss(inputs, include_background=False)
-        return ce + dice + self.alpha * penalty, {"ce": ce, "dice": dice, "penalty": penalty}
+        return loss + dice, {"ce": ce, "dice": dice, "penalty": penalty}

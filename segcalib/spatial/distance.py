@@ -5,7 +5,11 @@
   importable (``pip install segcalib[gpu]``), else an exact separable torch implementation.
 - :func:`nearest_distances` -- for each True voxel of one mask, the distance to the nearest True
   voxel of another (surface distances): a KD-tree over the target's voxels on CPU (its cost grows
-  with the surface, not the volume, so it beats a dense EDT there), the EDT on CUDA.
+  with the surface, not the volume, so it beats a dense EDT there), the EDT on CUDA
+  (:func:`nearest_method`). The surface measures call it on masks already cropped to the joint
+  bounding box of both masks plus one voxel (``segcalib.metrics.surface.cropped_pair``), which is
+  the bounding box of both surfaces plus one voxel: every surface voxel of either mask lies in the
+  crop, so the EDT over the crop is exact, and its cost follows the structures, not the image.
 """
 
 from __future__ import annotations
@@ -153,12 +157,18 @@ def symmetric_nearest_distances(
     return nearest_between(a, b, normalize_spacing(spacing, a.dim()), both)
 
 
+def nearest_method(device: torch.device) -> str:
+    """How :func:`nearest_between` finds nearest voxels on ``device``: ``"kdtree"`` on CPU, ``"edt"``
+    (a dense EDT of the target's complement, read at the query voxels) elsewhere."""
+    return "kdtree" if device.type == "cpu" else "edt"
+
+
 def nearest_between(
     a: torch.Tensor, b: torch.Tensor, sp: tuple[float, ...], both: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`symmetric_nearest_distances` of two boolean masks of one shape, with an already
-    validated spacing tuple."""
-    if a.device.type != "cpu":
+    validated spacing tuple, by :func:`nearest_method` (the ``"edt"`` path runs on any device)."""
+    if nearest_method(a.device) == "edt":
         d_ab = edt(~b, sp)[a]
         return d_ab, (edt(~a, sp)[b] if both else None)
     a_np, b_np = a.numpy(), b.numpy()
