@@ -65,31 +65,28 @@ def separable_filter(x: Tensor, kernel_1d: Tensor) -> Tensor:
     return x
 
 
-def box_sum(x: Tensor, size: int) -> Tensor:
-    """Sum of ``x`` over the ``size^d`` window (odd ``size``) around every voxel of a ``(B, C, *spatial)``
-    map, zeros outside; ``size`` shifted adds per axis instead of ``size^d`` reads per voxel. On 0/1
-    maps every sum is an exact integer, so ``box_sum(x, k) / k**d`` equals
-    ``avg_pool(x, k, stride=1, padding=k // 2, count_include_pad=True)`` exactly."""
-    half, dims = size // 2, x.dim() - 2
-    out = F.pad(x, (half, half) * dims)
+def window_counts(labels: Tensor, valid: Tensor, num_classes: int, size: int) -> Tensor:
+    """``(B, C, *spatial)``: how many voxels of each class lie in the ``size^d`` window (odd ``size``)
+    around every voxel of a ``(B, *spatial)`` label map (values in ``[0, C)``); voxels outside the
+    image count as class 0 (zero padding of the label map), voxels where ``valid`` is False as no class.
+
+    Exact integer counts, uint8 while ``size^d <= 255`` (int32 beyond): the one-hot of the padded
+    map summed by ``size`` shifted adds per axis. ``counts / size**d`` equals
+    ``avg_pool(one_hot, size, stride=1, padding=size // 2, count_include_pad=True)`` plus the
+    outside share on class 0.
+    """
+    half, dims = size // 2, labels.dim() - 1
+    codes = labels.to(torch.uint8 if num_classes < 255 else torch.int32)
+    if not bool(valid.all()):
+        codes[~valid] = num_classes  # no class
+    codes = F.pad(codes, (half, half) * dims, value=0)
+    classes = torch.arange(num_classes, dtype=codes.dtype, device=codes.device)
+    onehot = codes.unsqueeze(1) == classes.reshape((1, -1) + (1,) * dims)
+    x = onehot.view(torch.uint8) if size**dims <= 255 else onehot.to(torch.int32)
     for axis in range(2, x.dim()):
-        n = out.shape[axis] - 2 * half
-        total = out.narrow(axis, 0, n).clone()
-        for shift in range(1, size):
-            total += out.narrow(axis, shift, n)
-        out = total
-    return out
-
-
-def inside_share(shape: tuple[int, ...], size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``(1, 1, *shape)``: the share of the ``size^d`` window around each voxel that lies inside the
-    image (a product of per-axis counts: exact, as ``avg_pool`` of ones with zero padding)."""
-    half = size // 2
-    share = torch.ones((1, 1) + (1,) * len(shape), dtype=torch.float64, device=device)
-    for axis, n in enumerate(shape):
-        i = torch.arange(n, device=device)
-        count = (torch.clamp(i + half, max=n - 1) - torch.clamp(i - half, min=0) + 1).to(torch.float64)
-        view = [1, 1] + [1] * len(shape)
-        view[2 + axis] = n
-        share = share * count.view(view)
-    return (share / size ** len(shape)).to(dtype)
+        n = x.shape[axis] - 2 * half
+        total = x.narrow(axis, 0, n) + x.narrow(axis, 1, n) if size > 1 else x.narrow(axis, 0, n).clone()
+        for shift in range(2, size):
+            total += x.narrow(axis, shift, n)
+        x = total
+    return x
