@@ -17,8 +17,8 @@ from torch.autograd.function import once_differentiable
 
 from segcalib.losses._penalties import PHR, Penalty
 
-CHUNK_ELEMENTS = 1 << 16
-"""Logit entries per chunk on the CPU (256 KiB of float32): the chunk's temporaries stay in cache."""
+CHUNK_ELEMENTS = 1 << 17
+"""Logit entries per chunk on the CPU (512 KiB of float32): few enough Python steps, the temporaries near the cache."""
 
 
 @dataclass(frozen=True)
@@ -26,21 +26,19 @@ class ConstraintTerms:
     """Label-derived inputs of :class:`ConstrainedCrossEntropy`, ``N`` voxels flattened.
 
     Attributes:
-        labels: ``(B, 1, N)`` int64, ignored voxels set to 0.
-        weight: ``(B, 1, N)`` ``valid / count`` in the logits' dtype (the mean's weights).
-        regions: ``(B, 2, N)`` one-hot region of each voxel, logits' dtype: row 0 the boundary
-            region, row 1 every other voxel (ignored ones included; their gap is zeroed).
+        onehot: ``(B, C, N)`` uint8 one-hot labels, all 0 on ignored voxels.
+        regions: ``(B, 2, N)`` in the logits' dtype: row 0 is 1.0 on the boundary region (valid
+            voxels only) and 0.0 elsewhere, row 1 is all ones (so that ``[diff | interior] @ regions``
+            gives each voxel its region's value).
         counts: ``(B, C, N)`` integer window counts (:func:`segcalib.losses._filters.window_counts`).
-        goal_scale: ``(B, 1, N)``: the logits' target is ``counts * goal_scale`` (``1/k^d`` on the
-            boundary, ``m/k^d`` elsewhere).
+        count: the number of valid voxels (at least 1).
         valid: ``(B, 1, N)`` 1.0 on valid voxels, 0.0 on ignored ones, or None when none is ignored.
     """
 
-    labels: Tensor
-    weight: Tensor
+    onehot: Tensor
     regions: Tensor
     counts: Tensor
-    goal_scale: Tensor
+    count: float
     valid: Tensor | None
 
 
@@ -60,55 +58,68 @@ def _chunks(tensors: list[Tensor | None], voxels: int, classes: int, device: tor
     return [tuple(None if p is None else p[i] for p in pieces) for i in range(count)]
 
 
+def _region_values(table: Tensor, regions: Tensor) -> Tensor:
+    """``(R, 2)`` columns (boundary - interior, interior) -> ``(B', R, L)`` values of every voxel's region."""
+    if regions.shape[0] == 1:
+        return torch.mm(table, regions[0]).unsqueeze(0)
+    return torch.matmul(table, regions)
+
+
 class ConstrainedCrossEntropy(torch.autograd.Function):
     """``(ce + penalty, ce, penalty)`` of ``(B, C, N)`` logits; only the first output has a gradient.
 
-    ``ce`` = mean NLL over valid voxels; ``penalty`` = ``sum_{valid i, k} P(|g_ik - z_ik|; lam_ik,
-    rho_ik) / norm`` with ``g = counts * goal_scale`` and ``lam``/``rho`` the ``(2, C)`` tables' row of
-    the voxel's region. Gradient: ``(softmax - onehot) * weight + sign(z - g) P'(h) / norm``. For PHR
-    with ``lam >= 0``, ``rho > 0`` (always, by the multiplier schedule) and ``h >= 0`` the penalty is
-    ``lam h + rho h^2 / 2`` and its gradient ``lam sign(z - g) + rho (z - g)``: computed so, with the
-    tables scaled by ``1 / norm`` first; other penalties use their ``value`` and ``derivative``.
+    ``ce`` = mean NLL over the valid voxels; ``penalty`` = ``sum_{valid i, k} P(|g_ik - z_ik|;
+    lam_ik, rho_ik) / norm`` with the targets ``g = counts * scale`` and ``lam``, ``rho``, ``scale``
+    the values of the voxel's region (``table`` ``(2C + 1, 2)``: rows lambda_k, rho_k, then the
+    target scale; columns boundary, interior). Gradient: ``(softmax - onehot) [valid] / count +
+    sign(z - g) P'(h) / norm``. For PHR with ``lam >= 0``, ``rho > 0`` (always, by the multiplier
+    schedule) and ``h >= 0`` the penalty is ``lam h + rho h^2 / 2`` and its gradient
+    ``lam sign(z - g) + rho (z - g)``: computed so, with the multipliers scaled by ``1 / norm``
+    first; other penalties use their ``value`` and ``derivative``.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, terms: ConstraintTerms, lambdas: Tensor, rhos: Tensor,  # type: ignore[override]
-                penalty: Penalty, norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx: Any, logits: Tensor, terms: ConstraintTerms, table: Tensor, penalty: Penalty,  # type: ignore[override]
+                norm: float) -> tuple[Tensor, Tensor, Tensor]:
         classes, voxels = logits.shape[1:]
-        lambdas, rhos = lambdas.to(logits), rhos.to(logits)
-        fast = isinstance(penalty, PHR) and bool((lambdas >= 0).all() & (rhos > 0).all())
-        # (2C, 2): column r holds region r's multipliers, then its penalty parameters
-        table = torch.cat([lambdas.t(), rhos.t()]) / norm if fast else torch.cat([lambdas.t(), rhos.t()])
+        table = table.to(logits)
+        multipliers = table[: 2 * classes]
+        fast = isinstance(penalty, PHR) and bool((multipliers[:classes] >= 0).all() & (multipliers[classes:] > 0).all())
+        if fast:
+            table = torch.cat([multipliers / norm, table[2 * classes :]])
+        columns = torch.stack([table[:, 0] - table[:, 1], table[:, 1]], 1)  # (boundary - interior, interior)
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        weight = None if terms.valid is None else terms.valid / terms.count
         nll_parts: list[Tensor] = []
         linear_parts: list[Tensor] = []  # sum lam |gap|
         square_parts: list[Tensor] = []  # sum rho gap^2 (PHR) or sum P (other penalties)
-        tensors = [logits, terms.labels, terms.weight, terms.weight.neg(), terms.regions, terms.counts,
-                   terms.goal_scale, terms.valid, grad]  # fmt: skip
-        for z, labels, weight, neg_weight, regions, counts, goal_scale, valid, out in _chunks(
-            tensors, voxels, classes, logits.device
-        ):
+        tensors = [logits, terms.onehot, terms.regions, terms.counts, terms.valid, weight, grad]
+        for z, onehot, regions, counts, valid, w, out in _chunks(tensors, voxels, classes, logits.device):
             log_p = torch.log_softmax(z, 1)
-            nll_parts.append(torch.dot(log_p.gather(1, labels).reshape(-1), weight.reshape(-1)))
-            gap = torch.addcmul(z, counts, goal_scale, value=-1)  # z - goal
+            onehot = onehot.to(logits.dtype)  # 0 on ignored voxels
+            nll_parts.append(torch.dot(log_p.reshape(-1), onehot.reshape(-1)))
+            values = _region_values(columns, regions)  # (B', 2C + 1, L): lambda, rho, target scale
+            lam, rho = values[:, :classes], values[:, classes : 2 * classes]
+            gap = torch.addcmul(z, counts, values[:, 2 * classes :], value=-1)  # z - target
             if valid is not None:
                 gap.mul_(valid)  # ignored voxels: gap 0, so P(0) = 0 and no gradient
-            per_voxel = torch.matmul(table, regions)  # (B', 2C, L): each voxel's region column
-            lam, rho = per_voxel[:, :classes], per_voxel[:, classes:]
             if fast:  # P = lam |gap| + rho gap^2 / 2; dP/dz = lam sign(gap) + rho gap
                 slope = lam.mul_(torch.sign(gap))
                 linear_parts.append(torch.dot(slope.reshape(-1), gap.reshape(-1)))
-                step = rho.mul_(gap)
-                square_parts.append(torch.dot(step.reshape(-1), gap.reshape(-1)))
-                step.add_(slope)
+                change = rho.mul_(gap)
+                square_parts.append(torch.dot(change.reshape(-1), gap.reshape(-1)))
+                change.add_(slope)
             else:
                 h = gap.abs()
                 square_parts.append(penalty.value(h.clone(), lam, rho).sum())
-                step = penalty.derivative(h, lam, rho).mul_(torch.sign(gap)).div_(norm)
-            if out is not None:
-                torch.addcmul(step, log_p.exp_(), weight, out=out)
-                out.scatter_add_(1, labels, neg_weight)
-        ce = -torch.stack(nll_parts).sum()
+                change = penalty.derivative(h, lam, rho).mul_(torch.sign(gap)).div_(norm)
+            if out is not None:  # CE: (softmax - onehot) [valid] / count; the one-hot is 0 where not valid
+                error = log_p.exp_().sub_(onehot)
+                if w is None:
+                    torch.add(change, error, alpha=1 / terms.count, out=out)
+                else:
+                    torch.addcmul(change, error, w, out=out)
+        ce = -torch.stack(nll_parts).sum() / terms.count
         if fast:
             penalty_value = torch.stack(linear_parts).sum() + torch.stack(square_parts).sum() / 2
         else:
@@ -123,5 +134,5 @@ class ConstrainedCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_total: Tensor, grad_ce: Tensor, grad_penalty: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         grad = ctx.grad
         if grad_total.device.type == "cpu" and float(grad_total) == 1.0:
-            return grad, None, None, None, None, None  # loss.backward(): the gradient as computed
-        return grad * grad_total, None, None, None, None, None
+            return grad, None, None, None, None  # loss.backward(): the gradient as computed
+        return grad * grad_total, None, None, None, None

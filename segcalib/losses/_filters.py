@@ -65,28 +65,38 @@ def separable_filter(x: Tensor, kernel_1d: Tensor) -> Tensor:
     return x
 
 
-def window_counts(labels: Tensor, valid: Tensor, num_classes: int, size: int) -> Tensor:
+def window_counts(labels: Tensor, valid: Tensor | None, num_classes: int, size: int) -> Tensor:
     """``(B, C, *spatial)``: how many voxels of each class lie in the ``size^d`` window (odd ``size``)
     around every voxel of a ``(B, *spatial)`` label map (values in ``[0, C)``); voxels outside the
-    image count as class 0 (zero padding of the label map), voxels where ``valid`` is False as no class.
+    image count as class 0 (zero padding of the label map), voxels where ``valid`` is False as no
+    class (``valid=None``: every voxel is valid).
 
     Exact integer counts, uint8 while ``size^d <= 255`` (int32 beyond): the one-hot of the padded
     map summed by ``size`` shifted adds per axis. ``counts / size**d`` equals
     ``avg_pool(one_hot, size, stride=1, padding=size // 2, count_include_pad=True)`` plus the
     outside share on class 0.
     """
+    return one_hot_and_window_counts(labels, valid, num_classes, size)[1]
+
+
+def one_hot_and_window_counts(
+    labels: Tensor, valid: Tensor | None, num_classes: int, size: int
+) -> tuple[Tensor, Tensor]:
+    """The uint8 one-hot ``(B, C, *spatial)`` of the labels (all 0 where ``valid`` is False) and
+    :func:`window_counts`, from the same padded one-hot."""
     half, dims = size // 2, labels.dim() - 1
     codes = labels.to(torch.uint8 if num_classes < 255 else torch.int32)
-    if not bool(valid.all()):
+    if valid is not None and not bool(valid.all()):
         codes[~valid] = num_classes  # no class
     codes = F.pad(codes, (half, half) * dims, value=0)
     classes = torch.arange(num_classes, dtype=codes.dtype, device=codes.device)
-    onehot = codes.unsqueeze(1) == classes.reshape((1, -1) + (1,) * dims)
-    x = onehot.view(torch.uint8) if size**dims <= 255 else onehot.to(torch.int32)
+    padded = (codes.unsqueeze(1) == classes.reshape((1, -1) + (1,) * dims)).view(torch.uint8)
+    x = padded if size**dims <= 255 else padded.to(torch.int32)
     for axis in range(2, x.dim()):
         n = x.shape[axis] - 2 * half
         total = x.narrow(axis, 0, n) + x.narrow(axis, 1, n) if size > 1 else x.narrow(axis, 0, n).clone()
         for shift in range(2, size):
             total += x.narrow(axis, shift, n)
         x = total
-    return x
+    inside = padded[(slice(None), slice(None)) + tuple(slice(half, half + n) for n in labels.shape[1:])]
+    return inside.contiguous(), x

@@ -10,7 +10,7 @@ from torch import Tensor
 from segcalib.errors import ConfigError
 from segcalib.losses._checks import check_choice, check_float, check_int, check_odd, set_multiplier_schedule
 from segcalib.losses._constrained_ce import ConstrainedCrossEntropy, ConstraintTerms
-from segcalib.losses._filters import window_counts
+from segcalib.losses._filters import one_hot_and_window_counts, window_counts
 from segcalib.losses._inputs import LossInputs
 from segcalib.losses._margin_ce import per_class
 from segcalib.losses._penalties import PENALTIES, Penalty
@@ -127,9 +127,14 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"{self.name} was built for {self.num_classes} classes, got logits {tuple(logits.shape)}")
 
-    def _counts(self, inputs: LossInputs) -> Tensor:
-        """``(B, C, *spatial)`` integer class counts in the ``k^d`` windows (the shares ``tau`` times ``k^d``)."""
-        return window_counts(inputs.labels, inputs.valid, self.num_classes, self.kernel_size)
+    def _counts(self, inputs: LossInputs, masked: bool = True) -> Tensor:
+        """``(B, C, *spatial)`` integer class counts in the ``k^d`` windows (the shares ``tau`` times
+        ``k^d``); ``masked=False``: no voxel is ignored, the labels are the target as given."""
+        return self._one_hot_and_counts(inputs, masked)[1]
+
+    def _one_hot_and_counts(self, inputs: LossInputs, masked: bool) -> tuple[Tensor, Tensor]:
+        labels, valid = (inputs.labels, inputs.valid) if masked else (inputs.target, None)
+        return one_hot_and_window_counts(labels, valid, self.num_classes, self.kernel_size)
 
     def regions(self, inputs: LossInputs, counts: Tensor | None = None) -> Tensor:
         """Boolean ``(B, *spatial)``: True in the boundary region (from the ground truth; ignored
@@ -154,42 +159,46 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         return region_mask(BOUNDARY, context) & inputs.valid
 
     @torch.no_grad()
-    def terms(self, inputs: LossInputs) -> ConstraintTerms:
-        """Everything the loss needs from the labels, voxels flattened (see :class:`ConstraintTerms`):
-        the target of the logits is ``counts * goal_scale``, ``tau`` on the boundary, ``m tau`` inside."""
+    def terms(self, inputs: LossInputs) -> tuple[ConstraintTerms, Tensor]:
+        """Everything the loss needs from the labels, voxels flattened (see :class:`ConstraintTerms`),
+        and the ``(2C + 1, 2)`` table of region values: lambda_k, rho_k and the targets' scale
+        (``1/k^d`` on the boundary, ``m/k^d`` elsewhere: the target is ``tau``, resp. ``m tau``),
+        columns boundary, interior."""
         self._check_classes(inputs.logits)
-        counts = self._counts(inputs)
+        valid_count = int(inputs.valid.sum())
+        masked = valid_count < inputs.valid.numel()
+        onehot, counts = self._one_hot_and_counts(inputs, masked)
         boundary = self.regions(inputs, counts)
         dtype, batch = inputs.logits.dtype, inputs.logits.shape[0]
-        flat = (batch, 1, -1)
-        region = boundary.to(dtype).reshape(flat)
+        regions = torch.empty((batch, 2, boundary[0].numel()), dtype=dtype, device=boundary.device)
+        regions[:, 0].copy_(boundary.reshape(batch, -1).view(torch.uint8))
+        regions[:, 1].fill_(1.0)
         size = self.kernel_size**inputs.spatial_dims
-        goal_scale = (region * (1 - self.margin)).add_(self.margin).div_(size)  # 1/k^d on the boundary, m/k^d inside
-        valid = inputs.valid.reshape(flat)
-        masked = not bool(valid.all())
-        return ConstraintTerms(
-            labels=inputs.labels.reshape(flat),
-            weight=valid.to(dtype).div_(inputs.count),
-            regions=torch.cat([region, 1 - region], 1),
+        scale = torch.tensor([[1 / size, self.margin / size]], dtype=torch.float64, device=self.lambdas.device)
+        table = torch.cat([self.lambdas.t().double(), self.rhos.t().double(), scale])
+        terms = ConstraintTerms(
+            onehot=onehot.reshape(batch, self.num_classes, -1),
+            regions=regions,
             counts=counts.reshape(batch, self.num_classes, -1),
-            goal_scale=goal_scale,
-            valid=valid.to(dtype) if masked else None,
+            count=float(max(valid_count, 1)),
+            valid=inputs.valid.reshape(batch, 1, -1).to(dtype) if masked else None,
         )
+        return terms, table.to(device=boundary.device)
 
     def constraints(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
         """``h`` ``(B, C, *spatial)`` (see the class docstring; no gradient) and the boundary mask ``(B, *spatial)``."""
-        terms = self.terms(inputs)
+        terms, table = self.terms(inputs)
+        scale = table[-1].to(inputs.logits)
+        goal_scale = terms.regions[:, :1] * (scale[0] - scale[1]) + scale[1]
         logits = inputs.logits.detach().reshape(terms.counts.shape)
-        h = torch.addcmul(logits, terms.counts, terms.goal_scale, value=-1).abs_()
+        h = torch.addcmul(logits, terms.counts, goal_scale, value=-1).abs_()
         return h.reshape(inputs.logits.shape), terms.regions[:, 0].reshape(inputs.valid.shape) > 0
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        terms = self.terms(inputs)
-        logits = inputs.logits
-        norm = inputs.count * (2 * self.num_classes)  # the mean over valid voxels x 2C entries
-        total, ce, penalty = ConstrainedCrossEntropy.apply(
-            logits.reshape(terms.counts.shape), terms, self.lambdas, self.rhos, self._penalty, norm
-        )
+        terms, table = self.terms(inputs)
+        norm = terms.count * 2 * self.num_classes  # the mean over valid voxels x 2C entries
+        logits = inputs.logits.reshape(terms.counts.shape)
+        total, ce, penalty = ConstrainedCrossEntropy.apply(logits, terms, table, self._penalty, norm)
         return total, {"ce": ce, "penalty": penalty}
 
     # -- outer update --------------------------------------------------------------------------

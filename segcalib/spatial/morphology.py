@@ -153,13 +153,17 @@ def bounding_box(mask: torch.Tensor, margin: Sequence[int] | int = 0) -> tuple[s
     and clipped to the image; ``None`` when the mask is empty (one host sync)."""
     ndim = mask.dim()
     margins = [margin] * ndim if isinstance(margin, int) else list(margin)
-    # two passes over the volume: reduce the last axis, then the rest on the small remainder
-    last = mask.any(dim=-1) if ndim > 1 else mask
+    if mask.numel() == 0:
+        return None
+    # two passes over the volume: reduce the last axis, then the rest on the small remainder;
+    # max over the bytes of the mask (vectorised) rather than any() over bools
+    mask = mask.bool().view(torch.uint8)
+    last = mask.amax(dim=-1) if ndim > 1 else mask
     flags = []
     for axis in range(ndim - 1):
         other = [a for a in range(ndim - 1) if a != axis]
-        flags.append(last.any(dim=other) if other else last)
-    flags.append(mask.any(dim=list(range(ndim - 1))) if ndim > 1 else mask)
+        flags.append(last.amax(dim=other) if other else last)
+    flags.append(mask.amax(dim=list(range(ndim - 1))) if ndim > 1 else mask)
     lengths = [f.numel() for f in flags]
     cat = torch.cat([f.to(torch.uint8) for f in flags]).cpu()
     slices, start = [], 0
