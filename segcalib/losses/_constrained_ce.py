@@ -91,8 +91,8 @@ class ConstrainedCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         weight = None if terms.valid is None else terms.valid / terms.count
         nll_parts: list[Tensor] = []
-        linear_parts: list[Tensor] = []  # sum lam |gap|
-        square_parts: list[Tensor] = []  # sum rho gap^2 (PHR) or sum P (other penalties)
+        linear_parts: list[Tensor] = []  # sum lam |gap| (PHR)
+        square_parts: list[Tensor] = []  # sum (lam |gap| + rho gap^2) (PHR) or sum P (other penalties)
         tensors = [logits, terms.onehot, terms.regions, terms.counts, terms.valid, weight, grad]
         for z, onehot, regions, counts, valid, w, out in _chunks(tensors, voxels, classes, logits.device):
             log_p = torch.log_softmax(z, 1)
@@ -103,12 +103,11 @@ class ConstrainedCrossEntropy(torch.autograd.Function):
             gap = torch.addcmul(z, counts, values[:, 2 * classes :], value=-1)  # z - target
             if valid is not None:
                 gap.mul_(valid)  # ignored voxels: gap 0, so P(0) = 0 and no gradient
-            if fast:  # P = lam |gap| + rho gap^2 / 2; dP/dz = lam sign(gap) + rho gap
+            if fast:  # P = lam |gap| + rho gap^2 / 2 = (lam |gap| + dP/dz gap) / 2; dP/dz = lam sign(gap) + rho gap
                 slope = lam.mul_(torch.sign(gap))
                 linear_parts.append(torch.dot(slope.reshape(-1), gap.reshape(-1)))
-                change = rho.mul_(gap)
+                change = torch.addcmul(slope, rho, gap, out=rho)
                 square_parts.append(torch.dot(change.reshape(-1), gap.reshape(-1)))
-                change.add_(slope)
             else:
                 h = gap.abs()
                 square_parts.append(penalty.value(h.clone(), lam, rho).sum())
@@ -121,7 +120,7 @@ class ConstrainedCrossEntropy(torch.autograd.Function):
                     torch.addcmul(change, error, w, out=out)
         ce = -torch.stack(nll_parts).sum() / terms.count
         if fast:
-            penalty_value = torch.stack(linear_parts).sum() + torch.stack(square_parts).sum() / 2
+            penalty_value = (torch.stack(linear_parts).sum() + torch.stack(square_parts).sum()) / 2
         else:
             penalty_value = torch.stack(square_parts).sum() / norm
         if grad is not None:

@@ -76,21 +76,25 @@ def window_counts(labels: Tensor, valid: Tensor | None, num_classes: int, size: 
     ``avg_pool(one_hot, size, stride=1, padding=size // 2, count_include_pad=True)`` plus the
     outside share on class 0.
     """
-    return one_hot_and_window_counts(labels, valid, num_classes, size)[1]
+    return one_hot_and_window_counts(label_codes(labels, valid, num_classes), num_classes, size)[1]
 
 
-def one_hot_and_window_counts(
-    labels: Tensor, valid: Tensor | None, num_classes: int, size: int
-) -> tuple[Tensor, Tensor]:
-    """The uint8 one-hot ``(B, C, *spatial)`` of the labels (all 0 where ``valid`` is False) and
-    :func:`window_counts`, from the same padded one-hot."""
-    half, dims = size // 2, labels.dim() - 1
+def label_codes(labels: Tensor, valid: Tensor | None, num_classes: int) -> Tensor:
+    """``(B, *spatial)`` labels as uint8 (int32 from 255 classes on), ``num_classes`` (no class)
+    where ``valid`` is False (``valid=None``: every voxel is valid)."""
     codes = labels.to(torch.uint8 if num_classes < 255 else torch.int32)
-    if valid is not None and not bool(valid.all()):
-        codes[~valid] = num_classes  # no class
-    codes = F.pad(codes, (half, half) * dims, value=0)
+    if valid is not None:
+        codes.masked_fill_(~valid, num_classes)
+    return codes
+
+
+def one_hot_and_window_counts(codes: Tensor, num_classes: int, size: int) -> tuple[Tensor, Tensor]:
+    """The uint8 one-hot ``(B, C, *spatial)`` of :func:`label_codes` (all 0 where no class) and
+    :func:`window_counts`, both from the same padded one-hot."""
+    half, dims = size // 2, codes.dim() - 1
+    padded_codes = F.pad(codes, (half, half) * dims, value=0)
     classes = torch.arange(num_classes, dtype=codes.dtype, device=codes.device)
-    padded = (codes.unsqueeze(1) == classes.reshape((1, -1) + (1,) * dims)).view(torch.uint8)
+    padded = (padded_codes.unsqueeze(1) == classes.reshape((1, -1) + (1,) * dims)).view(torch.uint8)
     x = padded if size**dims <= 255 else padded.to(torch.int32)
     for axis in range(2, x.dim()):
         n = x.shape[axis] - 2 * half
@@ -98,5 +102,5 @@ def one_hot_and_window_counts(
         for shift in range(2, size):
             total += x.narrow(axis, shift, n)
         x = total
-    inside = padded[(slice(None), slice(None)) + tuple(slice(half, half + n) for n in labels.shape[1:])]
+    inside = padded[(slice(None), slice(None)) + tuple(slice(half, half + n) for n in codes.shape[1:])]
     return inside.contiguous(), x

@@ -10,7 +10,7 @@ from torch import Tensor
 from segcalib.errors import ConfigError
 from segcalib.losses._checks import check_choice, check_float, check_int, check_odd, set_multiplier_schedule
 from segcalib.losses._constrained_ce import ConstrainedCrossEntropy, ConstraintTerms
-from segcalib.losses._filters import one_hot_and_window_counts, window_counts
+from segcalib.losses._filters import label_codes, one_hot_and_window_counts, window_counts
 from segcalib.losses._inputs import LossInputs
 from segcalib.losses._margin_ce import per_class
 from segcalib.losses._penalties import PENALTIES, Penalty
@@ -127,34 +127,32 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"{self.name} was built for {self.num_classes} classes, got logits {tuple(logits.shape)}")
 
-    def _counts(self, inputs: LossInputs, masked: bool = True) -> Tensor:
-        """``(B, C, *spatial)`` integer class counts in the ``k^d`` windows (the shares ``tau`` times
-        ``k^d``); ``masked=False``: no voxel is ignored, the labels are the target as given."""
-        return self._one_hot_and_counts(inputs, masked)[1]
+    def _codes(self, inputs: LossInputs, masked: bool = True) -> Tensor:
+        """:func:`label_codes` of the target: uint8 labels, ``C`` on ignored voxels (``masked=False``: none is)."""
+        return label_codes(inputs.target, inputs.valid if masked else None, self.num_classes)
 
-    def _one_hot_and_counts(self, inputs: LossInputs, masked: bool) -> tuple[Tensor, Tensor]:
-        labels, valid = (inputs.labels, inputs.valid) if masked else (inputs.target, None)
-        return one_hot_and_window_counts(labels, valid, self.num_classes, self.kernel_size)
-
-    def regions(self, inputs: LossInputs, counts: Tensor | None = None) -> Tensor:
+    def regions(self, inputs: LossInputs, codes: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
         """Boolean ``(B, *spatial)``: True in the boundary region (from the ground truth; ignored
-        voxels excluded): the band (``region="band"``) or the mixed windows (``region="window"``)."""
+        voxels excluded): the band (``region="band"``) or the mixed windows (``region="window"``).
+        ``codes`` / ``counts``: :meth:`_codes` and the window counts when the caller has them."""
         dims = inputs.spatial_dims
         if dims not in (2, 3):
             raise ValueError(f"{self.name} supports 2D and 3D inputs, got {dims} spatial dimensions")
-        if self.region == "window":  # the window holds another label, the outside or an ignored voxel
-            with torch.no_grad():
-                counts = self._counts(inputs) if counts is None else counts
+        with torch.no_grad():
+            codes = self._codes(inputs) if codes is None else codes
+            if self.region == "window":  # the window holds another label, the outside or an ignored voxel
+                if counts is None:
+                    counts = one_hot_and_window_counts(codes, self.num_classes, self.kernel_size)[1]
                 return (counts.amax(1) < self.kernel_size**dims) & inputs.valid
         spacing = self.spacing or (1.0,) * dims
         if len(spacing) != dims:
             raise ValueError(f"{self.name}: spacing {spacing} has {len(spacing)} values for {dims}D inputs")
-        context = RegionContext(
-            target=inputs.target,
-            spacing=[spacing] * inputs.target.shape[0],
+        context = RegionContext(  # the codes: ignored voxels hold C, a label of no class
+            target=codes,
+            spacing=[spacing] * codes.shape[0],
             num_classes=self.num_classes,
             boundary_mm=self.boundary_mm,
-            ignore_index=self.ignore_index,
+            ignore_index=self.num_classes,
         )
         return region_mask(BOUNDARY, context) & inputs.valid
 
@@ -165,10 +163,11 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         (``1/k^d`` on the boundary, ``m/k^d`` elsewhere: the target is ``tau``, resp. ``m tau``),
         columns boundary, interior."""
         self._check_classes(inputs.logits)
-        valid_count = int(inputs.valid.sum())
-        masked = valid_count < inputs.valid.numel()
-        onehot, counts = self._one_hot_and_counts(inputs, masked)
-        boundary = self.regions(inputs, counts)
+        masked = inputs.valid.numel() > 0 and not bool(inputs.valid.view(torch.uint8).amin())  # byte min: fast, unlike all()
+        valid_count = int(inputs.valid.sum()) if masked else inputs.valid.numel()
+        codes = self._codes(inputs, masked)
+        onehot, counts = one_hot_and_window_counts(codes, self.num_classes, self.kernel_size)
+        boundary = self.regions(inputs, codes, counts)
         dtype, batch = inputs.logits.dtype, inputs.logits.shape[0]
         regions = torch.empty((batch, 2, boundary[0].numel()), dtype=dtype, device=boundary.device)
         regions[:, 0].copy_(boundary.reshape(batch, -1).view(torch.uint8))
