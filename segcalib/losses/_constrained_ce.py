@@ -1,8 +1,9 @@
 """CE plus CRaC's region- and class-wise constraint penalty in one pass over the logits.
 
 The value and the gradient are computed together in the forward (the gradient of both terms is
-elementwise), on the CPU in chunks of voxels small enough that a chunk's ~15 elementwise steps run
-near the cache (one chunk on accelerators); the backward only scales the saved gradient. Everything
+elementwise), on a one-thread CPU in chunks of voxels small enough that a chunk's ~15 elementwise
+steps run near the cache (one chunk on accelerators and with several threads); the backward only
+scales the saved gradient. Everything
 label-derived (one-hot, window counts, regions) is prepared once per batch, without gradient, by
 the caller (:class:`ConstraintTerms`).
 """
@@ -45,9 +46,11 @@ class ConstraintTerms:
 
 
 def _chunks(tensors: list[Tensor | None], voxels: int, classes: int, device: torch.device) -> list[tuple]:
-    """Matching pieces of ``(B, *, N)`` tensors (None stays None): the whole batch at once on
-    accelerators, one sample and ``CHUNK_ELEMENTS // C`` voxels at a time on the CPU."""
-    if device.type != "cpu":
+    """Matching pieces of ``(B, *, N)`` tensors (None stays None): one sample and ``CHUNK_ELEMENTS // C``
+    voxels at a time on a CPU with one intra-op thread; the whole batch at once on accelerators and
+    with several threads, where every op is a parallel region whose cost is its synchronisation (a
+    thread descheduled by another process stalls each one), so fewer, larger ops are faster."""
+    if device.type != "cpu" or torch.get_num_threads() > 1:
         return [tuple(tensors)]
     step = max(1, CHUNK_ELEMENTS // classes)
     pieces = []
