@@ -214,9 +214,9 @@ def test_gradient_by_finite_differences(dims: str, penalty: str) -> None:
 
 @pytest.mark.parametrize("penalty", ["phr", "p2"])
 def test_chunked_values_and_gradients_equal_one_chunk(penalty: str, monkeypatch) -> None:
-    """The CPU path splits every sample into chunks of voxels: tiny chunks (several per sample, the
-    last one shorter) give the loss and gradient of one chunk per batch, with ignored voxels, and a
-    scaled backward (``2 * loss``) doubles the gradient."""
+    """With one intra-op thread the CPU path splits every sample into chunks of voxels: tiny chunks
+    (several per sample, the last one shorter) give the loss and gradient of one chunk per batch
+    (several threads), with ignored voxels, and a scaled backward (``2 * loss``) doubles the gradient."""
     import segcalib.losses._constrained_ce as fused
 
     logits, target = _blob_batch(BLOB_SHAPES["3d"], seed=60)
@@ -231,9 +231,11 @@ def test_chunked_values_and_gradients_equal_one_chunk(penalty: str, monkeypatch)
         (scale * value).backward()
         return value.detach(), z.grad, loss.last_components["penalty"]
 
-    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 10**9)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # several intra-op threads: one chunk
     whole = value_and_grad(1.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one thread: chunks of CHUNK_ELEMENTS logits
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 3 * 50)  # 50 of a sample's 336 voxels per chunk
+    assert len(fused._chunks([logits.reshape(2, 3, -1)], 336, 3, logits.device)) == 2 * 7
     chunked = value_and_grad(1.0)
     doubled = value_and_grad(2.0)
     for a, b in zip(whole, chunked):
