@@ -32,8 +32,8 @@ def binary_erosion(mask: torch.Tensor) -> torch.Tensor:
         if n == 1:
             return torch.zeros_like(mask)
         lo, hi = _axis_slices(mask.dim(), axis, slice(1, None)), _axis_slices(mask.dim(), axis, slice(None, -1))
-        eroded[lo] &= mask[hi]
-        eroded[hi] &= mask[lo]
+        eroded[lo].bitwise_and_(mask[hi])  # in place on the view (``x[i] &= y`` would copy it back)
+        eroded[hi].bitwise_and_(mask[lo])
         eroded[_axis_slices(mask.dim(), axis, slice(0, 1))] = False
         eroded[_axis_slices(mask.dim(), axis, slice(n - 1, n))] = False
     return eroded
@@ -66,8 +66,8 @@ def label_edges(labels: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
         if n > 1:
             lo, hi = _axis_slices(ndim, axis, slice(1, None)), _axis_slices(ndim, axis, slice(None, -1))
             step = labels[lo] != labels[hi]
-            differs[lo] |= step
-            differs[hi] |= step
+            differs[lo].bitwise_or_(step)  # in place on the view (``x[i] |= y`` would copy it back)
+            differs[hi].bitwise_or_(step)
     return differs & foreground
 
 
@@ -115,7 +115,7 @@ def _shift_or(out: torch.Tensor, src: torch.Tensor, offset: Sequence[int]) -> No
     lead = len(offset)
     dst = tuple(dst_index) + (slice(None),) * (src.dim() - lead)
     srcs = tuple(src_index) + (slice(None),) * (src.dim() - lead)
-    out[dst] |= src[srcs]
+    out[dst].bitwise_or_(src[srcs])  # in place on the view (``out[dst] |= ...`` would copy it back)
 
 
 def dilate_ellipsoid(mask: torch.Tensor, spacing: Sequence[float], radius: float) -> torch.Tensor:
