@@ -13,7 +13,7 @@ from segcalib.losses._constrained_ce import ConstrainedCrossEntropy, ConstraintT
 from segcalib.losses._filters import label_codes, one_hot_and_window_counts, window_counts
 from segcalib.losses._inputs import LossInputs
 from segcalib.losses._margin_ce import per_class
-from segcalib.losses._penalties import PENALTIES, Penalty
+from segcalib.losses._penalties import PENALTIES
 from segcalib.losses.base import AdaptiveLoss
 from segcalib.losses.registry import register_loss
 from segcalib.spatial.regions import BOUNDARY, DEFAULT_BOUNDARY_MM, RegionContext, region_mask
