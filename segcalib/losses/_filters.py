@@ -65,31 +65,42 @@ def separable_filter(x: Tensor, kernel_1d: Tensor) -> Tensor:
     return x
 
 
-def box_sum(x: Tensor, size: int) -> Tensor:
-    """Sum of ``x`` over the ``size^d`` window (odd ``size``) around every voxel of a ``(B, C, *spatial)``
-    map, zeros outside; ``size`` shifted adds per axis instead of ``size^d`` reads per voxel. On 0/1
-    maps every sum is an exact integer, so ``box_sum(x, k) / k**d`` equals
-    ``avg_pool(x, k, stride=1, padding=k // 2, count_include_pad=True)`` exactly."""
-    half, dims = size // 2, x.dim() - 2
-    out = F.pad(x, (half, half) * dims)
+def window_counts(labels: Tensor, valid: Tensor | None, num_classes: int, size: int) -> Tensor:
+    """``(B, C, *spatial)``: how many voxels of each class lie in the ``size^d`` window (odd ``size``)
+    around every voxel of a ``(B, *spatial)`` label map (values in ``[0, C)``); voxels outside the
+    image count as class 0 (zero padding of the label map), voxels where ``valid`` is False as no
+    class (``valid=None``: every voxel is valid).
+
+    Exact integer counts, uint8 while ``size^d <= 255`` (int32 beyond): the one-hot of the padded
+    map summed by ``size`` shifted adds per axis. ``counts / size**d`` equals
+    ``avg_pool(one_hot, size, stride=1, padding=size // 2, count_include_pad=True)`` plus the
+    outside share on class 0.
+    """
+    return one_hot_and_window_counts(label_codes(labels, valid, num_classes), num_classes, size)[1]
+
+
+def label_codes(labels: Tensor, valid: Tensor | None, num_classes: int) -> Tensor:
+    """``(B, *spatial)`` labels as uint8 (int32 from 255 classes on), ``num_classes`` (no class)
+    where ``valid`` is False (``valid=None``: every voxel is valid)."""
+    codes = labels.to(torch.uint8 if num_classes < 255 else torch.int32)
+    if valid is not None:
+        codes.masked_fill_(~valid, num_classes)
+    return codes
+
+
+def one_hot_and_window_counts(codes: Tensor, num_classes: int, size: int) -> tuple[Tensor, Tensor]:
+    """The uint8 one-hot ``(B, C, *spatial)`` of :func:`label_codes` (all 0 where no class) and
+    :func:`window_counts`, both from the same padded one-hot."""
+    half, dims = size // 2, codes.dim() - 1
+    padded_codes = F.pad(codes, (half, half) * dims, value=0)
+    classes = torch.arange(num_classes, dtype=codes.dtype, device=codes.device)
+    padded = (padded_codes.unsqueeze(1) == classes.reshape((1, -1) + (1,) * dims)).view(torch.uint8)
+    x = padded if size**dims <= 255 else padded.to(torch.int32)
     for axis in range(2, x.dim()):
-        n = out.shape[axis] - 2 * half
-        total = out.narrow(axis, 0, n).clone()
-        for shift in range(1, size):
-            total += out.narrow(axis, shift, n)
-        out = total
-    return out
-
-
-def inside_share(shape: tuple[int, ...], size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``(1, 1, *shape)``: the share of the ``size^d`` window around each voxel that lies inside the
-    image (a product of per-axis counts: exact, as ``avg_pool`` of ones with zero padding)."""
-    half = size // 2
-    share = torch.ones((1, 1) + (1,) * len(shape), dtype=torch.float64, device=device)
-    for axis, n in enumerate(shape):
-        i = torch.arange(n, device=device)
-        count = (torch.clamp(i + half, max=n - 1) - torch.clamp(i - half, min=0) + 1).to(torch.float64)
-        view = [1, 1] + [1] * len(shape)
-        view[2 + axis] = n
-        share = share * count.view(view)
-    return (share / size ** len(shape)).to(dtype)
+        n = x.shape[axis] - 2 * half
+        total = x.narrow(axis, 0, n) + x.narrow(axis, 1, n) if size > 1 else x.narrow(axis, 0, n).clone()
+        for shift in range(2, size):
+            total += x.narrow(axis, shift, n)
+        x = total
+    inside = padded[(slice(None), slice(None)) + tuple(slice(half, half + n) for n in codes.shape[1:])]
+    return inside.contiguous(), x

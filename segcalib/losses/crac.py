@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from segcalib.errors import ConfigError
 from segcalib.losses._checks import check_choice, check_float, check_int, check_odd, set_multiplier_schedule
-from segcalib.losses._filters import box_sum, inside_share
+from segcalib.losses._constrained_ce import ConstrainedCrossEntropy, ConstraintTerms
+from segcalib.losses._filters import label_codes, one_hot_and_window_counts, window_counts
 from segcalib.losses._inputs import LossInputs
 from segcalib.losses._margin_ce import per_class
-from segcalib.losses._penalties import PENALTIES, Penalty
+from segcalib.losses._penalties import PENALTIES
 from segcalib.losses.base import AdaptiveLoss
 from segcalib.losses.registry import register_loss
 from segcalib.spatial.regions import BOUNDARY, DEFAULT_BOUNDARY_MM, RegionContext, region_mask
@@ -30,38 +30,11 @@ def neighbour_proportions(
     """``tau``: ``(B, C, *spatial)`` share of each class in the ``k^d`` window around every voxel.
 
     As the reference code: voxels outside the image count as background (class 0), ignored voxels
-    as no class. Zero-padded box means (``count_include_pad``) in ``dtype``, plus the outside share on class 0.
+    as no class; the zero-padded box means (``count_include_pad``) of the one-hot labels.
     """
-    work = torch.float32 if dtype in HALF_DTYPES else dtype  # window sums up to k^d: exact in float32
-    onehot = torch.zeros((labels.shape[0], num_classes, *labels.shape[1:]), dtype=work, device=labels.device)
-    onehot.scatter_(1, labels.unsqueeze(1), valid.unsqueeze(1).to(work))
-    tau = box_sum(onehot, kernel_size).div_(kernel_size ** (labels.dim() - 1))
-    inside = inside_share(tuple(labels.shape[1:]), kernel_size, work, labels.device)
-    tau[:, :1] += 1 - inside  # the window's voxels outside the image count as background
-    return tau.to(dtype)
-
-
-class _ConstraintPenalty(torch.autograd.Function):
-    """``sum_{valid i, k} P(|goal_ik - z_ik|; lam_ik, rho_ik)`` with a hand-written backward
-    ``-sign(goal - z) P'(h)`` on valid voxels: one gradient tensor instead of autograd keeping a
-    tensor per elementwise step of the penalty."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: Tensor, goal: Tensor, valid: Tensor, lam: Tensor, rho: Tensor,  # type: ignore[override]
-                penalty: Penalty) -> Tensor:
-        value = penalty.value(torch.sub(goal, logits).abs_(), lam, rho)
-        ctx.save_for_backward(logits, goal, valid, lam, rho)
-        ctx.penalty = penalty
-        return torch.where(valid.unsqueeze(1), value, 0.0).sum(1).sum()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        logits, goal, valid, lam, rho = ctx.saved_tensors
-        diff = torch.sub(goal, logits)
-        slope = ctx.penalty.derivative(diff.abs(), lam, rho)  # dP/dh; dh/dz = -sign(goal - z)
-        slope = torch.where(valid.unsqueeze(1), slope, 0.0)
-        return slope.mul_(diff.sign_()).mul_(-grad), None, None, None, None, None
+    counts = window_counts(labels, valid, num_classes, kernel_size)
+    work = torch.float32 if dtype in HALF_DTYPES else dtype  # counts up to k^d: exact in float32
+    return counts.to(work).div_(kernel_size ** (labels.dim() - 1)).to(dtype)
 
 
 @register_loss("crac")
@@ -154,58 +127,78 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"{self.name} was built for {self.num_classes} classes, got logits {tuple(logits.shape)}")
 
-    def _tau(self, inputs: LossInputs) -> Tensor:
-        return neighbour_proportions(inputs.labels, inputs.valid, self.num_classes, self.kernel_size, inputs.logits.dtype)
+    def _codes(self, inputs: LossInputs, masked: bool = True) -> Tensor:
+        """:func:`label_codes` of the target: uint8 labels, ``C`` on ignored voxels (``masked=False``: none is)."""
+        return label_codes(inputs.target, inputs.valid if masked else None, self.num_classes)
 
-    def regions(self, inputs: LossInputs, tau: Tensor | None = None) -> Tensor:
+    def regions(self, inputs: LossInputs, codes: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
         """Boolean ``(B, *spatial)``: True in the boundary region (from the ground truth; ignored
-        voxels excluded): the band (``region="band"``) or the mixed windows (``region="window"``)."""
+        voxels excluded): the band (``region="band"``) or the mixed windows (``region="window"``).
+        ``codes`` / ``counts``: :meth:`_codes` and the window counts when the caller has them."""
         dims = inputs.spatial_dims
         if dims not in (2, 3):
             raise ValueError(f"{self.name} supports 2D and 3D inputs, got {dims} spatial dimensions")
-        if self.region == "window":  # the window holds another label, the outside or an ignored voxel
-            with torch.no_grad():
-                tau = self._tau(inputs) if tau is None else tau
-                return (tau.amax(1) < 1) & inputs.valid
+        with torch.no_grad():
+            codes = self._codes(inputs) if codes is None else codes
+            if self.region == "window":  # the window holds another label, the outside or an ignored voxel
+                if counts is None:
+                    counts = one_hot_and_window_counts(codes, self.num_classes, self.kernel_size)[1]
+                return (counts.amax(1) < self.kernel_size**dims) & inputs.valid
         spacing = self.spacing or (1.0,) * dims
         if len(spacing) != dims:
             raise ValueError(f"{self.name}: spacing {spacing} has {len(spacing)} values for {dims}D inputs")
-        context = RegionContext(
-            target=inputs.target,
-            spacing=[spacing] * inputs.target.shape[0],
+        context = RegionContext(  # the codes: ignored voxels hold C, a label of no class
+            target=codes,
+            spacing=[spacing] * codes.shape[0],
             num_classes=self.num_classes,
             boundary_mm=self.boundary_mm,
-            ignore_index=self.ignore_index,
+            ignore_index=self.num_classes,
         )
         return region_mask(BOUNDARY, context) & inputs.valid
 
-    def goals(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
-        """The logits' targets ``(B, C, *spatial)`` (``tau`` on the boundary, ``m tau`` inside; no
-        gradient) and the boundary mask ``(B, *spatial)``."""
+    @torch.no_grad()
+    def terms(self, inputs: LossInputs) -> tuple[ConstraintTerms, Tensor]:
+        """Everything the loss needs from the labels, voxels flattened (see :class:`ConstraintTerms`),
+        and the ``(2C + 1, 2)`` table of region values: lambda_k, rho_k and the targets' scale
+        (``1/k^d`` on the boundary, ``m/k^d`` elsewhere: the target is ``tau``, resp. ``m tau``),
+        columns boundary, interior."""
         self._check_classes(inputs.logits)
-        with torch.no_grad():
-            tau = self._tau(inputs)
-            boundary = self.regions(inputs, tau)
-            return torch.where(boundary.unsqueeze(1), tau, self.margin * tau), boundary
+        masked = inputs.valid.numel() > 0 and not bool(inputs.valid.view(torch.uint8).amin())  # byte min: fast, unlike all()
+        valid_count = int(inputs.valid.sum()) if masked else inputs.valid.numel()
+        codes = self._codes(inputs, masked)
+        onehot, counts = one_hot_and_window_counts(codes, self.num_classes, self.kernel_size)
+        boundary = self.regions(inputs, codes, counts)
+        dtype, batch = inputs.logits.dtype, inputs.logits.shape[0]
+        regions = torch.empty((batch, 2, boundary[0].numel()), dtype=dtype, device=boundary.device)
+        regions[:, 0].copy_(boundary.reshape(batch, -1).view(torch.uint8))
+        regions[:, 1].fill_(1.0)
+        size = self.kernel_size**inputs.spatial_dims
+        scale = torch.tensor([[1 / size, self.margin / size]], dtype=torch.float64, device=self.lambdas.device)
+        table = torch.cat([self.lambdas.t().double(), self.rhos.t().double(), scale])
+        terms = ConstraintTerms(
+            onehot=onehot.reshape(batch, self.num_classes, -1),
+            regions=regions,
+            counts=counts.reshape(batch, self.num_classes, -1),
+            count=float(max(valid_count, 1)),
+            valid=inputs.valid.reshape(batch, 1, -1).to(dtype) if masked else None,
+        )
+        return terms, table.to(device=boundary.device)
 
     def constraints(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
-        """``h`` ``(B, C, *spatial)`` (see the class docstring) and the boundary mask ``(B, *spatial)``."""
-        goal, boundary = self.goals(inputs)
-        return (goal - inputs.logits).abs(), boundary
-
-    def _per_voxel(self, values: Tensor, boundary: Tensor, like: Tensor) -> Tensor:
-        """``(2, C)`` multipliers -> ``(B, C, *spatial)``: each voxel gets its region's row."""
-        return torch.where(boundary.unsqueeze(1), per_class(values[0], like), per_class(values[1], like))
+        """``h`` ``(B, C, *spatial)`` (see the class docstring; no gradient) and the boundary mask ``(B, *spatial)``."""
+        terms, table = self.terms(inputs)
+        scale = table[-1].to(inputs.logits)
+        goal_scale = terms.regions[:, :1] * (scale[0] - scale[1]) + scale[1]
+        logits = inputs.logits.detach().reshape(terms.counts.shape)
+        h = torch.addcmul(logits, terms.counts, goal_scale, value=-1).abs_()
+        return h.reshape(inputs.logits.shape), terms.regions[:, 0].reshape(inputs.valid.shape) > 0
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        goal, boundary = self.goals(inputs)
-        logits = inputs.logits
-        lam = self._per_voxel(self.lambdas, boundary, logits)
-        rho = self._per_voxel(self.rhos, boundary, logits)
-        total = _ConstraintPenalty.apply(logits, goal, inputs.valid, lam, rho, self._penalty)
-        penalty = total / (inputs.count * 2 * self.num_classes)
-        ce = inputs.cross_entropy()
-        return ce + penalty, {"ce": ce, "penalty": penalty}
+        terms, table = self.terms(inputs)
+        norm = terms.count * 2 * self.num_classes  # the mean over valid voxels x 2C entries
+        logits = inputs.logits.reshape(terms.counts.shape)
+        total, ce, penalty = ConstrainedCrossEntropy.apply(logits, terms, table, self._penalty, norm)
+        return total, {"ce": ce, "penalty": penalty}
 
     # -- outer update --------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ def soft_dice_loss(
     *,
     squared: bool = False,
     smooth_nr: float | None = None,
+    probs: Tensor | None = None,
 ) -> Tensor:
     """``mean_{b,c} 1 - (2 sum p g + nr) / (sum p + sum g + eps)`` per sample b and class c.
 
@@ -27,14 +28,15 @@ def soft_dice_loss(
     target is never materialised (intersections and counts are scattered by label).
     ``include_background=False`` drops class 0 from the mean (after the softmax over all classes).
     ``squared=True`` sums ``p^2`` in the denominator (MONAI's ``squared_pred``); ``smooth_nr`` is the
-    numerator's constant (default ``eps``, MONAI's ``smooth_nr = smooth_dr``).
+    numerator's constant (default ``eps``, MONAI's ``smooth_nr = smooth_dr``). ``probs``: the
+    softmax of the logits ``(B, C, *spatial)`` when the caller has it already.
     """
     logits = inputs.logits
     batch, classes = logits.shape[:2]
     if not include_background and classes < 2:
         raise ValueError("Dice without background needs at least 2 classes")
     nr = eps if smooth_nr is None else smooth_nr
-    probs = logits.softmax(1).reshape(batch, classes, -1)
+    probs = (logits.softmax(1) if probs is None else probs).reshape(batch, classes, -1)
     weight = inputs.weight.reshape(batch, -1)
     labels = inputs.labels.reshape(batch, -1)
     p_true = probs.gather(1, labels.unsqueeze(1)).squeeze(1) * weight

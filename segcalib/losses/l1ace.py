@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from segcalib.losses._calibration_bins import binned_sums
@@ -44,17 +45,19 @@ def l1_average_calibration_error(
     empty_weight: float = 0.01,
     include_background: bool = True,
     ignore_empty_classes: bool = True,
+    probs: Tensor | None = None,
 ) -> Tensor:
     """Mean over images and classes of the per-(image, class) L1-ACE (see the module docstring).
 
     A class absent from an image (or, with ``ignore_empty_classes=False``, an image without any
     occupied bin) contributes 0; ``include_background=False`` drops class 0 from the mean.
+    ``probs``: the softmax of the logits ``(B, C, *spatial)`` when the caller has it already.
     """
     logits = inputs.logits
     batch, classes = logits.shape[:2]
     if not include_background and classes < 2:
         raise ValueError("L1-ACE without background needs at least 2 classes")
-    probs = logits.softmax(1).reshape(batch, classes, -1)
+    probs = (logits.softmax(1) if probs is None else probs).reshape(batch, classes, -1)
     labels = inputs.target.reshape(batch, -1)
     sum_p, sum_y, counts = binned_sums(probs, labels, inputs.valid.reshape(batch, -1), num_bins, soft)
     occupied = counts > 0
@@ -104,15 +107,22 @@ class HardL1ACELoss(CalibrationLoss):
         self.weights = {key: check_float(self.name, f"{key}_weight", value, low=0.0) for key, value in weights.items()}
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        # one softmax for every term: with CE, exp(log_softmax) (CE is nll_loss(log_softmax), as F.cross_entropy)
+        log_p = inputs.logits.log_softmax(1) if "ce" in self.weights else None
+        probs = inputs.logits.softmax(1) if log_p is None else log_p.exp()
         ace = l1_average_calibration_error(
-            inputs, self.num_bins, self.soft, self.empty_weight, self.include_background, self.ignore_empty_classes
+            inputs, self.num_bins, self.soft, self.empty_weight, self.include_background, self.ignore_empty_classes,
+            probs=probs,
         )
         parts = {"ace": ace}
         if "dice" in self.weights:
             smooth_nr = 0.0 if self.squared_dice else None
-            parts["dice"] = soft_dice_loss(inputs, self.include_background, squared=self.squared_dice, smooth_nr=smooth_nr)
-        if "ce" in self.weights:
-            parts["ce"] = inputs.cross_entropy()
+            parts["dice"] = soft_dice_loss(
+                inputs, self.include_background, squared=self.squared_dice, smooth_nr=smooth_nr, probs=probs
+            )
+        if log_p is not None:
+            nll = F.nll_loss(log_p, inputs.target, ignore_index=self.ignore_index, reduction="sum")
+            parts["ce"] = nll / inputs.count
         if self.squared_dice and not bool(inputs.valid.any()):
             # smooth_nr = 0 makes the Dice of an empty class 1, not 0: a batch without a valid voxel is 0 here too
             parts = {key: value * 0 for key, value in parts.items()}

@@ -32,8 +32,8 @@ def binary_erosion(mask: torch.Tensor) -> torch.Tensor:
         if n == 1:
             return torch.zeros_like(mask)
         lo, hi = _axis_slices(mask.dim(), axis, slice(1, None)), _axis_slices(mask.dim(), axis, slice(None, -1))
-        eroded[lo] &= mask[hi]
-        eroded[hi] &= mask[lo]
+        eroded[lo].bitwise_and_(mask[hi])  # in place on the view (``x[i] &= y`` would copy it back)
+        eroded[hi].bitwise_and_(mask[lo])
         eroded[_axis_slices(mask.dim(), axis, slice(0, 1))] = False
         eroded[_axis_slices(mask.dim(), axis, slice(n - 1, n))] = False
     return eroded
@@ -66,8 +66,8 @@ def label_edges(labels: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
         if n > 1:
             lo, hi = _axis_slices(ndim, axis, slice(1, None)), _axis_slices(ndim, axis, slice(None, -1))
             step = labels[lo] != labels[hi]
-            differs[lo] |= step
-            differs[hi] |= step
+            differs[lo].bitwise_or_(step)  # in place on the view (``x[i] |= y`` would copy it back)
+            differs[hi].bitwise_or_(step)
     return differs & foreground
 
 
@@ -115,7 +115,7 @@ def _shift_or(out: torch.Tensor, src: torch.Tensor, offset: Sequence[int]) -> No
     lead = len(offset)
     dst = tuple(dst_index) + (slice(None),) * (src.dim() - lead)
     srcs = tuple(src_index) + (slice(None),) * (src.dim() - lead)
-    out[dst] |= src[srcs]
+    out[dst].bitwise_or_(src[srcs])  # in place on the view (``out[dst] |= ...`` would copy it back)
 
 
 def dilate_ellipsoid(mask: torch.Tensor, spacing: Sequence[float], radius: float) -> torch.Tensor:
@@ -153,13 +153,17 @@ def bounding_box(mask: torch.Tensor, margin: Sequence[int] | int = 0) -> tuple[s
     and clipped to the image; ``None`` when the mask is empty (one host sync)."""
     ndim = mask.dim()
     margins = [margin] * ndim if isinstance(margin, int) else list(margin)
-    # two passes over the volume: reduce the last axis, then the rest on the small remainder
-    last = mask.any(dim=-1) if ndim > 1 else mask
+    if mask.numel() == 0:
+        return None
+    # two passes over the volume: reduce the last axis, then the rest on the small remainder;
+    # max over the bytes of the mask (vectorised) rather than any() over bools
+    mask = mask.bool().view(torch.uint8)
+    last = mask.amax(dim=-1) if ndim > 1 else mask
     flags = []
     for axis in range(ndim - 1):
         other = [a for a in range(ndim - 1) if a != axis]
-        flags.append(last.any(dim=other) if other else last)
-    flags.append(mask.any(dim=list(range(ndim - 1))) if ndim > 1 else mask)
+        flags.append(last.amax(dim=other) if other else last)
+    flags.append(mask.amax(dim=list(range(ndim - 1))) if ndim > 1 else mask)
     lengths = [f.numel() for f in flags]
     cat = torch.cat([f.to(torch.uint8) for f in flags]).cpu()
     slices, start = [], 0

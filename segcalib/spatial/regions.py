@@ -134,12 +134,18 @@ def _foreground(context: RegionContext) -> torch.Tensor:
 )
 def _boundary(context: RegionContext) -> torch.Tensor:
     labels = context.target
-    small = context.num_classes < 2**15 and (
-        context.ignore_index is None or -(2**15) <= context.ignore_index < 2**15
-    )
-    if small:  # label comparisons on int16 read 4x less memory than on int64
-        labels = labels.to(torch.int16)
-    fg = context.foreground()
+    ignore = context.ignore_index
+    if context.num_classes <= 2**8 and (ignore is None or not 0 <= ignore % 2**8 < context.num_classes):
+        # label comparisons on uint8 (modular cast: classes and the ignore label stay distinct)
+        # read 8x less memory than on int64 and are vectorised, unlike int16's
+        labels = labels.to(torch.uint8)
+        fg = labels != 0
+        if ignore is not None:
+            fg &= labels != ignore % 2**8
+    else:
+        if context.num_classes < 2**15 and (ignore is None or -(2**15) <= ignore < 2**15):
+            labels = labels.to(torch.int16)
+        fg = context.foreground()
     return torch.stack(
         [
             boundary_band(labels[b], context.spacing[b], context.boundary_mm, foreground=fg[b])

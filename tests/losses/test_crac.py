@@ -212,6 +212,38 @@ def test_gradient_by_finite_differences(dims: str, penalty: str) -> None:
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("penalty", ["phr", "p2"])
+def test_chunked_values_and_gradients_equal_one_chunk(penalty: str, monkeypatch) -> None:
+    """With one intra-op thread the CPU path splits every sample into chunks of voxels: tiny chunks
+    (several per sample, the last one shorter) give the loss and gradient of one chunk per batch
+    (several threads), with ignored voxels, and a scaled backward (``2 * loss``) doubles the gradient."""
+    import segcalib.losses._constrained_ce as fused
+
+    logits, target = _blob_batch(BLOB_SHAPES["3d"], seed=60)
+    target[0, 1] = IGNORE
+    loss = build_loss("crac", num_classes=3, penalty=penalty, boundary_mm=1.5)
+    loss.lambdas.copy_(torch.tensor([[0.3, 1.0, 2.0], [0.5, 0.2, 1.0]]))
+    loss.rhos.copy_(torch.tensor([[1.0, 2.0, 0.5], [0.7, 1.0, 3.0]]))
+
+    def value_and_grad(scale: float):
+        z = logits.clone().requires_grad_(True)
+        value = loss(z, target)
+        (scale * value).backward()
+        return value.detach(), z.grad, loss.last_components["penalty"]
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # several intra-op threads: one chunk
+    whole = value_and_grad(1.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one thread: chunks of CHUNK_ELEMENTS logits
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 3 * 50)  # 50 of a sample's 336 voxels per chunk
+    assert len(fused._chunks([logits.reshape(2, 3, -1)], 336, 3, logits.device)) == 2 * 7
+    chunked = value_and_grad(1.0)
+    doubled = value_and_grad(2.0)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(doubled[1], 2 * whole[1], rtol=1e-12, atol=1e-15)
+    assert (whole[1][0, :, 1] == 0).all() and (whole[1][1] != 0).all()  # ignored voxels (only): no gradient
+
+
 def test_empty_boundary_is_all_interior() -> None:
     # Background only: no edge voxel, no band; every voxel has h = |m * onehot - z|.
     logits, _ = _blob_batch(SHAPES["3d"], seed=53)

@@ -10,7 +10,7 @@ import torch
 
 from segcalib.errors import ConfigError
 from segcalib.losses import build_loss
-from segcalib.losses._filters import box_sum, erf_gaussian_1d, inside_share, svls_kernel
+from segcalib.losses._filters import erf_gaussian_1d, svls_kernel, window_counts
 from segcalib.losses._inputs import LossInputs
 from tests.losses import _reference as ref
 from tests.losses._helpers import SHAPES, random_batch
@@ -143,13 +143,19 @@ def test_invalid_kernel_parameters() -> None:
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-@pytest.mark.parametrize("size", [3, 5])
-def test_box_sum_and_inside_share_equal_zero_padded_avg_pool(dims: int, size: int) -> None:
+@pytest.mark.parametrize("size", [3, 5, 7])
+def test_window_counts_equal_zero_padded_avg_pool(dims: int, size: int) -> None:
+    # counts / k^d = avg_pool of the one-hot labels (zero padding, count_include_pad) + the outside share on class 0
     pool = {2: torch.nn.functional.avg_pool2d, 3: torch.nn.functional.avg_pool3d}[dims]
     g = torch.Generator().manual_seed(size + dims)
-    shape = (2, 3, 9, 7, 6)[: 2 + dims]
-    x = (torch.rand(shape, generator=g) > 0.4).double()
-    expected = pool(x, size, stride=1, padding=size // 2, count_include_pad=True)
-    assert torch.equal(box_sum(x, size) / size**dims, expected)  # integer window sums: exact
-    ones = pool(torch.ones(1, 1, *shape[2:], dtype=torch.float64), size, stride=1, padding=size // 2, count_include_pad=True)
-    assert torch.equal(inside_share(shape[2:], size, torch.float64, x.device), ones)
+    shape = (2, 9, 8, 7)[: 1 + dims]
+    labels = torch.randint(0, 3, shape, generator=g)
+    valid = torch.rand(shape, generator=g) > 0.2
+    onehot = torch.nn.functional.one_hot(labels, 3).movedim(-1, 1).double() * valid.unsqueeze(1)
+    shares = pool(onehot, size, stride=1, padding=size // 2, count_include_pad=True)
+    inside = pool(torch.ones(1, 1, *shape[1:], dtype=torch.float64), size, stride=1, padding=size // 2, count_include_pad=True)
+    shares[:, :1] += 1 - inside
+    counts = window_counts(labels, valid, 3, size)
+    assert counts.dtype == (torch.uint8 if size**dims <= 255 else torch.int32)
+    assert torch.equal(counts.double(), torch.round(shares * size**dims))
+    assert torch.allclose(counts.double() / size**dims, shares, rtol=0, atol=1e-12)
