@@ -24,6 +24,8 @@ CASES = [
     ("export --help (lists the regions: imports them)", ["export", "--help"], None),
     ("evaluate usage error (imports the metric registry)", ["evaluate"], None),
     ("calibrate fit usage error (imports the calibrators)", ["calibrate", "fit"], None),
+    ("calibrate fit --help (imports torch, not MONAI)", ["calibrate", "fit", "--help"], None),
+    ("evaluate --help (lists the metrics)", ["evaluate", "--help"], None),
 ]
 
 
