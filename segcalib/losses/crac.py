@@ -13,7 +13,7 @@ from segcalib.losses._constrained_ce import ConstrainedCrossEntropy, ConstraintT
 from segcalib.losses._filters import label_codes, one_hot_and_window_counts, window_counts
 from segcalib.losses._inputs import LossInputs
 from segcalib.losses._margin_ce import per_class
-from segcalib.losses._penalties import PENALTIES
+from segcalib.losses._penalties import PENALTIES, PHR
 from segcalib.losses.base import AdaptiveLoss
 from segcalib.losses.registry import register_loss
 from segcalib.spatial.regions import BOUNDARY, DEFAULT_BOUNDARY_MM, RegionContext, region_mask
@@ -168,19 +168,16 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         codes = self._codes(inputs, masked)
         onehot, counts = one_hot_and_window_counts(codes, self.num_classes, self.kernel_size)
         boundary = self.regions(inputs, codes, counts)
-        dtype, batch = inputs.logits.dtype, inputs.logits.shape[0]
-        regions = torch.empty((batch, 2, boundary[0].numel()), dtype=dtype, device=boundary.device)
-        regions[:, 0].copy_(boundary.reshape(batch, -1).view(torch.uint8))
-        regions[:, 1].fill_(1.0)
+        batch = inputs.logits.shape[0]
         size = self.kernel_size**inputs.spatial_dims
         scale = torch.tensor([[1 / size, self.margin / size]], dtype=torch.float64, device=self.lambdas.device)
         table = torch.cat([self.lambdas.t().double(), self.rhos.t().double(), scale])
         terms = ConstraintTerms(
             onehot=onehot.reshape(batch, self.num_classes, -1),
-            regions=regions,
+            boundary=boundary.reshape(batch, 1, -1).view(torch.uint8),
             counts=counts.reshape(batch, self.num_classes, -1),
             count=float(max(valid_count, 1)),
-            valid=inputs.valid.reshape(batch, 1, -1).to(dtype) if masked else None,
+            valid=inputs.valid.reshape(batch, 1, -1).to(inputs.logits.dtype) if masked else None,
         )
         return terms, table.to(device=boundary.device)
 
@@ -188,16 +185,30 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         """``h`` ``(B, C, *spatial)`` (see the class docstring; no gradient) and the boundary mask ``(B, *spatial)``."""
         terms, table = self.terms(inputs)
         scale = table[-1].to(inputs.logits)
-        goal_scale = terms.regions[:, :1] * (scale[0] - scale[1]) + scale[1]
+        goal_scale = terms.boundary * (scale[0] - scale[1]) + scale[1]
         logits = inputs.logits.detach().reshape(terms.counts.shape)
         h = torch.addcmul(logits, terms.counts, goal_scale, value=-1).abs_()
-        return h.reshape(inputs.logits.shape), terms.regions[:, 0].reshape(inputs.valid.shape) > 0
+        return h.reshape(inputs.logits.shape), terms.boundary.reshape(inputs.valid.shape) > 0
+
+    def _linear_quadratic(self) -> bool:
+        """Whether the penalty is PHR with every lambda >= 0 and rho > 0 (so ``P = lam h + rho h^2 / 2``).
+
+        Checked again only when a multiplier buffer was replaced or changed in place (its tensor
+        version counter moved: ``step()``, ``load_state_dict()``, a direct ``copy_``), so that the
+        check's host sync on an accelerator happens once per epoch, not once per batch."""
+        key = (id(self.lambdas), self.lambdas._version, id(self.rhos), self.rhos._version)
+        if getattr(self, "_linear_quadratic_key", None) != key:
+            valid = bool((self.lambdas >= 0).all() & (self.rhos > 0).all())
+            self._linear_quadratic_value = isinstance(self._penalty, PHR) and valid
+            self._linear_quadratic_key = key
+        return self._linear_quadratic_value
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         terms, table = self.terms(inputs)
         norm = terms.count * 2 * self.num_classes  # the mean over valid voxels x 2C entries
         logits = inputs.logits.reshape(terms.counts.shape)
-        total, ce, penalty = ConstrainedCrossEntropy.apply(logits, terms, table, self._penalty, norm)
+        fast = self._linear_quadratic()
+        total, ce, penalty = ConstrainedCrossEntropy.apply(logits, terms, table, self._penalty, norm, fast)
         return total, {"ce": ce, "penalty": penalty}
 
     # -- outer update --------------------------------------------------------------------------
