@@ -190,24 +190,25 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         h = torch.addcmul(logits, terms.counts, goal_scale, value=-1).abs_()
         return h.reshape(inputs.logits.shape), terms.boundary.reshape(inputs.valid.shape) > 0
 
-    def _linear_quadratic(self) -> bool:
+    def _fast_penalty(self) -> bool:
         """Whether the penalty is PHR with every lambda >= 0 and rho > 0 (so ``P = lam h + rho h^2 / 2``).
 
         Checked again only when a multiplier buffer was replaced or changed in place (its tensor
         version counter moved: ``step()``, ``load_state_dict()``, a direct ``copy_``), so that the
         check's host sync on an accelerator happens once per epoch, not once per batch."""
-        key = (id(self.lambdas), self.lambdas._version, id(self.rhos), self.rhos._version)
-        if getattr(self, "_linear_quadratic_key", None) != key:
-            valid = bool((self.lambdas >= 0).all() & (self.rhos > 0).all())
-            self._linear_quadratic_value = isinstance(self._penalty, PHR) and valid
-            self._linear_quadratic_key = key
-        return self._linear_quadratic_value
+        lambdas, rhos = self.lambdas, self.rhos
+        known = getattr(self, "_linear_quadratic_seen", None)  # the tensors themselves: their ids are not reused
+        if known is None or known[:2] != (lambdas._version, rhos._version) or known[2] is not lambdas or known[3] is not rhos:
+            valid = bool((lambdas >= 0).all() & (rhos > 0).all())
+            self._linear_quadratic = isinstance(self._penalty, PHR) and valid
+            self._linear_quadratic_seen = (lambdas._version, rhos._version, lambdas, rhos)
+        return self._linear_quadratic
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         terms, table = self.terms(inputs)
         norm = terms.count * 2 * self.num_classes  # the mean over valid voxels x 2C entries
         logits = inputs.logits.reshape(terms.counts.shape)
-        fast = self._linear_quadratic()
+        fast = self._fast_penalty()
         total, ce, penalty = ConstrainedCrossEntropy.apply(logits, terms, table, self._penalty, norm, fast)
         return total, {"ce": ce, "penalty": penalty}
 
