@@ -28,6 +28,7 @@ import torch
 
 from segcalib.spatial.morphology import bounding_box, dilate_ellipsoid, label_edges
 from segcalib.utils.names import Registry
+from segcalib.utils.tensors import not_equal
 
 ALL = "all"
 FOREGROUND = "foreground"  # the seed papers' region; per-volume foreground ECE is the "MedIA" convention
@@ -139,9 +140,9 @@ def _boundary(context: RegionContext) -> torch.Tensor:
         # label comparisons on uint8 (modular cast: classes and the ignore label stay distinct)
         # read 8x less memory than on int64 and are vectorised, unlike int16's
         labels = labels.to(torch.uint8)
-        fg = labels != 0
+        fg = not_equal(labels, 0)
         if ignore is not None:
-            fg &= labels != ignore % 2**8
+            fg &= not_equal(labels, ignore % 2**8)
     else:
         if context.num_classes < 2**15 and (ignore is None or -(2**15) <= ignore < 2**15):
             labels = labels.to(torch.int16)

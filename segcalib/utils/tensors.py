@@ -28,3 +28,9 @@ def as_label_map(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 def flatten_classes(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, *spatial)`` -> ``(M, C)`` with one row per voxel (M = B * prod(spatial))."""
     return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def not_equal(x: torch.Tensor, value: int) -> torch.Tensor:
+    """Boolean ``x != value``, compared with a filled tensor of ``x``'s shape: on the CPU, ATen does not
+    vectorise a comparison with a broadcast (scalar) operand, which made ``uint8 != 0`` ~10x slower."""
+    return torch.ne(x, torch.full_like(x, value))
