@@ -100,20 +100,22 @@ class ConstrainedCrossEntropy(torch.autograd.Function):
         classes, voxels = logits.shape[1:]
         table = table.to(logits)
         multipliers = table[: 2 * classes] / norm if linear_quadratic else table[: 2 * classes]
-        lam_in, lam_step = _region_pairs(multipliers[:classes])
-        rho_in, rho_step = _region_pairs(multipliers[classes:])
+        multiplier_in, multiplier_step = _region_pairs(multipliers)  # (1, 2C, 1): lambda_k, then rho_k
         scale_in, scale_step = table[2 * classes, 1], table[2 * classes, 0] - table[2 * classes, 1]
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         tensors = [logits, terms.onehot, terms.boundary, terms.counts, terms.valid, grad]
         chunks = _chunks(tensors, voxels, classes, logits.device)
         largest = max(c[0].numel() for c in chunks)
-        scratch = _Scratch(logits, largest, 4)
+        scratch = _Scratch(logits, largest, 3)
+        per_voxel = _Scratch(logits, 2 * largest, 1)  # lambda and rho of every voxel and class
         small = _Scratch(logits, largest // classes, 2)
         nll_parts: list[Tensor] = []
         linear_parts: list[Tensor] = []  # sum lam |gap| (linear_quadratic)
         square_parts: list[Tensor] = []  # sum (lam |gap| + rho gap^2) (linear_quadratic) or sum P
         for z, onehot, boundary, counts, valid, out in chunks:
-            work, log_p, buf, lam = scratch.views(z.shape)
+            work, log_p, buf = scratch.views(z.shape)
+            (both,) = per_voxel.views(torch.Size((z.shape[0], 2 * classes, z.shape[2])))
+            lam, rho = both[:, :classes], both[:, classes:]
             flag, scale = small.views(boundary.shape)
             if not z.is_contiguous():  # log_softmax would copy it into a fresh tensor
                 z = work.copy_(z)
@@ -127,15 +129,13 @@ class ConstrainedCrossEntropy(torch.autograd.Function):
             gap = torch.addcmul(z, buf.copy_(counts), scale, value=-1, out=work)  # z - target
             if valid is not None:
                 gap.mul_(valid)  # ignored voxels: gap 0, so P(0) = 0 and no gradient
-            torch.mul(flag, lam_step, out=lam).add_(lam_in)  # lambda per voxel and class
+            torch.mul(flag, multiplier_step, out=both).add_(multiplier_in)  # lambda, rho per voxel and class
             if linear_quadratic:  # P = lam |gap| + rho gap^2 / 2 = (lam |gap| + dP/dz gap) / 2
                 slope = torch.sign(gap, out=buf).mul_(lam)
                 linear_parts.append(torch.dot(slope.view(-1), gap.view(-1)))
-                rho = torch.mul(flag, rho_step, out=lam).add_(rho_in)
                 change = slope.addcmul_(rho, gap)  # dP/dz = lam sign(gap) + rho gap
                 square_parts.append(torch.dot(change.view(-1), gap.view(-1)))
             else:
-                rho = torch.mul(flag, rho_step).add_(rho_in)
                 h = torch.abs(gap, out=buf)
                 square_parts.append(penalty.value(h.clone(), lam, rho).sum())
                 change = penalty.derivative(h, lam, rho).mul_(torch.sign(gap)).div_(norm)
