@@ -63,19 +63,32 @@ def _chunks(tensors: list[Tensor | None], voxels: int, classes: int, device: tor
     return [tuple(None if p is None else p[i] for p in pieces) for i in range(count)]
 
 
-class _Scratch:
-    """Flat buffers re-viewed as each chunk's contiguous ``(B', C, L)`` (or ``(B', 1, L)``)."""
+class _Workspace:
+    """Scratch buffers of the largest chunk, re-viewed (contiguous) for each chunk shape ``(B', C, L)``:
+    three ``(B', C, L)`` buffers (``flat``: the same, flattened), the ``(B', 2C + 1, L)`` per-voxel
+    values (lambda_k, rho_k, target scale) and the ``(B', 1, L)`` boundary flag."""
 
-    def __init__(self, like: Tensor, elements: int, count: int) -> None:
-        self.buffers = [torch.empty(elements, dtype=like.dtype, device=like.device) for _ in range(count)]
+    def __init__(self, like: Tensor, largest: int, classes: int) -> None:
+        self.classes = classes
+        options = {"dtype": like.dtype, "device": like.device}
+        self.buffers = [torch.empty(largest, **options) for _ in range(3)]
+        self.values = torch.empty(largest // classes * (2 * classes + 1), **options)
+        self.flag = torch.empty(largest // classes, **options)
+        self.shapes: dict[torch.Size, tuple] = {}
 
-    def views(self, shape: torch.Size) -> list[Tensor]:
-        size = shape.numel()
-        return [buffer[:size].view(shape) for buffer in self.buffers]
+    def views(self, shape: torch.Size) -> tuple:
+        if shape not in self.shapes:  # every chunk but the last has the same shape
+            batch, classes, length = shape
+            size = shape.numel()
+            flat = [b[:size] for b in self.buffers]
+            values = self.values[: batch * (2 * classes + 1) * length].view(batch, 2 * classes + 1, length)
+            flag = self.flag[: batch * length].view(batch, 1, length)
+            self.shapes[shape] = ([f.view(shape) for f in flat], flat, values, flag)
+        return self.shapes[shape]
 
 
 def _region_pairs(column: Tensor) -> tuple[Tensor, Tensor]:
-    """``(R,)`` values (boundary, interior) as ``(1, R, 1)``: interior and boundary - interior."""
+    """``(R, 2)`` values (columns boundary, interior) as ``(1, R, 1)``: interior and boundary - interior."""
     return column[:, 1].reshape(1, -1, 1), (column[:, 0] - column[:, 1]).reshape(1, -1, 1)
 
 
@@ -99,42 +112,36 @@ class ConstrainedCrossEntropy(torch.autograd.Function):
                 norm: float, linear_quadratic: bool) -> tuple[Tensor, Tensor, Tensor]:
         classes, voxels = logits.shape[1:]
         table = table.to(logits)
-        multipliers = table[: 2 * classes] / norm if linear_quadratic else table[: 2 * classes]
-        multiplier_in, multiplier_step = _region_pairs(multipliers)  # (1, 2C, 1): lambda_k, then rho_k
-        scale_in, scale_step = table[2 * classes, 1], table[2 * classes, 0] - table[2 * classes, 1]
+        if linear_quadratic:
+            table = torch.cat([table[: 2 * classes] / norm, table[2 * classes :]])
+        value_in, value_step = _region_pairs(table)  # (1, 2C + 1, 1): lambda_k, rho_k, the target's scale
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         tensors = [logits, terms.onehot, terms.boundary, terms.counts, terms.valid, grad]
         chunks = _chunks(tensors, voxels, classes, logits.device)
-        largest = max(c[0].numel() for c in chunks)
-        scratch = _Scratch(logits, largest, 3)
-        per_voxel = _Scratch(logits, 2 * largest, 1)  # lambda and rho of every voxel and class
-        small = _Scratch(logits, largest // classes, 2)
+        workspace = _Workspace(logits, max(c[0].numel() for c in chunks), classes)
         nll_parts: list[Tensor] = []
         linear_parts: list[Tensor] = []  # sum lam |gap| (linear_quadratic)
         square_parts: list[Tensor] = []  # sum (lam |gap| + rho gap^2) (linear_quadratic) or sum P
         for z, onehot, boundary, counts, valid, out in chunks:
-            work, log_p, buf = scratch.views(z.shape)
-            (both,) = per_voxel.views(torch.Size((z.shape[0], 2 * classes, z.shape[2])))
-            lam, rho = both[:, :classes], both[:, classes:]
-            flag, scale = small.views(boundary.shape)
+            (work, log_p, buf), (work_flat, log_p_flat, buf_flat), values, flag = workspace.views(z.shape)
+            lam, rho, scale = values[:, :classes], values[:, classes : 2 * classes], values[:, 2 * classes :]
             if not z.is_contiguous():  # log_softmax would copy it into a fresh tensor
                 z = work.copy_(z)
             torch._log_softmax(z, 1, False, out=log_p)
-            nll_parts.append(torch.dot(log_p.view(-1), buf.copy_(onehot).view(-1)))  # onehot 0 on ignored voxels
+            buf.copy_(onehot)  # 0 on ignored voxels
+            nll_parts.append(torch.dot(log_p_flat, buf_flat))
             error = log_p.exp_().sub_(buf)  # softmax - onehot
             if valid is not None:
                 error.mul_(valid)
-            flag.copy_(boundary)
-            torch.mul(flag, scale_step, out=scale).add_(scale_in)  # the target's scale per voxel
+            torch.mul(flag.copy_(boundary), value_step, out=values).add_(value_in)  # each voxel's region's values
             gap = torch.addcmul(z, buf.copy_(counts), scale, value=-1, out=work)  # z - target
             if valid is not None:
                 gap.mul_(valid)  # ignored voxels: gap 0, so P(0) = 0 and no gradient
-            torch.mul(flag, multiplier_step, out=both).add_(multiplier_in)  # lambda, rho per voxel and class
             if linear_quadratic:  # P = lam |gap| + rho gap^2 / 2 = (lam |gap| + dP/dz gap) / 2
                 slope = torch.sign(gap, out=buf).mul_(lam)
-                linear_parts.append(torch.dot(slope.view(-1), gap.view(-1)))
+                linear_parts.append(torch.dot(buf_flat, work_flat))
                 change = slope.addcmul_(rho, gap)  # dP/dz = lam sign(gap) + rho gap
-                square_parts.append(torch.dot(change.view(-1), gap.view(-1)))
+                square_parts.append(torch.dot(buf_flat, work_flat))
             else:
                 h = torch.abs(gap, out=buf)
                 square_parts.append(penalty.value(h.clone(), lam, rho).sum())
