@@ -131,10 +131,12 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         """:func:`label_codes` of the target: uint8 labels, ``C`` on ignored voxels (``masked=False``: none is)."""
         return label_codes(inputs.target, inputs.valid if masked else None, self.num_classes)
 
-    def regions(self, inputs: LossInputs, codes: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
+    def regions(self, inputs: LossInputs, codes: Tensor | None = None, counts: Tensor | None = None, *,
+                all_valid: bool = False) -> Tensor:
         """Boolean ``(B, *spatial)``: True in the boundary region (from the ground truth; ignored
         voxels excluded): the band (``region="band"``) or the mixed windows (``region="window"``).
-        ``codes`` / ``counts``: :meth:`_codes` and the window counts when the caller has them."""
+        ``codes`` / ``counts``: :meth:`_codes` and the window counts when the caller has them;
+        ``all_valid``: the caller knows that no voxel is ignored (no mask to apply)."""
         dims = inputs.spatial_dims
         if dims not in (2, 3):
             raise ValueError(f"{self.name} supports 2D and 3D inputs, got {dims} spatial dimensions")
@@ -143,7 +145,8 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
             if self.region == "window":  # the window holds another label, the outside or an ignored voxel
                 if counts is None:
                     counts = one_hot_and_window_counts(codes, self.num_classes, self.kernel_size)[1]
-                return (counts.amax(1) < self.kernel_size**dims) & inputs.valid
+                mixed = counts.amax(1) < self.kernel_size**dims
+                return mixed if all_valid else mixed & inputs.valid
         spacing = self.spacing or (1.0,) * dims
         if len(spacing) != dims:
             raise ValueError(f"{self.name}: spacing {spacing} has {len(spacing)} values for {dims}D inputs")
@@ -154,7 +157,8 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
             boundary_mm=self.boundary_mm,
             ignore_index=self.num_classes,
         )
-        return region_mask(BOUNDARY, context) & inputs.valid
+        band = region_mask(BOUNDARY, context)
+        return band if all_valid else band & inputs.valid
 
     @torch.no_grad()
     def terms(self, inputs: LossInputs) -> tuple[ConstraintTerms, Tensor]:
@@ -167,7 +171,7 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         valid_count = int(inputs.valid.sum()) if masked else inputs.valid.numel()
         codes = self._codes(inputs, masked)
         onehot, counts = one_hot_and_window_counts(codes, self.num_classes, self.kernel_size)
-        boundary = self.regions(inputs, codes, counts)
+        boundary = self.regions(inputs, codes, counts, all_valid=not masked)
         batch = inputs.logits.shape[0]
         size = self.kernel_size**inputs.spatial_dims
         scale = torch.tensor([[1 / size, self.margin / size]], dtype=torch.float64, device=self.lambdas.device)
