@@ -31,6 +31,9 @@ def flatten_classes(x: torch.Tensor) -> torch.Tensor:
 
 
 def not_equal(x: torch.Tensor, value: int) -> torch.Tensor:
-    """Boolean ``x != value``, compared with a filled tensor of ``x``'s shape: on the CPU, ATen does not
-    vectorise a comparison with a broadcast (scalar) operand, which made ``uint8 != 0`` ~10x slower."""
-    return torch.ne(x, torch.full_like(x, value))
+    """Boolean ``x != value`` for an integer tensor: ``(x ^ value) != 0`` by a bitwise XOR and a cast to
+    bool, both vectorised on the CPU, where ATen's comparison with a scalar operand is not (~10x slower
+    for uint8)."""
+    if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+        return x != value
+    return (x if value == 0 else torch.bitwise_xor(x, value)).bool()
