@@ -202,10 +202,14 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         check's host sync on an accelerator happens once per epoch, not once per batch."""
         lambdas, rhos = self.lambdas, self.rhos
         known = getattr(self, "_linear_quadratic_seen", None)  # the tensors themselves: their ids are not reused
-        if known is None or known[:2] != (lambdas._version, rhos._version) or known[2] is not lambdas or known[3] is not rhos:
+        try:
+            versions = (lambdas._version, rhos._version)
+        except RuntimeError:  # inference tensors (made under torch.inference_mode) keep no version: check each call
+            known, versions = None, (-1, -1)
+        if known is None or known[:2] != versions or known[2] is not lambdas or known[3] is not rhos:
             valid = bool((lambdas >= 0).all() & (rhos > 0).all())
             self._linear_quadratic = isinstance(self._penalty, PHR) and valid
-            self._linear_quadratic_seen = (lambdas._version, rhos._version, lambdas, rhos)
+            self._linear_quadratic_seen = (*versions, lambdas, rhos)
         return self._linear_quadratic
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:

@@ -195,7 +195,8 @@ def test_phr_shortcut_follows_the_multipliers_wherever_they_change() -> None:
         # entries would add P(0) = -lambda^2 / (2 rho), which segcalib leaves out)
         lambdas, rhos = loss.lambdas.double().numpy(), loss.rhos.double().numpy()
         own = b[:, None]
-        p, _ = ref.penalty_and_derivative("phr", h, np.where(own, lambdas[0], lambdas[1]), np.where(own, rhos[0], rhos[1]))
+        lam, rho = np.where(own, lambdas[0], lambdas[1]), np.where(own, rhos[0], rhos[1])
+        p, _ = ref.penalty_and_derivative("phr", h, lam, rho)
         expected = ref.ce(z, y) + p.sum() / (h.shape[0] * 2 * 3)
         assert loss(logits, target).item() == pytest.approx(expected, rel=1e-10)
 
