@@ -13,7 +13,7 @@ from segcalib.losses._constrained_ce import ConstrainedCrossEntropy, ConstraintT
 from segcalib.losses._filters import label_codes, one_hot_and_window_counts, window_counts
 from segcalib.losses._inputs import LossInputs
 from segcalib.losses._margin_ce import per_class
-from segcalib.losses._penalties import PENALTIES
+from segcalib.losses._penalties import PENALTIES, PHR
 from segcalib.losses.base import AdaptiveLoss
 from segcalib.losses.registry import register_loss
 from segcalib.spatial.regions import BOUNDARY, DEFAULT_BOUNDARY_MM, RegionContext, region_mask
@@ -131,10 +131,12 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         """:func:`label_codes` of the target: uint8 labels, ``C`` on ignored voxels (``masked=False``: none is)."""
         return label_codes(inputs.target, inputs.valid if masked else None, self.num_classes)
 
-    def regions(self, inputs: LossInputs, codes: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
+    def regions(self, inputs: LossInputs, codes: Tensor | None = None, counts: Tensor | None = None, *,
+                all_valid: bool = False) -> Tensor:
         """Boolean ``(B, *spatial)``: True in the boundary region (from the ground truth; ignored
         voxels excluded): the band (``region="band"``) or the mixed windows (``region="window"``).
-        ``codes`` / ``counts``: :meth:`_codes` and the window counts when the caller has them."""
+        ``codes`` / ``counts``: :meth:`_codes` and the window counts when the caller has them;
+        ``all_valid``: the caller knows that no voxel is ignored (no mask to apply)."""
         dims = inputs.spatial_dims
         if dims not in (2, 3):
             raise ValueError(f"{self.name} supports 2D and 3D inputs, got {dims} spatial dimensions")
@@ -143,7 +145,8 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
             if self.region == "window":  # the window holds another label, the outside or an ignored voxel
                 if counts is None:
                     counts = one_hot_and_window_counts(codes, self.num_classes, self.kernel_size)[1]
-                return (counts.amax(1) < self.kernel_size**dims) & inputs.valid
+                mixed = counts.amax(1) < self.kernel_size**dims
+                return mixed if all_valid else mixed & inputs.valid
         spacing = self.spacing or (1.0,) * dims
         if len(spacing) != dims:
             raise ValueError(f"{self.name}: spacing {spacing} has {len(spacing)} values for {dims}D inputs")
@@ -154,7 +157,8 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
             boundary_mm=self.boundary_mm,
             ignore_index=self.num_classes,
         )
-        return region_mask(BOUNDARY, context) & inputs.valid
+        band = region_mask(BOUNDARY, context)
+        return band if all_valid else band & inputs.valid
 
     @torch.no_grad()
     def terms(self, inputs: LossInputs) -> tuple[ConstraintTerms, Tensor]:
@@ -167,20 +171,17 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         valid_count = int(inputs.valid.sum()) if masked else inputs.valid.numel()
         codes = self._codes(inputs, masked)
         onehot, counts = one_hot_and_window_counts(codes, self.num_classes, self.kernel_size)
-        boundary = self.regions(inputs, codes, counts)
-        dtype, batch = inputs.logits.dtype, inputs.logits.shape[0]
-        regions = torch.empty((batch, 2, boundary[0].numel()), dtype=dtype, device=boundary.device)
-        regions[:, 0].copy_(boundary.reshape(batch, -1).view(torch.uint8))
-        regions[:, 1].fill_(1.0)
+        boundary = self.regions(inputs, codes, counts, all_valid=not masked)
+        batch = inputs.logits.shape[0]
         size = self.kernel_size**inputs.spatial_dims
         scale = torch.tensor([[1 / size, self.margin / size]], dtype=torch.float64, device=self.lambdas.device)
         table = torch.cat([self.lambdas.t().double(), self.rhos.t().double(), scale])
         terms = ConstraintTerms(
             onehot=onehot.reshape(batch, self.num_classes, -1),
-            regions=regions,
+            boundary=boundary.reshape(batch, 1, -1).view(torch.uint8),
             counts=counts.reshape(batch, self.num_classes, -1),
             count=float(max(valid_count, 1)),
-            valid=inputs.valid.reshape(batch, 1, -1).to(dtype) if masked else None,
+            valid=inputs.valid.reshape(batch, 1, -1).to(inputs.logits.dtype) if masked else None,
         )
         return terms, table.to(device=boundary.device)
 
@@ -188,16 +189,35 @@ class ClassRegionAdaptiveLoss(AdaptiveLoss):
         """``h`` ``(B, C, *spatial)`` (see the class docstring; no gradient) and the boundary mask ``(B, *spatial)``."""
         terms, table = self.terms(inputs)
         scale = table[-1].to(inputs.logits)
-        goal_scale = terms.regions[:, :1] * (scale[0] - scale[1]) + scale[1]
+        goal_scale = terms.boundary * (scale[0] - scale[1]) + scale[1]
         logits = inputs.logits.detach().reshape(terms.counts.shape)
         h = torch.addcmul(logits, terms.counts, goal_scale, value=-1).abs_()
-        return h.reshape(inputs.logits.shape), terms.regions[:, 0].reshape(inputs.valid.shape) > 0
+        return h.reshape(inputs.logits.shape), terms.boundary.reshape(inputs.valid.shape) > 0
+
+    def _fast_penalty(self) -> bool:
+        """Whether the penalty is PHR with every lambda >= 0 and rho > 0 (so ``P = lam h + rho h^2 / 2``).
+
+        Checked again only when a multiplier buffer was replaced or changed in place (its tensor
+        version counter moved: ``step()``, ``load_state_dict()``, a direct ``copy_``), so that the
+        check's host sync on an accelerator happens once per epoch, not once per batch."""
+        lambdas, rhos = self.lambdas, self.rhos
+        known = getattr(self, "_linear_quadratic_seen", None)  # the tensors themselves: their ids are not reused
+        try:
+            versions = (lambdas._version, rhos._version)
+        except RuntimeError:  # inference tensors (made under torch.inference_mode) keep no version: check each call
+            known, versions = None, (-1, -1)
+        if known is None or known[:2] != versions or known[2] is not lambdas or known[3] is not rhos:
+            valid = bool((lambdas >= 0).all() & (rhos > 0).all())
+            self._linear_quadratic = isinstance(self._penalty, PHR) and valid
+            self._linear_quadratic_seen = (*versions, lambdas, rhos)
+        return self._linear_quadratic
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         terms, table = self.terms(inputs)
         norm = terms.count * 2 * self.num_classes  # the mean over valid voxels x 2C entries
         logits = inputs.logits.reshape(terms.counts.shape)
-        total, ce, penalty = ConstrainedCrossEntropy.apply(logits, terms, table, self._penalty, norm)
+        fast = self._fast_penalty()
+        total, ce, penalty = ConstrainedCrossEntropy.apply(logits, terms, table, self._penalty, norm, fast)
         return total, {"ce": ce, "penalty": penalty}
 
     # -- outer update --------------------------------------------------------------------------

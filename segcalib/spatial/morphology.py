@@ -155,15 +155,18 @@ def bounding_box(mask: torch.Tensor, margin: Sequence[int] | int = 0) -> tuple[s
     margins = [margin] * ndim if isinstance(margin, int) else list(margin)
     if mask.numel() == 0:
         return None
-    # two passes over the volume: reduce the last axis, then the rest on the small remainder;
-    # max over the bytes of the mask (vectorised) rather than any() over bools
+    # two passes over the volume, each a max over the bytes of the mask (vectorised, unlike any()
+    # over bools) along long contiguous runs: per slice of the first axis, and across those slices;
+    # the other axes from the small remainder
     mask = mask.bool().view(torch.uint8)
-    last = mask.amax(dim=-1) if ndim > 1 else mask
-    flags = []
-    for axis in range(ndim - 1):
-        other = [a for a in range(ndim - 1) if a != axis]
-        flags.append(last.amax(dim=other) if other else last)
-    flags.append(mask.amax(dim=list(range(ndim - 1))) if ndim > 1 else mask)
+    if ndim == 1:
+        flags = [mask]
+    else:
+        rest = mask.amax(dim=0)  # elementwise max of the first axis's slices
+        flags = [mask.reshape(mask.shape[0], -1).amax(dim=1)]
+        for axis in range(ndim - 1):
+            other = [a for a in range(ndim - 1) if a != axis]
+            flags.append(rest.amax(dim=other) if other else rest)
     lengths = [f.numel() for f in flags]
     cat = torch.cat([f.to(torch.uint8) for f in flags]).cpu()
     slices, start = [], 0

@@ -28,6 +28,7 @@ import torch
 
 from segcalib.spatial.morphology import bounding_box, dilate_ellipsoid, label_edges
 from segcalib.utils.names import Registry
+from segcalib.utils.tensors import not_equal
 
 ALL = "all"
 FOREGROUND = "foreground"  # the seed papers' region; per-volume foreground ECE is the "MedIA" convention
@@ -139,19 +140,17 @@ def _boundary(context: RegionContext) -> torch.Tensor:
         # label comparisons on uint8 (modular cast: classes and the ignore label stay distinct)
         # read 8x less memory than on int64 and are vectorised, unlike int16's
         labels = labels.to(torch.uint8)
-        fg = labels != 0
+        fg = not_equal(labels, 0)
         if ignore is not None:
-            fg &= labels != ignore % 2**8
+            fg &= not_equal(labels, ignore % 2**8)
     else:
         if context.num_classes < 2**15 and (ignore is None or -(2**15) <= ignore < 2**15):
             labels = labels.to(torch.int16)
         fg = context.foreground()
-    return torch.stack(
-        [
-            boundary_band(labels[b], context.spacing[b], context.boundary_mm, foreground=fg[b])
-            for b in range(labels.shape[0])
-        ]
-    )
+    band = torch.empty(labels.shape, dtype=torch.bool, device=labels.device)
+    for b in range(labels.shape[0]):
+        boundary_band(labels[b], context.spacing[b], context.boundary_mm, foreground=fg[b], out=band[b])
+    return band
 
 
 def boundary_band(
@@ -159,6 +158,7 @@ def boundary_band(
     spacing: Sequence[float],
     width_mm: float = DEFAULT_BOUNDARY_MM,
     foreground: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean ``(*spatial)`` band of voxels within ``width_mm`` of a foreground edge voxel.
 
@@ -167,12 +167,15 @@ def boundary_band(
         spacing: mm per voxel, one value per axis.
         width_mm: the band's half-width in mm (distance to the nearest edge voxel, inclusive).
         foreground: boolean ``(*spatial)``; defaults to ``labels != 0``.
+        out: boolean ``(*spatial)`` to write the band into (returned), or None for a new tensor.
     """
-    fg = labels != 0 if foreground is None else foreground
+    fg = not_equal(labels, 0) if foreground is None else foreground
     edges = label_edges(labels, fg)
     reach = [int(width_mm // s) + 1 for s in spacing]
     box = bounding_box(edges, margin=reach)
-    band = torch.zeros_like(edges)
+    if box is not None and all(sl.stop - sl.start == n for sl, n in zip(box, edges.shape)) and out is None:
+        return dilate_ellipsoid(edges, spacing, width_mm)  # the box is the whole image
+    band = torch.zeros_like(edges) if out is None else out.fill_(False)
     if box is not None:
         band[box] = dilate_ellipsoid(edges[box], spacing, width_mm)
     return band

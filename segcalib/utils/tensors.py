@@ -28,3 +28,12 @@ def as_label_map(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 def flatten_classes(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, *spatial)`` -> ``(M, C)`` with one row per voxel (M = B * prod(spatial))."""
     return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def not_equal(x: torch.Tensor, value: int) -> torch.Tensor:
+    """Boolean ``x != value`` for an integer tensor: ``(x ^ value) != 0`` by a bitwise XOR and a cast to
+    bool, both vectorised on the CPU, where ATen's comparison with a scalar operand is not (~10x slower
+    for uint8)."""
+    if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+        return x != value
+    return (x if value == 0 else torch.bitwise_xor(x, value)).bool()

@@ -181,6 +181,39 @@ def test_loss_matches_the_float64_reference(penalty: str, dims: str) -> None:
     assert boundary.any() and (~boundary & (target.numpy() != IGNORE)).any()
 
 
+def test_phr_shortcut_follows_the_multipliers_wherever_they_change() -> None:
+    """PHR is computed as ``lam h + rho h^2 / 2`` only while every lambda >= 0 and rho > 0; the check
+    is cached per multiplier tensor and version, so in-place edits, ``load_state_dict`` and a
+    replaced buffer must each be seen."""
+    logits, target = _blob_batch(BLOB_SHAPES["3d"], seed=61)
+    z, y = logits.numpy(), target.numpy()
+    loss = build_loss("crac", num_classes=3, boundary_mm=1.5)
+    h, b = constraints(z, y, 5.0, (1.0, 1.0, 1.0), 1.5)
+
+    def check() -> None:
+        # P of each voxel's own region's entries (with lambda < 0 the reference's other-region
+        # entries would add P(0) = -lambda^2 / (2 rho), which segcalib leaves out)
+        lambdas, rhos = loss.lambdas.double().numpy(), loss.rhos.double().numpy()
+        own = b[:, None]
+        lam, rho = np.where(own, lambdas[0], lambdas[1]), np.where(own, rhos[0], rhos[1])
+        p, _ = ref.penalty_and_derivative("phr", h, lam, rho)
+        expected = ref.ce(z, y) + p.sum() / (h.shape[0] * 2 * 3)
+        assert loss(logits, target).item() == pytest.approx(expected, rel=1e-10)
+
+    check()
+    assert loss._fast_penalty()
+    loss.lambdas = torch.tensor([[-2.0, 1.0, 0.5], [0.4, -0.7, 2.0]])  # a new buffer (of the same version, 0)
+    check()
+    assert not loss._fast_penalty()
+    state = {**loss.state_dict(), "lambdas": torch.tensor([[0.3, 1.0, 0.5], [0.4, 0.7, 2.0]])}
+    loss.load_state_dict(state)
+    check()
+    assert loss._fast_penalty()
+    loss.lambdas.copy_(torch.tensor([[0.3, -1.0, 0.5], [0.4, 0.7, 2.0]]))  # in place
+    check()
+    assert not loss._fast_penalty()
+
+
 @pytest.mark.parametrize("dims", sorted(BLOB_SHAPES))
 def test_window_regions_match_the_reference(dims: str) -> None:
     """``region="window"``: the paper's boundary, a window holding more than one label."""
