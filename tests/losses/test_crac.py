@@ -264,9 +264,8 @@ def test_chunked_values_and_gradients_equal_one_chunk(penalty: str, monkeypatch)
         (scale * value).backward()
         return value.detach(), z.grad, loss.last_components["penalty"]
 
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # several intra-op threads: one chunk
+    assert len(fused._chunks([logits.reshape(2, 3, -1)], 336, 3, logits.device)) == 2  # a sample per chunk
     whole = value_and_grad(1.0)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one thread: chunks of CHUNK_ELEMENTS logits
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 3 * 50)  # 50 of a sample's 336 voxels per chunk
     assert len(fused._chunks([logits.reshape(2, 3, -1)], 336, 3, logits.device)) == 2 * 7
     chunked = value_and_grad(1.0)
