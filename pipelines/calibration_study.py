@@ -14,7 +14,7 @@ the seed papers' losses seed by seed, the other losses, then the long regime for
 short regime's top three losses by the criterion (chosen once the must-have short units are done).
 ``--budget-min M`` starts units while the minutes used plus the median unit time seen so far fit in
 M; a finished unit is never redone, a killed one leaves no record and is redone. ``--tables-only``
-rebuilds ``docs/results.md``, ``docs/what_to_use.md`` and ``configs/recipe.yaml`` (the recipe ``segcalib
+rebuilds ``docs/results.md``, ``docs/what_to_use.md`` and ``docs/results/recipe.yaml`` (the recipe ``segcalib
 demo`` trains and calibrates with) from the records alone, on any machine.
 
 Protocol, fixed before running (see :mod:`pipelines.study.cases` and :mod:`pipelines.study.selection`):
@@ -98,7 +98,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--results", type=Path)
     parser.add_argument("--what-to-use", type=Path)
-    parser.add_argument("--recipe", type=Path, help="the recipe `segcalib demo` uses (default: configs/recipe.yaml with "
+    parser.add_argument("--recipe", type=Path, help="the recipe `segcalib demo` uses (default: docs/results/recipe.yaml with "
                         "the default --results, otherwise recipe.yaml beside --results)")
     parser.add_argument("--hardware", default=f"{platform.machine()}, {platform.processor() or 'CPU'}")
     args = parser.parse_args(argv)
@@ -118,7 +118,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     default_results = REPO / "docs" / "results.md"
     args.results = args.results or (args.out / "results.md" if smoke else default_results)
     args.what_to_use = args.what_to_use or args.results.with_name("what_to_use.md")
-    args.recipe = args.recipe or (REPO / "configs" / "recipe.yaml" if args.results == default_results
+    args.recipe = args.recipe or (REPO / "docs" / "results" / "recipe.yaml" if args.results == default_results
                                   else args.results.with_name("recipe.yaml"))
     return args
 

@@ -149,7 +149,7 @@ RECIPE_KEYS = ("loss", "calibrator", "region", "regime", "admissible", "score", 
 
 @dataclass(frozen=True)
 class Recipe:
-    """The study's recommended recipe (``configs/recipe.yaml``, written by
+    """The study's recommended recipe (``docs/results/recipe.yaml``, written by
     ``pipelines/calibration_study.py --tables-only`` from the committed records)."""
 
     loss: str

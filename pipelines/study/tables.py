@@ -311,7 +311,7 @@ def write_what_to_use(study: StudyResults, path: Path, results: Path) -> None:
 
 
 def write_recipe(study: StudyResults, path: Path, complete: bool) -> None:
-    """``configs/recipe.yaml``: the recipe ``segcalib demo`` trains and calibrates with."""
+    """``docs/results/recipe.yaml``: the recipe ``segcalib demo`` trains and calibrates with."""
     if study.recipe is None:
         return
     c = study.recipe.candidate

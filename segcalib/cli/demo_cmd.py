@@ -18,15 +18,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help=HELP,
-        description="Reads the study's recommended recipe (configs/recipe.yaml: a loss, a calibrator and the voxels it "
+        description="Reads the study's recommended recipe (docs/results/recipe.yaml: a loss, a calibrator and the voxels it "
         "is fitted on), then for CE+Dice and for the recipe's loss: trains configs/demo.yaml with that loss (or reuses/"
         "resumes runs/demo/<loss>), exports the test split, fits the recipe's calibrator on the validation maps and "
         "applies it, evaluates every variant and writes one comparison report (runs/demo/comparison.html).",
     )
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"), help="demo experiment")
     p.add_argument("--run-dir", default="runs/demo", help="folder of the runs, one per loss (default runs/demo)")
-    p.add_argument("--recipe", default=str(REPO_ROOT / "configs" / "recipe.yaml"),
-                   help="the recommended recipe (default configs/recipe.yaml, written by the study)")
+    p.add_argument("--recipe", default=str(REPO_ROOT / "docs" / "results" / "recipe.yaml"),
+                   help="the recommended recipe (default docs/results/recipe.yaml, written by the study)")
     p.add_argument("--losses", nargs="+", choices=list_losses(), metavar="LOSS",
                    help="losses to train and compare (default: ce_dice and the recipe's loss)")
     p.add_argument("--calibrator", choices=("auto", "none", *list_calibrators()),
