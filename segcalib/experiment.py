@@ -40,9 +40,10 @@ class ExperimentResult:
 
     def describe(self) -> str:
         lines = [f"run: {self.run_dir}"]
+        width = max(map(len, self.summaries), default=0)
         for variant, s in self.summaries.items():
             lines.append(
-                f"  {variant:<18} Dice fg {s['dice_fg']:.4f}  HD95 {s['hd95']:.2f} mm  "
+                f"  {variant:<{width}}  Dice fg {s['dice_fg']:.4f}  HD95 {s['hd95']:.2f} mm  "
                 + "  ".join(f"ECE {r} {s[f'ece_{r}']:.4f}" for r in default_regions())
                 + f"  NLL {s['nll']:.4f}  T {_t(s['temperature'])}"
             )

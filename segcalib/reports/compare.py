@@ -50,7 +50,7 @@ def label_for(report: dict[str, Any], path: Path) -> str:
     t = meta.get("temperature")
     method = (meta.get("calibrator") or {}).get("method")
     if method and method != "temperature":
-        return f"{name} ({method})"
+        return name if method in path.parent.name else f"{name} ({method})"  # not twice
     return f"{name} (T={t:.3f})" if isinstance(t, (int, float)) and abs(t - 1.0) > 1e-9 else name
 
 

@@ -232,3 +232,19 @@ def test_overlapped_evaluation_writes_the_report_of_the_sequential_one(smoke_run
             reports[overlap]["metadata"].pop(key)
     assert len(reports[True]["cases"]) == 4
     assert json.dumps(reports[True], sort_keys=True) == json.dumps(reports[False], sort_keys=True)  # NaN == NaN here
+
+
+def test_comparison_labels_name_a_calibrator_once() -> None:
+    from pathlib import Path
+
+    from segcalib.reports.compare import label_for
+
+    def report(method, temperature=None):
+        return {"metadata": {"run": "/x/runs/demo/ce_dice", "temperature": temperature,
+                             "calibrator": {"method": method} if method else None}}
+
+    folder = Path("/x/runs/demo/ce_dice/reports")
+    assert label_for(report("boundary_temperature"), folder / "test_cal_boundary_temperature" / "report.json") \
+        == "ce_dice / test_cal_boundary_temperature"
+    assert label_for(report("isotonic"), folder / "test_cal_auto" / "report.json") == "ce_dice / test_cal_auto (isotonic)"
+    assert label_for(report(None, 1.25), folder / "test_Tfit_all" / "report.json") == "ce_dice / test_Tfit_all (T=1.250)"
