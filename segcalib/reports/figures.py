@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,6 +27,9 @@ class Curve:
     count: Sequence[float]
 
 
+LEGEND_WIDTH = 44  # characters per legend line at fontsize 7 in a 4.2-inch axes
+
+
 def reliability_png(curves: Sequence[Curve], title: str, n_bins: int = 15, with_histogram: bool = True) -> bytes:
     """A reliability diagram (observed vs predicted, with the diagonal) and a voxel histogram."""
     if with_histogram:
@@ -42,7 +46,8 @@ def reliability_png(curves: Sequence[Curve], title: str, n_bins: int = 15, with_
         ]
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.4, color=colour, label=curve.label)
+            label = textwrap.fill(curve.label, LEGEND_WIDTH)  # long run / variant names stay inside the axes
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.4, color=colour, label=label)
         if hist is not None:
             total = sum(curve.count) or 1
             fractions = [n / total for n in curve.count]
