@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from torch import nn
 
 from segcalib.config import load_config
 from segcalib.data import load_manifest
@@ -20,25 +19,9 @@ from segcalib.errors import RunError
 from segcalib.inference.temperature import TemperatureRequest
 from segcalib.export import ExportOptions, export, output_paths
 from segcalib.export.exporter import export_case
-from segcalib.inference.sliding_window import SlidingWindow
-from segcalib.inference.trained_model import TrainedModel
 from tests.conftest import SMOKE_CONFIG
 from tests.synthetic import LPS_ANISO, make_dataset, write_nifti
-
-
-class IntensityEcho(nn.Module):
-    """Logits (0, x): the class-1 probability is sigmoid(normalised intensity) at the same voxel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.zeros_like(x), x, -x], dim=1)
-
-
-def _model(cfg) -> TrainedModel:
-    return TrainedModel(
-        cfg=cfg, net=IntensityEcho(), window=SlidingWindow(roi_size=[8, 8, 8], overlap=0.5),
-        checkpoint=Path("none"), epoch=0, num_classes=3, class_names=["bg", "a", "b"], config_hash="x",
-        device=torch.device("cpu"),
-    )
+from tests.export.echo_model import echo_model
 
 
 def _sitk_geometry(path: Path) -> tuple:
@@ -58,7 +41,7 @@ def test_lps_anisotropic_case_comes_back_in_its_own_geometry(tmp_path: Path, spa
     ramp = (0.3 * grid[..., 0] + 0.2 * grid[..., 1] + 0.5 * grid[..., 2]).astype(np.float32)
     write_nifti(case.images[0], ramp, LPS_ANISO)  # smooth, so that resampling there and back is nearly exact
     paths = output_paths(tmp_path / "out", case.case_id, ["uncertainty"])
-    export_case(_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=1.0)
+    export_case(echo_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=1.0)
 
     image = nib.load(str(case.images[0]))
     probs_img = nib.load(str(paths["probs"]))
@@ -92,7 +75,7 @@ def test_temperature_divides_the_logits(tmp_path: Path) -> None:
     out = {}
     for t in (1.0, 3.0):
         paths = output_paths(tmp_path / f"t{t}", case.case_id, ())
-        export_case(_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=t)
+        export_case(echo_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=t)
         out[t] = np.asarray(nib.load(str(paths["probs"])).dataobj)
     # p1/p0 = exp(z) at T=1 and exp(z/3) at T=3
     assert np.allclose(np.log(out[3.0][..., 1] / out[3.0][..., 0]) * 3, np.log(out[1.0][..., 1] / out[1.0][..., 0]), atol=1e-3)
@@ -182,7 +165,7 @@ def test_foreground_crop_is_undone(tmp_path: Path) -> None:
     cfg = load_config(SMOKE_CONFIG, {"data.manifest": str(manifest.path), "data.crop_foreground": True,
                                      "data.normalize": "none", "data.patch_size": [8, 8, 8]})
     paths = output_paths(tmp_path / "out", case.case_id, ())
-    export_case(_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=1.0)
+    export_case(echo_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=1.0)
     probs_img = nib.load(str(paths["probs"]))
     probs = np.asarray(probs_img.dataobj)
     assert probs.shape == (16, 14, 10, 3) and np.allclose(probs_img.affine, LPS_ANISO)

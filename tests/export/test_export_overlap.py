@@ -11,34 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import segcalib.export.exporter as exporter
 import segcalib.export.writers as writers
 from segcalib.config import load_config
 from segcalib.errors import DataError, RunError
 from segcalib.export import ExportOptions, export
-from segcalib.inference.sliding_window import SlidingWindow
-from segcalib.inference.trained_model import TrainedModel
 from tests.conftest import SMOKE_CONFIG
 from tests.synthetic import LPS_ANISO, make_dataset
+from tests.export.echo_model import echo_model
 
 N_TEST = 3
-
-
-class IntensityEcho(nn.Module):
-    """Logits (0, x, -x): maps that follow the image, no training needed."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.zeros_like(x), x, -x], dim=1)
-
-
-def _model(cfg) -> TrainedModel:
-    return TrainedModel(
-        cfg=cfg, net=IntensityEcho(), window=SlidingWindow(roi_size=[8, 8, 8], overlap=0.5),
-        checkpoint=Path("none"), epoch=0, num_classes=3, class_names=["bg", "a", "b"], config_hash="x",
-        device=torch.device("cpu"),
-    )
 
 
 @pytest.fixture
@@ -47,7 +30,7 @@ def echo_export(tmp_path: Path, monkeypatch) -> Path:
     splits = {"test": N_TEST, "training": 1, "validation": 1}
     manifest = make_dataset(tmp_path / "data", N_TEST + 2, (12, 10, 8), LPS_ANISO, splits)
     cfg = load_config(SMOKE_CONFIG, {"data.manifest": str(manifest), "data.patch_size": [8, 8, 8]})
-    monkeypatch.setattr(exporter, "load_trained_model", lambda *args, **kwargs: _model(cfg))
+    monkeypatch.setattr(exporter, "load_trained_model", lambda *args, **kwargs: echo_model(cfg))
     return manifest
 
 
