@@ -10,7 +10,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from segcalib.config import load_config
 from segcalib.data import load_manifest

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import segcalib.export.exporter as exporter
 import segcalib.export.writers as writers
