@@ -20,7 +20,7 @@ from segcalib.export import output_paths
 from segcalib.export.exporter import EXPORT_JSON, export_case
 from segcalib.predictions import check_geometry, open_predictions, read_nifti_map
 from tests.conftest import SMOKE_CONFIG
-from tests.export.test_export import _model
+from tests.export.echo_model import echo_model
 from tests.synthetic import LPS_ANISO, make_dataset, write_nifti
 
 SHAPE = (9, 8, 5)
@@ -40,7 +40,7 @@ def test_segcalib_export_folder(tmp_path: Path, dtype: str) -> None:
     case = manifest.cases("test")[0]
     out = tmp_path / "out"
     paths = output_paths(out, case.case_id, ["uncertainty"])
-    export_case(_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=1.0, dtype=dtype)
+    export_case(echo_model(cfg), case, preprocessing(cfg.data, with_label=False), paths, temperature=1.0, dtype=dtype)
     (out / EXPORT_JSON).write_text(json.dumps({"status": "complete", "temperature": 1.0}))
 
     folder = open_predictions(out)
