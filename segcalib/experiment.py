@@ -186,6 +186,10 @@ def read_recipe(path: str | Path) -> Recipe:
             raise ConfigError(f"{path}: {key}: missing")
         if key in raw and raw[key] not in choices:
             raise ConfigError(f"{path}: {key}: {raw[key]!r} is not one of {choices}")
+    for key, kinds in (("regime", (str,)), ("admissible", (bool,)), ("complete", (bool,)), ("records", (int,)),
+                       ("score", (int, float, type(None)))):
+        if key in raw and (not isinstance(raw[key], kinds) or (bool not in kinds and isinstance(raw[key], bool))):
+            raise ConfigError(f"{path}: {key}: {raw[key]!r} should be of type {' or '.join(k.__name__ for k in kinds)}")
     return Recipe(**raw)
 
 

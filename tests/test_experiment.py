@@ -46,7 +46,9 @@ def test_a_recipe_is_checked_against_the_registries(tmp_path: Path) -> None:
                             ({"loss": "ce", "calibrator": "platt"}, r"calibrator: 'platt' is not one of"),
                             ({"loss": "ce", "calibrator": "temperature", "region": "edge"}, r"region: 'edge'"),
                             ({"loss": "ce"}, r"calibrator: missing"),
-                            ({"loss": "ce", "calibrator": "temperature", "seed": 1}, r"unknown key\(s\) \['seed'\]")]:
+                            ({"loss": "ce", "calibrator": "temperature", "seed": 1}, r"unknown key\(s\) \['seed'\]"),
+                            ({"loss": "ce", "calibrator": "temperature", "complete": "yes"}, r"complete: 'yes' should be of type bool"),
+                            ({"loss": "ce", "calibrator": "temperature", "records": True}, r"records: True should be of type int")]:
         with pytest.raises(ConfigError, match=rf"recipe\.yaml: {message}"):
             experiment.read_recipe(_recipe_file(tmp_path, **values))
 
