@@ -115,6 +115,12 @@ def worker_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
+def _worker_logging(level: int) -> None:
+    """A spawned worker logs as the parent does (its progress lines reach the same stream), each
+    line naming the worker process."""
+    logging.basicConfig(level=level, format="%(asctime)s [%(processName)s] %(message)s")
+
+
 def run_all(fn: Callable[..., Any], tasks: Sequence[tuple], jobs: int) -> list[Any]:
     """``fn(*task)`` for every task, in ``jobs`` spawned processes (in this one for ``jobs`` = 1)."""
     if jobs <= 1 or len(tasks) <= 1:
@@ -122,6 +128,8 @@ def run_all(fn: Callable[..., Any], tasks: Sequence[tuple], jobs: int) -> list[A
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_logging, initargs=(level,)) as pool:
         futures = [pool.submit(fn, *task, worker_threads(jobs)) for task in tasks]
         return [f.result() for f in futures]

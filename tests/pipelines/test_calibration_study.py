@@ -233,3 +233,24 @@ def test_seed_noise_rule() -> None:
     wide = paired({0: 0.1, 1: 1.0, 2: 2.0}, {0: 0.0, 1: 0.0, 2: 0.0})  # mean 1.03 < 2 sd (1.90)
     assert not wide.beyond_noise
     assert not paired({0: 1.0}, {0: 0.0}).beyond_noise  # one seed decides nothing
+
+
+def test_parallel_units_log_their_progress_like_the_parent(tmp_path) -> None:
+    """With ``--jobs 2`` the units run in spawned processes: their log lines (training progress)
+    reach the parent's stream, each naming its worker."""
+    import subprocess
+
+    script = (
+        "import logging\n"
+        "from pipelines.study.run import run_all\n"
+        "from tests.pipelines.study_worker import say\n"
+        "logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')\n"
+        "print(run_all(say, [('a',), ('b',)], 2))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "['a', 'b']"
+    lines = [line for line in done.stderr.splitlines() if "unit says" in line]
+    assert sorted(line.split("unit says ")[1] for line in lines) == ["a", "b"]
+    assert all("[SpawnProcess-" in line for line in lines)
