@@ -15,7 +15,7 @@ bin); the loss of (b, c) is the unweighted mean over occupied bins of ``|mean p 
 
 The ``(B, C, bins)`` sums come from :mod:`segcalib.losses._calibration_bins`: one histogram pass of
 per-cell moments (count, sum p, sum p^2) and a gather in backward; no ``(voxels, C, bins)``
-membership tensor, one or two bytes per voxel and class kept between forward and backward. Ignored voxels
+membership tensor, one byte per voxel and class kept between forward and backward. Ignored voxels
 add nothing anywhere.
 
 Barfoot et al., "Average Calibration Losses for Reliable Uncertainty in Medical Image
