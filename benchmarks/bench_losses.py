@@ -4,7 +4,9 @@
     python -m benchmarks.bench_losses --device cuda --size 96
 
 Part 1 times forward + backward of ``F.cross_entropy`` and of every registered loss on the same
-``(2, C, S, S, S)`` float32 logits. Part 2 times a training step (forward, loss, backward, Adam) of
+``(2, C, S, S, S)`` float32 logits; hard / soft L1-ACE also as their reference code computes them
+(one-hot labels, a loop over images and classes of ``bucketize`` + ``scatter_add``:
+``benchmarks/l1ace_baseline.py``), side by side. Part 2 times a training step (forward, loss, backward, Adam) of
 MONAI's ``UNet(spatial_dims=3, channels=(32, 64, 128, 256), strides=(2, 2, 2))`` on a
 ``2 x 1 x S^3`` batch with CE, CE + L1-ACE (the reference bundles' combinations), MbLS, CALS and
 CRaC; on the GPU under bf16 autocast. Repetitions are interleaved across losses; the tables give
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -33,12 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.l1ace_baseline import loop_l1ace
 from segcalib.losses import REQUIRED, build_loss, list_losses, loss_parameters
 
 TRAIN_LOSSES = (
     "ce", "hardl1ace_ce", "softl1ace_ce", "ce_dice", "hardl1ace_dice_ce", "softl1ace_dice_ce", "mbls", "cals", "crac",
 )  # fmt: skip
 MEMORY_LOSSES = ("F.cross_entropy", "hardl1ace", "softl1ace")
+BASELINES = {  # what users of the losses' reference code run (benchmarks/l1ace_baseline.py)
+    "hardl1ace": ("hardl1ace, reference code's plan", functools.partial(loop_l1ace, soft=False)),
+    "softl1ace": ("softl1ace, reference code's plan", functools.partial(loop_l1ace, soft=True)),
+}
 
 
 @dataclass
@@ -101,13 +109,20 @@ def _peak_memory(device: torch.device) -> Iterator[list[float]]:
 
 
 def bench_losses_alone(s: Settings, names: Sequence[str]) -> list[tuple[str, float, float, float | None]]:
-    """(name, ms, ratio to CE, peak extra MiB or None) for forward + backward of each loss alone."""
+    """(name, ms, ratio to CE, peak extra MiB or None) for forward + backward of each loss alone; the
+    L1-ACE losses also computed as their reference code does (``BASELINES``), side by side."""
     gen = torch.Generator().manual_seed(0)
     shape = (2, s.classes) + (s.size,) * 3
     logits = (torch.randn(shape, generator=gen) * 3).to(s.device).requires_grad_(True)
     target = torch.randint(0, s.classes, (2,) + (s.size,) * 3, generator=gen).to(s.device)
     losses: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"F.cross_entropy": F.cross_entropy}
-    losses.update({name: make_loss(name, s.classes).to(s.device) for name in names})
+    for name in names:
+        losses[name] = make_loss(name, s.classes).to(s.device)
+        if name in BASELINES:
+            label, baseline = BASELINES[name]
+            with torch.no_grad():
+                gap = float((baseline(logits, target) - losses[name](logits, target)).abs())
+            losses[f"{label} (value differs by {gap:.1e})"] = baseline
 
     def step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
