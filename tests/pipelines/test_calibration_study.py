@@ -235,6 +235,7 @@ def test_seed_noise_rule() -> None:
     assert not paired({0: 1.0}, {0: 0.0}).beyond_noise  # one seed decides nothing
 
 
+@pytest.mark.slow
 def test_parallel_units_log_their_progress_like_the_parent(tmp_path) -> None:
     """With ``--jobs 2`` the units run in spawned processes: their log lines (training progress)
     reach the parent's stream, each naming its worker."""
