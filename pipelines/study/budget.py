@@ -10,7 +10,7 @@ import time
 from typing import Any, Sequence
 
 from pipelines.study.grid import BASELINE, LONG_TOP, GridSettings, Job, must_have_short, priority_order
-from pipelines.study.run import CVSettings, run_all
+from pipelines.study.run import CVSettings, UnitPool
 from pipelines.study.selection import top_losses
 from pipelines.study.unit import load_records, run_unit
 
@@ -47,24 +47,30 @@ def expected_seconds(records: dict[Job, dict[str, Any]], device: str | None) -> 
 
 
 def run_budget(args: argparse.Namespace, grid: GridSettings, cv: CVSettings) -> list[Job]:
-    """Run pending units (``args.jobs`` at a time) while the minutes used plus a unit's expected time
-    fit in ``args.budget_min`` (no limit when None); returns the units finished here."""
+    """Run pending units, ``args.jobs`` at a time (the next one starts as soon as one ends), while
+    the minutes used plus a unit's expected time fit in ``args.budget_min`` (no limit when None);
+    returns the units finished here."""
     started = time.time()
     budget = math.inf if args.budget_min is None else 60 * args.budget_min
     finished: list[Job] = []
-    while True:
-        records = load_records(args.records)
-        queue = pending_units(args, records)
-        if not queue:
-            log.info("no unit left to run in this grid")
-            break
-        expected = expected_seconds(records, args.device)
-        used = time.time() - started
-        if used + expected > budget:
-            log.info("budget: %.1f of %.1f min used, a unit takes about %.1f min: stopping before %s",
-                     used / 60, budget / 60, expected / 60, queue[0].folder)
-            break
-        batch = queue[: max(1, args.jobs)]
-        run_all(run_unit, [(job, grid, cv, args.records, args.hardware) for job in batch], args.jobs)
-        finished += batch
+    with UnitPool(run_unit, args.jobs) as pool:
+        while True:
+            records = load_records(args.records)
+            queue = [job for job in pending_units(args, records) if job not in pool.running]
+            expected = expected_seconds(records, args.device)
+            while queue and pool.free > 0:
+                used = time.time() - started
+                if used + expected > budget:
+                    log.info("budget: %.1f of %.1f min used, a unit takes about %.1f min: not starting %s",
+                             used / 60, budget / 60, expected / 60, queue[0].folder)
+                    queue = []
+                    break
+                job = queue.pop(0)
+                pool.start(job, (job, grid, cv, args.records, args.hardware))
+            ended = pool.wait_any()
+            finished += ended
+            if not ended and not pool.running:
+                if not queue and not pending_units(args, load_records(args.records)):
+                    log.info("no unit left to run in this grid")
+                break
     return finished

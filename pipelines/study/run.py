@@ -121,15 +121,54 @@ def _worker_logging(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s [%(processName)s] %(message)s")
 
 
-def run_all(fn: Callable[..., Any], tasks: Sequence[tuple], jobs: int) -> list[Any]:
-    """``fn(*task)`` for every task, in ``jobs`` spawned processes (in this one for ``jobs`` = 1)."""
-    if jobs <= 1 or len(tasks) <= 1:
-        return [fn(*task) for task in tasks]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+class UnitPool:
+    """Runs ``fn(*task)`` in up to ``jobs`` spawned processes (each with ``worker_threads(jobs)`` torch
+    threads), or here, one at a time, for ``jobs`` = 1. ``start`` hands a task over; ``wait_any``
+    blocks until at least one has ended and returns the ended tasks' ids (re-raising a failure)."""
 
-    context = multiprocessing.get_context("spawn")
-    level = logging.getLogger().getEffectiveLevel()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_logging, initargs=(level,)) as pool:
-        futures = [pool.submit(fn, *task, worker_threads(jobs)) for task in tasks]
-        return [f.result() for f in futures]
+    def __init__(self, fn: Callable[..., Any], jobs: int) -> None:
+        self.fn, self.jobs = fn, max(1, jobs)
+        self._pool = None
+        if self.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context("spawn")
+            level = logging.getLogger().getEffectiveLevel()
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_worker_logging, initargs=(level,))
+        self._running: dict[Any, Any] = {}  # future -> task id
+        self._done_here: list[Any] = []
+
+    def __enter__(self) -> "UnitPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def free(self) -> int:
+        """How many tasks can start now (a task run here counts until ``wait_any`` reports it)."""
+        return self.jobs - len(self._running) - len(self._done_here)
+
+    def start(self, task_id: Any, task: tuple) -> None:
+        if self._pool is None:
+            self.fn(*task)
+            self._done_here.append(task_id)
+            return
+        self._running[self._pool.submit(self.fn, *task, worker_threads(self.jobs))] = task_id
+
+    def wait_any(self) -> list[Any]:
+        if self._pool is None:
+            done, self._done_here = self._done_here, []
+            return done
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        finished, _ = wait(list(self._running), return_when=FIRST_COMPLETED)
+        for future in finished:
+            future.result()
+        return [self._running.pop(future) for future in finished]
+
+    @property
+    def running(self) -> list[Any]:
+        return list(self._running.values())

@@ -1,10 +1,16 @@
-"""A picklable unit for the process-pool test of ``pipelines.study.run.run_all``."""
+"""A picklable unit for the process-pool tests of ``pipelines.study.run.UnitPool``."""
 
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
 
-def say(word: str, threads: int | None = None) -> str:
+def say(word: str, seconds: float, folder: str, threads: int | None = None) -> str:
+    """Log ``word``, take ``seconds``, and leave ``<word>.start`` / ``<word>.end`` (times) in ``folder``."""
+    (Path(folder) / f"{word}.start").write_text(repr(time.time()))
     logging.getLogger("segcalib.study").info("unit says %s", word)
+    time.sleep(seconds)
+    (Path(folder) / f"{word}.end").write_text(repr(time.time()))
     return word

@@ -236,22 +236,43 @@ def test_seed_noise_rule() -> None:
 
 
 @pytest.mark.slow
-def test_parallel_units_log_their_progress_like_the_parent(tmp_path) -> None:
-    """With ``--jobs 2`` the units run in spawned processes: their log lines (training progress)
-    reach the parent's stream, each naming its worker."""
+def test_parallel_units_start_as_soon_as_a_worker_is_free_and_log_like_the_parent(tmp_path) -> None:
+    """With ``--jobs 2`` the units run in spawned processes: a third unit starts when the first
+    ends, not when the slow second one does, and the units' log lines (training progress) reach
+    the parent's stream, each naming its worker."""
     import subprocess
 
     script = (
-        "import logging\n"
-        "from pipelines.study.run import run_all\n"
+        "import logging, sys\n"
+        "from pipelines.study.run import UnitPool\n"
         "from tests.pipelines.study_worker import say\n"
         "logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')\n"
-        "print(run_all(say, [('a',), ('b',)], 2))\n"
+        "ended = []\n"
+        "with UnitPool(say, 2) as pool:\n"
+        "    pool.start('a', ('a', 0.2, sys.argv[1]))\n"
+        "    pool.start('b', ('b', 6.0, sys.argv[1]))\n"
+        "    ended += pool.wait_any()\n"
+        "    pool.start('c', ('c', 0.2, sys.argv[1]))\n"
+        "    while pool.running:\n"
+        "        ended += pool.wait_any()\n"
+        "print(ended)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True
-    )
-    assert done.stdout.strip() == "['a', 'b']"
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=180, check=True)  # fmt: skip
+    assert done.stdout.strip() == "['a', 'c', 'b']"
+    times = {p.name: float(p.read_text()) for p in tmp_path.iterdir()}
+    assert times["c.start"] < times["b.end"]  # c did not wait for the slow unit
     lines = [line for line in done.stderr.splitlines() if "unit says" in line]
-    assert sorted(line.split("unit says ")[1] for line in lines) == ["a", "b"]
+    assert sorted(line.split("unit says ")[1] for line in lines) == ["a", "b", "c"]
     assert all("[SpawnProcess-" in line for line in lines)
+
+
+def test_one_job_runs_each_unit_here_one_at_a_time(tmp_path) -> None:
+    from pipelines.study.run import UnitPool
+    from tests.pipelines.study_worker import say
+
+    with UnitPool(say, 1) as pool:
+        assert pool.free == 1
+        pool.start("a", ("a", 0.0, str(tmp_path)))
+        assert pool.free == 0 and (tmp_path / "a.end").exists()  # ran here, reported by wait_any
+        assert pool.wait_any() == ["a"] and pool.free == 1 and pool.running == []
