@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -115,10 +116,20 @@ def worker_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
-def _worker_logging(level: int) -> None:
+def _worker_init(level: int, parent: int) -> None:
     """A spawned worker logs as the parent does (its progress lines reach the same stream), each
-    line naming the worker process."""
+    line naming the worker process, and ends when the parent does, however it ended (a killed
+    study must not leave a unit training on, which a restarted study would train a second time)."""
+    import threading
+
     logging.basicConfig(level=level, format="%(asctime)s [%(processName)s] %(message)s")
+
+    def end_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)  # units are resumable and every file they write appears whole or not at all
+
+    threading.Thread(target=end_with_parent, name="end-with-parent", daemon=True).start()
 
 
 class UnitPool:
@@ -135,7 +146,9 @@ class UnitPool:
 
             context = multiprocessing.get_context("spawn")
             level = logging.getLogger().getEffectiveLevel()
-            self._pool = ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_worker_logging, initargs=(level,))
+            self._pool = ProcessPoolExecutor(
+                self.jobs, mp_context=context, initializer=_worker_init, initargs=(level, os.getpid())
+            )
         self._running: dict[Any, Any] = {}  # future -> task id
         self._done_here: list[Any] = []
 

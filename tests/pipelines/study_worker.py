@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 
 def say(word: str, seconds: float, folder: str, threads: int | None = None) -> str:
-    """Log ``word``, take ``seconds``, and leave ``<word>.start`` / ``<word>.end`` (times) in ``folder``."""
+    """Log ``word``, take ``seconds``, and leave ``<word>.pid`` and ``<word>.start`` / ``<word>.end`` (times) in ``folder``."""
+    (Path(folder) / f"{word}.pid").write_text(str(os.getpid()))
     (Path(folder) / f"{word}.start").write_text(repr(time.time()))
     logging.getLogger("segcalib.study").info("unit says %s", word)
     time.sleep(seconds)

@@ -260,7 +260,7 @@ def test_parallel_units_start_as_soon_as_a_worker_is_free_and_log_like_the_paren
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=180, check=True)  # fmt: skip
     assert done.stdout.strip() == "['a', 'c', 'b']"
-    times = {p.name: float(p.read_text()) for p in tmp_path.iterdir()}
+    times = {p.name: float(p.read_text()) for p in tmp_path.glob("*.*[td]")}
     assert times["c.start"] < times["b.end"]  # c did not wait for the slow unit
     lines = [line for line in done.stderr.splitlines() if "unit says" in line]
     assert sorted(line.split("unit says ")[1] for line in lines) == ["a", "b", "c"]
@@ -276,3 +276,48 @@ def test_one_job_runs_each_unit_here_one_at_a_time(tmp_path) -> None:
         pool.start("a", ("a", 0.0, str(tmp_path)))
         assert pool.free == 0 and (tmp_path / "a.end").exists()  # ran here, reported by wait_any
         assert pool.wait_any() == ["a"] and pool.free == 1 and pool.running == []
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting to be reaped has ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads process states from /proc")
+def test_a_killed_study_leaves_no_unit_running(tmp_path) -> None:
+    """Killing the study (even with SIGKILL, which it cannot catch) ends its workers within seconds:
+    a unit left training would be trained a second time, into the same folder, by the next study."""
+    import signal
+    import subprocess
+    import time
+
+    script = (
+        "import sys\n"
+        "from pipelines.study.run import UnitPool\n"
+        "from tests.pipelines.study_worker import say\n"
+        "with UnitPool(say, 2) as pool:\n"
+        "    pool.start('z', ('z', 120.0, sys.argv[1]))\n"
+        "    pool.wait_any()\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO_ROOT)
+    try:
+        pid_file = tmp_path / "z.pid"
+        deadline = time.time() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.2)
+        worker = int(pid_file.read_text())
+        assert _alive(worker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.time() + 20
+        while _alive(worker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker)
+        assert not (tmp_path / "z.end").exists()
+    finally:
+        parent.kill()
