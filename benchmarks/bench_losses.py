@@ -9,7 +9,9 @@ Part 1 times forward + backward of ``F.cross_entropy`` and of every registered l
 ``benchmarks/l1ace_baseline.py``), side by side. Part 2 times a training step (forward, loss, backward, Adam) of
 MONAI's ``UNet(spatial_dims=3, channels=(32, 64, 128, 256), strides=(2, 2, 2))`` on a
 ``2 x 1 x S^3`` batch with CE, CE + L1-ACE (the reference bundles' combinations), MbLS, CALS and
-CRaC; on the GPU under bf16 autocast. Repetitions are interleaved across losses; the tables give
+CRaC; on the GPU under bf16 autocast. Repetitions are interleaved across losses (on CPU each timed
+call right after an untimed one of the same loss, so that no loss pays for the previous one's
+memory); the tables give
 the median time and the median over repetitions of the ratio to CE taken within the same round,
 which a busy shared machine disturbs much less than a ratio of medians. GPU timings are
 CUDA-synchronised. Part 3 (CPU) measures the peak resident memory of one forward + backward at
@@ -73,14 +75,18 @@ def _sync(device: torch.device) -> None:
 def _interleaved_times(
     fns: dict[str, Callable[[], None]], reps: int, device: torch.device, cpu_clock: bool = False
 ) -> dict[str, list[float]]:
-    """Seconds per call of each function in each of ``reps`` rounds (after one warm-up call each);
-    ``cpu_clock``: this process's CPU seconds, which time spent descheduled does not inflate."""
+    """Seconds per call of each function in each of ``reps`` rounds (after one warm-up call each); on
+    CPU each timed call comes right after an untimed one of the same function (the previous
+    function's frees and page faults otherwise land on the next: `F.cross_entropy` took 4.4–4.8 ms warm but 4.7–10.5 ms right after an L1-ACE
+    loss); ``cpu_clock``: this process's CPU seconds, which time spent descheduled does not inflate."""
     clock = time.process_time if cpu_clock else time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in fns}
     for name, fn in fns.items():
         fn()
     for _ in range(reps):
         for name, fn in fns.items():
+            if device.type == "cpu":  # CUDA's caching allocator keeps no such state between calls
+                fn()  # untimed: the allocator and caches in this function's own state, not the previous one's
             _sync(device)
             start = clock()
             fn()
