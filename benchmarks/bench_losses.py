@@ -75,10 +75,12 @@ def _sync(device: torch.device) -> None:
 def _interleaved_times(
     fns: dict[str, Callable[[], None]], reps: int, device: torch.device, cpu_clock: bool = False
 ) -> dict[str, list[float]]:
-    """Seconds per call of each function in each of ``reps`` rounds (after one warm-up call each); on
-    CPU each timed call comes right after an untimed one of the same function (the previous
-    function's frees and page faults otherwise land on the next: `F.cross_entropy` took 4.4–4.8 ms warm but 4.7–10.5 ms right after an L1-ACE
-    loss); ``cpu_clock``: this process's CPU seconds, which time spent descheduled does not inflate."""
+    """Seconds per call of each function in each of ``reps`` rounds (after one warm-up call each).
+
+    On CPU each timed call comes right after an untimed one of the same function: the previous
+    function's frees and page faults otherwise land on the next (`F.cross_entropy` took 4.4–4.8 ms
+    warm but 4.7–10.5 ms right after an L1-ACE loss). ``cpu_clock``: this process's CPU seconds,
+    which time spent descheduled does not inflate."""
     clock = time.process_time if cpu_clock else time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in fns}
     for name, fn in fns.items():

@@ -22,7 +22,8 @@ def _bin_sums(p: Tensor, y: Tensor, num_bins: int, soft: bool) -> tuple[Tensor, 
     if not soft:
         edges = torch.linspace(0.0, 1.0 + EPS32, num_bins + 1, device=p.device)
         index = torch.bucketize(p, edges[1:], right=False)
-        return zeros.scatter_add(0, index, torch.ones_like(p)), zeros.scatter_add(0, index, p), zeros.scatter_add(0, index, y)
+        counts = zeros.scatter_add(0, index, torch.ones_like(p))
+        return counts, zeros.scatter_add(0, index, p), zeros.scatter_add(0, index, y)
     centres = (torch.arange(num_bins, device=p.device, dtype=p.dtype) + 0.5) * (1.0 + EPS32) / num_bins
     above = torch.bucketize(p, centres, right=False)  # centres strictly below p
     left = (above - 1).clamp(0, num_bins - 1)
@@ -37,7 +38,9 @@ def _bin_sums(p: Tensor, y: Tensor, num_bins: int, soft: bool) -> tuple[Tensor, 
     )
 
 
-def loop_l1ace(logits: Tensor, target: Tensor, num_bins: int = 20, soft: bool = False, empty_weight: float = 0.01) -> Tensor:
+def loop_l1ace(
+    logits: Tensor, target: Tensor, num_bins: int = 20, soft: bool = False, empty_weight: float = 0.01
+) -> Tensor:
     """Mean over images and classes of the mean over occupied bins of ``|mean p - mean y|``
     (absent classes 0): ``logits (B, C, *spatial)``, ``target (B, *spatial)`` int64."""
     batch, classes = logits.shape[:2]

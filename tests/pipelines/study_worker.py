@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def say(word: str, seconds: float, folder: str, threads: int | None = None) -> str:
-    """Log ``word``, take ``seconds``, and leave ``<word>.pid`` and ``<word>.start`` / ``<word>.end`` (times) in ``folder``."""
+    """Log ``word``, take ``seconds``, and leave in ``folder`` the files ``<word>.pid`` and
+    ``<word>.start`` / ``<word>.end`` (times)."""
     (Path(folder) / f"{word}.pid").write_text(str(os.getpid()))
     (Path(folder) / f"{word}.start").write_text(repr(time.time()))
     logging.getLogger("segcalib.study").info("unit says %s", word)
