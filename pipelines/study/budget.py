@@ -18,12 +18,14 @@ log = logging.getLogger("segcalib.study")
 
 
 def pending_units(args: argparse.Namespace, records: dict[Job, dict[str, Any]]) -> list[Job]:
-    """Units without a record, in priority order. The long regime is queued once every must-have
-    short unit has its record (its losses are CE+Dice and the short regime's top three, unless
-    ``--long-losses`` names them)."""
+    """Units without a record, in priority order. The long regime comes last and is queued once the
+    short regime has every record (the must-have units, and the other losses when this grid runs
+    the short regime): its losses are CE+Dice and the short regime's top three, unless
+    ``--long-losses`` names them, and a top three read while a short unit is still running (with
+    ``--jobs``) could change when that unit's record lands."""
     queue = priority_order(args.seeds, args.losses) if "short" in args.regimes else []
     if "long" in args.regimes:
-        needed = [j for j in must_have_short(args.seeds) if j.loss in args.losses]
+        needed = [j for j in must_have_short(args.seeds) if j.loss in args.losses] + queue
         if all(j in records for j in needed):
             losses = args.long_losses or [BASELINE, *top_losses(records, LONG_TOP, args.dice_tolerance)]
             queue += [Job("long", loss, seed) for seed in args.seeds for loss in losses]

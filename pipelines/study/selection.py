@@ -13,7 +13,8 @@ A candidate is admissible only if
   worse calibrated than uncalibrated CE+Dice -- a gain on one region cannot buy a loss on another.
 
 The recommended recipe is the admissible candidate with the lowest score (over both regimes,
-each normalised by its own regime's CE+Dice).
+each normalised by its own regime's CE+Dice). While the grid is incomplete, candidates scored on
+fewer seeds than the others of their regime are not recommended (no effect on the complete grid).
 
 Seed noise. A difference between two recipes is read as larger than seed noise when the
 differences paired by seed all have the same sign and their mean exceeds twice their sample
@@ -122,8 +123,14 @@ def best(scored: Sequence[Scored], loss: str | None = None) -> Scored | None:
 
 
 def recommend(by_regime: Mapping[str, Sequence[Scored]]) -> Scored | None:
-    """The recipe: the best admissible candidate over all regimes (or the best one, flagged)."""
-    firsts = [s[0] for s in by_regime.values() if s]
+    """The recipe: the best admissible candidate over all regimes (or the best one, flagged). While
+    the grid fills, a candidate scored on fewer seeds than others of its regime is passed over
+    (one lucky seed would otherwise lead); on a complete grid every candidate has every seed."""
+    firsts = []
+    for scored in by_regime.values():
+        if scored:
+            most = max(len(s.per_seed) for s in scored)
+            firsts.append(next(s for s in scored if len(s.per_seed) == most))
     if not firsts:
         return None
     return min(firsts, key=lambda s: (not s.admissible, _finite(s.score)))

@@ -147,7 +147,7 @@ def test_tables_are_means_over_seeds_of_the_records(smoke) -> None:
     assert f"criterion {recipe.score:.3f}" in text and recipe.records == 4 and recipe.complete is False
 
 
-def test_priority_order_and_the_long_regime_waits_for_the_must_have_units() -> None:
+def test_priority_order_and_the_long_regime_waits_for_the_whole_short_regime() -> None:
     import argparse
 
     from pipelines.study.budget import pending_units
@@ -163,8 +163,13 @@ def test_priority_order_and_the_long_regime_waits_for_the_must_have_units() -> N
                               regimes=["short", "long"], long_losses=["ce_dice", "mbls"], dice_tolerance=0.003)
     assert all(j.regime == "short" for j in pending_units(args, {}))
     done = {j: {} for j in order[:27]}  # every must-have short unit has a record
-    pending = pending_units(args, done)
-    assert pending[-6:] == [Job("long", l, s) for s in (0, 1, 2) for l in ("ce_dice", "mbls")]
+    assert all(j.regime == "short" for j in pending_units(args, done))  # the other losses come first
+    done = {j: {} for j in order[:-1]}  # the last short unit is still running (--jobs)
+    assert pending_units(args, done) == [order[-1]]
+    pending = pending_units(args, {j: {} for j in order})
+    assert pending == [Job("long", l, s) for s in (0, 1, 2) for l in ("ce_dice", "mbls")]
+    must_have_only = argparse.Namespace(**{**vars(args), "losses": ["ce_dice", "mbls"]})
+    assert pending_units(must_have_only, {j: {} for j in order[:27]})[-6:] == pending
 
 
 def test_the_must_have_grid_is_complete_only_with_the_long_regime_of_the_top_three(monkeypatch) -> None:
@@ -321,3 +326,19 @@ def test_a_killed_study_leaves_no_unit_running(tmp_path) -> None:
         assert not (tmp_path / "z.end").exists()
     finally:
         parent.kill()
+
+
+def test_the_recipe_is_never_a_candidate_with_fewer_seeds_than_the_others() -> None:
+    """While the grid fills, a loss with one seed (a lucky one) does not lead the recipe; once its
+    seeds are in, the criterion alone decides."""
+    from pipelines.study.selection import Scored, recommend
+
+    def scored(loss: str, score: float, seeds: int, admissible: bool = True) -> Scored:
+        per_seed = {s: {} for s in range(seeds)}
+        return Scored(Candidate("short", loss, "temperature", "all"), score, 0.0, {}, 0.86, 0.86, admissible, "", per_seed)
+
+    lucky, baseline, worse = scored("cals_heuristic", 0.24, 1), scored("ce_dice", 0.26, 3), scored("ce", 0.1, 3, False)
+    assert recommend({"short": [lucky, baseline, worse]}) is baseline
+    complete = scored("cals_heuristic", 0.24, 3)
+    assert recommend({"short": [complete, baseline, worse]}) is complete
+    assert recommend({"short": [worse]}) is worse  # nothing admissible: the best, flagged by its field
