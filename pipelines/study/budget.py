@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from pipelines.study.grid import BASELINE, LONG_TOP, GridSettings, Job, must_have_short, priority_order
 from pipelines.study.run import CVSettings, UnitPool
 from pipelines.study.selection import top_losses
-from pipelines.study.unit import load_records, run_unit
+from pipelines.study.unit import load_records, run_unit, unit_seconds
 
 log = logging.getLogger("segcalib.study")
 
@@ -44,7 +44,7 @@ def must_have_complete(records: dict[Job, dict[str, Any]], seeds: Sequence[int],
 def expected_seconds(records: dict[Job, dict[str, Any]], device: str | None) -> float:
     """Median seconds of a finished unit on this kind of device (0 before the first)."""
     kind = "cuda" if device == "cuda" else "cpu"
-    seen = [float(r["seconds"]["total"]) for r in records.values() if str(r["ran"]["device"]).startswith(kind)]
+    seen = [unit_seconds(r) for r in records.values() if str(r["ran"]["device"]).startswith(kind)]
     return statistics.median(seen) if seen else 0.0
 
 

@@ -24,7 +24,7 @@ from pipelines.study.grid import BASELINE, CONFIGS, NONE, REPO, Job
 from pipelines.study.selection import (
     METRICS, Candidate, Scored, best, paired, recommend, results_from_records, score_candidates,
 )
-from pipelines.study.unit import candidate_key
+from pipelines.study.unit import candidate_key, unit_seconds
 
 COLUMNS = (
     ("dice_fg", "Dice fg", 4), ("hd95", "HD95 (mm)", 3), ("ece_all", "ECE all", 4),
@@ -127,7 +127,7 @@ def training_minutes(records: Mapping[Job, dict[str, Any]]) -> float:
 
 
 def unit_minutes(records: Mapping[Job, dict[str, Any]]) -> float:
-    return sum(float(r["seconds"]["total"]) for r in records.values()) / 60
+    return sum(unit_seconds(r) for r in records.values()) / 60
 
 
 def _shown(path: Path) -> str:

@@ -150,6 +150,15 @@ def _recipe(folder: Path) -> dict[str, Any]:
             "scheduler": cfg.train.scheduler, "epochs": cfg.train.epochs, "manifest": _shown(Path(cfg.data.manifest))}
 
 
+def unit_seconds(record: dict[str, Any]) -> float:
+    """A unit's seconds from its record: every epoch's training time (``metrics.csv``, so a resumed
+    run counts its earlier epochs too) plus the export, cross-validation and scoring of its last run
+    (``seconds`` itself times only the last invocation)."""
+    seconds = record["seconds"]
+    trained = record.get("training", {}).get("seconds", seconds["train"])
+    return float(trained) + float(seconds["total"]) - float(seconds["train"])
+
+
 def _training(folder: Path) -> dict[str, Any]:
     """Epochs and training seconds from the run's ``metrics.csv``."""
     path = folder / "metrics.csv"

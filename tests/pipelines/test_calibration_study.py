@@ -342,3 +342,13 @@ def test_the_recipe_is_never_a_candidate_with_fewer_seeds_than_the_others() -> N
     complete = scored("cals_heuristic", 0.24, 3)
     assert recommend({"short": [complete, baseline, worse]}) is complete
     assert recommend({"short": [worse]}) is worse  # nothing admissible: the best, flagged by its field
+
+
+def test_a_resumed_unit_counts_every_epoch_of_its_training() -> None:
+    """``seconds`` times the last invocation only; a unit's time adds the epochs of ``metrics.csv``."""
+    from pipelines.study.unit import unit_seconds
+
+    resumed = {"seconds": {"train": 274.6, "export": 5.2, "cross_validation": 42.8, "scoring": 14.5, "total": 337.1},
+               "training": {"epochs": 60, "seconds": 776.8}}
+    assert unit_seconds(resumed) == pytest.approx(776.8 + 5.2 + 42.8 + 14.5)
+    assert unit_seconds({"seconds": {"train": 10.0, "total": 12.0}}) == pytest.approx(12.0)  # no metrics.csv
