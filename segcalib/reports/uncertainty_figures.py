@@ -100,11 +100,17 @@ def uncertainty_dice_figure(
     ax.scatter(x[keep], y[keep], s=14, color=COLOURS[0], alpha=0.75, edgecolors="none")
     if case_ids is not None and n_named > 0:
         kept = np.flatnonzero(keep)
-        # Staggered offsets keep the names of neighbouring points apart; they point back with a line.
-        for rank, i in enumerate(kept[np.argsort(y[kept], kind="stable")[:n_named]]):
+        named = kept[np.argsort(y[kept], kind="stable")[:n_named]]
+        # One row per name in the lower part of the axes (Dice rarely goes there), in the points'
+        # left-to-right order, each led back to its point by a thin line: names never overlap,
+        # however close their points are.
+        x0, x1 = ax.get_xlim()
+        for row, i in enumerate(sorted(named, key=lambda i: (x[i], y[i]))):
+            column = (x[i] - x0) / (x1 - x0)  # the name starts (left half) or ends (right half) below its point
             ax.annotate(
-                str(case_ids[i]), (x[i], y[i]), fontsize=6, xytext=(-40 - 12 * (rank % 2), -12 - 9 * rank),
-                textcoords="offset points", arrowprops={"arrowstyle": "-", "color": "0.5", "linewidth": 0.5},
+                str(case_ids[i]), (x[i], y[i]), xytext=(min(max(column, 0.02), 0.98), 0.04 + 0.075 * row),
+                textcoords="axes fraction", ha="left" if column < 0.5 else "right", fontsize=6,
+                arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5},
             )
     left_out = int((~keep).sum())
     title = f"Pearson r = {_fmt(pearson)}, Spearman ρ = {_fmt(spearman)} (n = {int(keep.sum())}"
