@@ -139,6 +139,11 @@ class TrainConfig(_Strict):
     min_lr: float = Field(0.0, ge=0)
     iterations_per_epoch: int | None = Field(None, ge=1, description="None: one pass over the training patches")
     amp: Literal["none", "bf16", "fp16"] = "bf16"
+    amp_on_cpu: bool = Field(
+        False,
+        description="with amp: bf16, autocast to bf16 when training on a CPU that computes bf16 natively "
+        "(AMX or AVX512-BF16; elsewhere float32, with a warning). Off by default: it changes CPU runs' numerics",
+    )
     grad_clip: float | None = Field(12.0, gt=0)
     val_every: int = Field(1, ge=1)
     best_metric: Literal["dice", "ece", "nll", "loss"] = "dice"

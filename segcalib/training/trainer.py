@@ -35,7 +35,7 @@ from segcalib.training.optim import build_optimizer, build_scheduler
 from segcalib.training.patches import patch_batches, steps_per_epoch
 from segcalib.runs.run_dir import RunDir, check_run_config
 from segcalib.training.validation import ValidationResult, validate
-from segcalib.utils.devices import select_device
+from segcalib.utils.devices import cpu_has_native_bf16, select_device
 from segcalib.utils.distributed import all_reduce_sum, barrier, is_distributed, is_main_process, rank, world_size
 from segcalib.utils.files import write_text_atomic
 from segcalib.utils.progress import progress_bar
@@ -309,16 +309,26 @@ class Trainer:
         return DistributedDataParallel(net, device_ids=ids)
 
     def _amp_dtype(self) -> torch.dtype | None:
-        if self.device.type != "cuda" or self.cfg.train.amp == "none":
+        amp = self.cfg.train.amp
+        if amp == "none":
             return None
-        if self.cfg.train.amp == "bf16" and torch.cuda.is_bf16_supported():
+        if self.device.type == "cpu":
+            if not (amp == "bf16" and self.cfg.train.amp_on_cpu):
+                return None
+            if not cpu_has_native_bf16():
+                log.warning("train.amp_on_cpu: this CPU has no native bf16 (AMX or AVX512-BF16); training in float32")
+                return None
+            return torch.bfloat16
+        if self.device.type != "cuda":
+            return None
+        if amp == "bf16" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float16
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         bad = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)

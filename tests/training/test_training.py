@@ -227,3 +227,33 @@ def test_2d_slices_train_and_export_whole_volumes(tmp_path: Path) -> None:
     image = nib.load(str(case.images[0]))
     assert probs.shape == image.shape + (3,) and np.allclose(probs.affine, image.affine)
     assert np.abs(np.asarray(probs.dataobj).sum(-1) - 1).max() < 1e-5
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_on_cpu_trains_under_bf16_autocast_only_where_the_cpu_has_bf16(native: bool, tmp_path: Path, monkeypatch,
+                                                                          caplog) -> None:
+    """``train.amp_on_cpu``: the training forward runs under CPU bf16 autocast (its outputs bf16, the
+    loss finite and falling) on a CPU with native bf16; elsewhere in float32, with a warning. Off by
+    default: CPU runs stay float32."""
+    import segcalib.training.trainer as trainer_module
+
+    seen: list[torch.dtype] = []
+    real_forward = trainer_module.Trainer._autocast
+
+    def recording_autocast(self):
+        context = real_forward(self)
+        seen.append(getattr(context, "fast_dtype", torch.float32))
+        return context
+
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(trainer_module.Trainer, "_autocast", recording_autocast)
+    run = RunDir(tmp_path / "bf16")
+    with caplog.at_level("WARNING", logger="segcalib"):
+        train(load_config(SMOKE_CONFIG, ["train.amp_on_cpu=true", "train.device=cpu"]), run, progress=False)
+    losses = [float(r["train_loss"]) for r in _rows(run.root)]
+    assert all(math.isfinite(v) for v in losses) and losses[1] < losses[0]
+    assert seen and set(seen) == {torch.bfloat16 if native else torch.float32}
+    assert ("no native bf16" in caplog.text) is not native
+    seen.clear()
+    train(load_config(SMOKE_CONFIG, ["train.device=cpu"]), RunDir(tmp_path / "default"), progress=False)
+    assert seen and set(seen) == {torch.float32}
