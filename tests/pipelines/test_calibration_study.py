@@ -265,7 +265,7 @@ def test_parallel_units_start_as_soon_as_a_worker_is_free_and_log_like_the_paren
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=180, check=True)  # fmt: skip
     assert done.stdout.strip() == "['a', 'c', 'b']"
-    times = {p.name: float(p.read_text()) for p in tmp_path.glob("*.*[td]")}
+    times = {p.name: float(p.read_text()) for p in [*tmp_path.glob("*.start"), *tmp_path.glob("*.end")]}
     assert times["c.start"] < times["b.end"]  # c did not wait for the slow unit
     lines = [line for line in done.stderr.splitlines() if "unit says" in line]
     assert sorted(line.split("unit says ")[1] for line in lines) == ["a", "b", "c"]

@@ -238,10 +238,10 @@ def test_amp_on_cpu_trains_under_bf16_autocast_only_where_the_cpu_has_bf16(nativ
     import segcalib.training.trainer as trainer_module
 
     seen: list[torch.dtype] = []
-    real_forward = trainer_module.Trainer._autocast
+    real_autocast = trainer_module.Trainer._autocast
 
     def recording_autocast(self):
-        context = real_forward(self)
+        context = real_autocast(self)
         seen.append(getattr(context, "fast_dtype", torch.float32))
         return context
 
