@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from segcalib.config import load_config, read_yaml
+from segcalib.config.schema import with_keys_added_since
 from segcalib.errors import ConfigError, RunError
 from segcalib.export import ExportOptions, export
 from segcalib.export.posthoc import FitOptions, apply_to_predictions, fit_on_predictions
@@ -65,7 +66,7 @@ def train_or_reuse(config: str | Path, run_dir: Path, overrides: Sequence[str] =
     if not run.last.exists():
         train(cfg, run, resume=not run.is_empty(), progress=progress)
         return cfg.train.epochs
-    check_run_config(run, cfg.to_dict(), "reuse")
+    check_run_config(run, cfg.to_dict(), "reuse", with_keys_added_since)
     done = int(load_checkpoint(run.last)["epoch"])
     if done > cfg.train.epochs:
         raise RunError(f"{run_dir}: holds a run trained for {done} epochs, more than the {cfg.train.epochs} asked for")

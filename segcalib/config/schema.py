@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 
@@ -207,3 +207,15 @@ class ExperimentConfig(_Strict):
         """sha256 of the canonical resolved config (first 16 hex digits)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def with_keys_added_since(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config dict written by an older segcalib, with the keys added to the schema since then
+    filled in with their defaults, so that upgrading segcalib never makes an unfinished run
+    "another config". Every key the old config had keeps its written value; a dict that no longer
+    validates is returned as it is (and then differs where it differs)."""
+    try:
+        return ExperimentConfig.model_validate(saved).to_dict()
+    except ValidationError:
+        return saved
+

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from segcalib.config import ExperimentConfig, load_config
+from segcalib.config.schema import with_keys_added_since
 from segcalib.errors import ConfigError, DataError, RunError
 from segcalib.inference.sliding_window import SlidingWindow, volume_network
 from segcalib.models import build_model
@@ -121,7 +122,7 @@ def _foreign_config(
     """``None`` for a checkpoint of this run; the checkpoint's own config for an allowed foreign one."""
     if state["config_hash"] == cfg.config_hash():
         return None
-    changed = config_mismatch(state["config"], cfg.to_dict())  # train.epochs may change on --resume
+    changed = config_mismatch(with_keys_added_since(state["config"]), cfg.to_dict())  # epochs may change on resume
     if not changed:
         return None
     if not allow_foreign:

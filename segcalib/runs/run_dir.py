@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,10 +98,17 @@ def config_mismatch(saved: dict[str, Any], current: dict[str, Any], ignore: Sequ
     return sorted(changed)
 
 
-def check_run_config(run: RunDir, current: dict[str, Any], action: str) -> None:
+def check_run_config(
+    run: RunDir,
+    current: dict[str, Any],
+    action: str,
+    complete_saved: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> None:
     """Refuse to ``action`` (resume, reuse) a run folder whose own ``config.yaml`` differs from
     ``current`` in anything but ``train.epochs``. The config is written when the folder is made,
-    so the check holds from the first moment of a run, before any checkpoint exists."""
+    so the check holds from the first moment of a run, before any checkpoint exists.
+    ``complete_saved`` fills in the keys a newer schema added (their defaults), so that a run
+    written by an older segcalib is not "another config" for keys it could not have had."""
     if not run.config.exists():
         return
     try:
@@ -110,7 +117,7 @@ def check_run_config(run: RunDir, current: dict[str, Any], action: str) -> None:
         raise RunError(f"{run.config}: unreadable run config ({exc}); remove the run folder or choose another") from None
     if not isinstance(saved, dict):
         raise RunError(f"{run.config}: not a run config; remove the run folder or choose another")
-    changed = config_mismatch(saved, current)
+    changed = config_mismatch(complete_saved(saved) if complete_saved else saved, current)
     if changed:
         raise RunError(
             f"{run.root}: cannot {action} a run of another config (changed: {', '.join(changed)}); only "

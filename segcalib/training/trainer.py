@@ -22,7 +22,7 @@ import torch
 from monai.utils import set_determinism
 from torch import nn
 
-from segcalib.config.schema import ExperimentConfig
+from segcalib.config.schema import ExperimentConfig, with_keys_added_since
 from segcalib.data import check_manifest, load_manifest
 from segcalib.data.datasets import patch_workers, training_dataset, volume_dataset
 from segcalib.errors import ConfigError, DataError, RunError, SegcalibError
@@ -248,7 +248,7 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         self.run_dir.check(resume=self.resume)  # every rank, before anyone writes
         if self.resume:
-            check_run_config(self.run_dir, self.cfg.to_dict(), "resume")
+            check_run_config(self.run_dir, self.cfg.to_dict(), "resume", with_keys_added_since)
         if self.resume and not self.run_dir.last.exists():
             log.info("%s: no finished epoch to resume; starting at epoch 1", self.run_dir.root)
             self.resume = False

@@ -65,6 +65,46 @@ def test_resume_refuses_a_changed_config(smoke_run: Path, tmp_path: Path) -> Non
     with pytest.raises(RunError, match="changed: train.lr"):
         train(load_config(SMOKE_CONFIG, ["train.epochs=2", "train.lr=0.1"]), RunDir(copy), resume=True, progress=False)
 
+def _as_written_before(run: Path, key: tuple[str, str]) -> None:
+    """Make ``run`` look like one written by a segcalib whose schema did not have ``key`` yet:
+    gone from config.yaml and from every checkpoint's config (and so another config hash)."""
+    import hashlib
+    import json
+
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved[key[0]][key[1]]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    for path in (run / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        state["config"] = saved
+        state["config_hash"] = hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:16]
+        torch.save(state, path)
+
+
+def test_a_run_written_before_a_schema_key_was_added_resumes_and_exports(smoke_run: Path, tmp_path: Path) -> None:
+    """Upgrading segcalib must not strand an unfinished run: a key added to the schema since the
+    run was written (here ``train.amp_on_cpu``) is its default, not a change; setting it is one."""
+    import shutil
+
+    from segcalib.experiment import train_or_reuse
+    from segcalib.inference.trained_model import load_trained_model
+
+    copy = tmp_path / "old"
+    shutil.copytree(smoke_run, copy, ignore=shutil.ignore_patterns(".segcalib.lock"))
+    _as_written_before(copy, ("train", "amp_on_cpu"))
+    assert "amp_on_cpu" not in (copy / "config.yaml").read_text()
+
+    model = load_trained_model(copy, "last", "cpu")  # not "a checkpoint of another config"
+    assert model.cfg.train.amp_on_cpu is False and model.cfg.name == "smoke"
+    with pytest.raises(RunError, match=r"another config \(changed: train.amp_on_cpu\)"):
+        train_or_reuse(SMOKE_CONFIG, copy, ["train.epochs=2", "train.amp_on_cpu=true"], progress=False)
+    assert train_or_reuse(SMOKE_CONFIG, copy, ["train.epochs=2"], progress=False) == 2  # resumed, not refused
+    assert [int(r["epoch"]) for r in _rows(copy)] == [1, 2]
+    assert load_checkpoint(RunDir(copy).last)["config"]["train"]["amp_on_cpu"] is False
+
+
 
 def test_kill_then_resume_runs_every_epoch_once_and_matches(tmp_path: Path) -> None:
     args = ["--config", SMOKE_CONFIG, "--set", "train.epochs=3", "--set", "train.iterations_per_epoch=6", "--no-progress"]
