@@ -19,7 +19,8 @@ class LossInputs:
         dtype: the compute dtype, float32 for half-precision logits, else theirs.
         logits: ``(B, C, *spatial)``, float32 (half precision is promoted, lazily) or float64.
         target: ``(B, *spatial)`` int64 as given, ignored voxels still hold ``ignore_index``.
-        valid: ``(B, *spatial)`` bool, False on ignored voxels.
+        valid: ``(B, *spatial)`` bool, False on ignored voxels (lazy: L1-ACE's kernels read the
+            labels as they are).
         count: 0-d number of valid voxels, at least 1, so that every mean of an all-ignored batch
             is 0 with zero gradient instead of 0/0 (lazy).
         labels: ``target`` with ignored voxels set to 0, safe for ``gather`` and ``one_hot`` (lazy).
@@ -36,7 +37,10 @@ class LossInputs:
         self.dtype = torch.float32 if logits.dtype in HALF_DTYPES else logits.dtype
         self.target = as_label_map(target, logits)
         self.ignore_index = ignore_index
-        self.valid = self.target != ignore_index
+
+    @cached_property
+    def valid(self) -> Tensor:
+        return self.target != self.ignore_index
 
     @cached_property
     def logits(self) -> Tensor:

@@ -59,7 +59,7 @@ def l1_average_calibration_error(
         raise ValueError("L1-ACE without background needs at least 2 classes")
     probs = (logits.softmax(1) if probs is None else probs).reshape(batch, classes, -1)
     labels = inputs.target.reshape(batch, -1)
-    sum_p, sum_y, counts = binned_sums(probs, labels, inputs.valid.reshape(batch, -1), num_bins, soft)
+    sum_p, sum_y, counts = binned_sums(probs, labels, inputs.ignore_index, num_bins, soft)
     occupied = counts > 0
     if soft:
         occupied &= counts >= empty_weight

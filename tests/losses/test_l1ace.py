@@ -300,7 +300,7 @@ def test_hard_bins_are_right_closed_at_the_exact_edges(num_bins: int, dtype: tor
     values = torch.cat([*near, torch.tensor([0.0, 1.0, 2.0**-30, *exact], dtype=dtype), torch.rand(500, generator=gen, dtype=dtype)])
     # each probability is an image of one voxel and one class: its bin is the one with a count
     n = values.numel()
-    _, _, counts = binned_sums(values.reshape(n, 1, 1), torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.bool), num_bins, False)
+    _, _, counts = binned_sums(values.reshape(n, 1, 1), torch.zeros(n, 1, dtype=torch.long), -100, num_bins, False)
     assert torch.equal(counts.sum(-1), torch.ones(n, 1, dtype=torch.float64))
     expected = torch.tensor([_exact_hard_bin(value, num_bins) for value in values.tolist()])
     assert torch.equal(counts.reshape(n, num_bins).argmax(-1), expected)
@@ -308,9 +308,11 @@ def test_hard_bins_are_right_closed_at_the_exact_edges(num_bins: int, dtype: tor
 
 @pytest.mark.parametrize("name", ["hardl1ace", "softl1ace"])
 def test_chunked_binning_equals_one_chunk(name: str, monkeypatch) -> None:
-    """Forward and backward walk the voxels in chunks; a chunk of 7 entries (uneven split) gives
-    the same value and gradient as a single chunk, ignored voxels included."""
+    """Forward and backward of the torch path walk the voxels in chunks; a chunk of 7 entries
+    (uneven split) gives the same value and gradient as a single chunk, ignored voxels included."""
     import segcalib.losses._calibration_bins as bins
+
+    monkeypatch.setenv("SEGCALIB_NUMBA", "0")  # the torch path (the numba kernels have no chunks)
 
     logits, target = random_batch(SHAPES["3d"], dtype=torch.float64, seed=47)
     target[1, 2] = -100
@@ -325,31 +327,77 @@ def test_chunked_binning_equals_one_chunk(name: str, monkeypatch) -> None:
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-14)
 
 
+def _bin_inputs(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Probabilities ``(B, C, N)`` and labels ``(B, N)`` of a random batch (ignored voxels, -100, in
+    image 0), and a fixed random weighting of the three bin sums."""
+    logits, target = random_batch(SHAPES["3d"], dtype=dtype, seed=48)
+    target[0, 1] = -100
+    weights = torch.randn(3, 2, 3, 20, generator=torch.Generator().manual_seed(49), dtype=torch.float64)
+    return logits.softmax(1).reshape(2, 3, -1), target.reshape(2, -1), weights
+
+
+def _binned_sums_and_gradient(inputs: tuple[torch.Tensor, ...], soft: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three bin sums and the gradient of their weighting with respect to the probabilities."""
+    from segcalib.losses._calibration_bins import binned_sums
+
+    probs, labels, weights = inputs
+    p = probs.clone().requires_grad_(True)
+    sums = torch.stack(binned_sums(p, labels, -100, 20, soft))
+    (sums * weights).sum().backward()
+    return sums.detach(), p.grad
+
+
+@pytest.mark.parametrize("path", ["torch", "numba"])
 @pytest.mark.parametrize("soft", [False, True])
-def test_chunks_spread_over_threads_equal_one_thread(soft: bool, monkeypatch) -> None:
-    """The chunks run in Python threads (one per torch thread); the bin sums and their gradient
-    are the same, bit for bit, as with a single thread (each chunk's moments summed in a fixed
-    order). Checked on the binning itself: torch's own softmax backward differs by ~1e-9 between
-    thread counts."""
+def test_bin_sums_are_the_same_bits_with_any_thread_count(soft: bool, path: str, monkeypatch) -> None:
+    """The bin sums and their gradient are the same, bit for bit, with 1 and 3 threads: the torch
+    path's chunks and the numba kernels' parts are split by size alone and summed in a fixed order.
+    (Checked on the binning itself: torch's own softmax backward differs by ~1e-9 between thread
+    counts.)"""
     import segcalib.losses._calibration_bins as bins
 
-    monkeypatch.setattr(bins, "CHUNK_ELEMENTS", 5)  # many chunks
-    logits, target = random_batch(SHAPES["3d"], dtype=torch.float32, seed=48)
-    target[0, 1] = -100
-    probs = logits.softmax(1).reshape(2, 3, -1)
-    labels, valid = target.reshape(2, -1), target.reshape(2, -1) != -100
-    weights = torch.randn(3, 2, 3, 20, generator=torch.Generator().manual_seed(49), dtype=torch.float64)
+    if path == "numba":
+        pytest.importorskip("numba")
+        import segcalib.losses._calibration_bins_numba as kernels
+
+        monkeypatch.setattr(kernels, "MIN_PART", 4)  # many parts, spread over the threads
+    else:
+        monkeypatch.setenv("SEGCALIB_NUMBA", "0")
+        monkeypatch.setattr(bins, "CHUNK_ELEMENTS", 5)  # many chunks
+    inputs = _bin_inputs()
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 3):
             torch.set_num_threads(count)
-            p = probs.clone().requires_grad_(True)
-            sums = torch.stack(bins.binned_sums(p, labels, valid, 20, soft))
-            (sums * weights).sum().backward()
-            results.append((sums.detach(), p.grad))
+            results.append(_binned_sums_and_gradient(inputs, soft))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
     assert results[0][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("soft", [False, True])
+def test_numba_kernels_equal_the_torch_path(soft: bool, dtype: torch.dtype, monkeypatch) -> None:
+    """With numba (the ``fast-cpu`` extra) the CPU bin sums come from compiled loops: the same slot
+    for every voxel (so the same counts, exactly), sums and gradients equal to the torch path's up
+    to the order of addition; ``SEGCALIB_NUMBA=0`` switches them off."""
+    pytest.importorskip("numba")
+    import segcalib.losses._calibration_bins_numba as kernels
+
+    monkeypatch.setattr(kernels, "MIN_PART", 16)  # several parts per row, as on a real volume
+    monkeypatch.setenv("SEGCALIB_NUMBA", "1")
+    inputs = _bin_inputs(dtype)
+    assert kernels.usable(inputs[0])
+    fast = _binned_sums_and_gradient(inputs, soft)
+    monkeypatch.setenv("SEGCALIB_NUMBA", "0")
+    assert not kernels.usable(inputs[0])
+    plain = _binned_sums_and_gradient(inputs, soft)
+    if not soft:
+        assert torch.equal(fast[0][2], plain[0][2])  # hard bin counts: every voxel in the same bin
+    # float32 gradients: a few ulps apart (torch's addcmul fuses the multiply-add, the kernel does not)
+    tol = {"rtol": 1e-12, "atol": 1e-15} if dtype == torch.float64 else {"rtol": 5e-6, "atol": 1e-9}
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-12, atol=1e-12)  # float64 sums either way
+    torch.testing.assert_close(fast[1], plain[1], **tol)
