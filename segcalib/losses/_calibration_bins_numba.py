@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 MIN_PART = 1 << 16
 """Voxels per part at least: below this a thread hand-off costs more than it saves."""
@@ -35,22 +38,30 @@ each addition wait for the previous one."""
 
 
 @functools.cache
-def _installed() -> bool:
-    return importlib.util.find_spec("numba") is not None
+def _numba() -> Any:
+    """The numba module, imported on first use (importing it takes a fifth of a second that no
+    other command should pay), or None when it is missing or does not import (e.g. a numba older
+    than the installed NumPy), which is said once."""
+    if importlib.util.find_spec("numba") is None:
+        return None
+    try:
+        import numba
+    except Exception as exc:  # numba raises ImportError, but also others, on a mismatched NumPy
+        log.warning("numba is installed but does not import (%s); L1-ACE bins on the CPU use the torch path", exc)
+        return None
+    return numba
 
 
 def available() -> bool:
-    """Whether the numba kernels can run (numba installed and not switched off by ``SEGCALIB_NUMBA=0``)."""
-    return os.environ.get("SEGCALIB_NUMBA", "1") != "0" and _installed()
+    """Whether the numba kernels can run (numba importable, not switched off by ``SEGCALIB_NUMBA=0``)."""
+    return os.environ.get("SEGCALIB_NUMBA", "1") != "0" and _numba() is not None
 
 
 @functools.cache
 def _kernels(soft: bool) -> tuple[Callable[..., None], Callable[..., None]]:
     """The moments and gather kernels, ``soft`` frozen in (numba treats a closure's variables as
-    constants, so the hard kernels carry no branch and no third moment). numba is imported here,
-    on first use: importing it takes a fifth of a second that no other command should pay."""
-    import numba
-
+    constants, so the hard kernels carry no branch and no third moment)."""
+    numba = _numba()
     moments = 3 if soft else 2
 
     @numba.njit(nogil=True, boundscheck=False, cache=False)
@@ -95,7 +106,7 @@ def _kernels(soft: bool) -> tuple[Callable[..., None], Callable[..., None]]:
 
 @functools.cache
 def _codes_kernel() -> Callable[..., None]:
-    import numba
+    numba = _numba()
 
     @numba.njit(nogil=True, boundscheck=False, cache=False)
     def codes_kernel(target, start, stop, ignore_index, classes, codes):  # pragma: no cover - compiled

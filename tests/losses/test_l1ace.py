@@ -401,3 +401,25 @@ def test_numba_kernels_equal_the_torch_path(soft: bool, dtype: torch.dtype, monk
     tol = {"rtol": 1e-12, "atol": 1e-15} if dtype == torch.float64 else {"rtol": 5e-6, "atol": 1e-9}
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-12, atol=1e-12)  # float64 sums either way
     torch.testing.assert_close(fast[1], plain[1], **tol)
+
+
+def test_a_numba_that_does_not_import_falls_back_to_the_torch_path(monkeypatch, caplog) -> None:
+    """numba installed but not importable (e.g. older than the installed NumPy): said once, and
+    the loss runs on the torch path with the same value as the reference."""
+    import importlib.util
+    import sys
+
+    import segcalib.losses._calibration_bins_numba as kernels
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "numba" else None)
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    kernels._numba.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=kernels.__name__):
+            assert not kernels.available() and not kernels.available()
+        assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["numba is installed but does not import"]
+        logits, target = random_batch(SHAPES["2d"], dtype=torch.float64, seed=50)
+        expected = reference_l1ace(logits, target)
+        assert build_loss("hardl1ace")(logits, target).item() == pytest.approx(expected.item(), rel=1e-10)
+    finally:
+        kernels._numba.cache_clear()
