@@ -140,12 +140,18 @@ def _run(jobs: list[Callable[[], Any]]) -> None:
 
 
 def _parts(voxels: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` parts of a row, ``MIN_PART`` voxels or more each. The split depends on the
-    row's length only, never on the thread count, so the sums are the same bits with any number of
-    threads."""
+    """``[start, stop)`` parts of a row of ``voxels``, ``MIN_PART`` voxels or more each. The split
+    depends on the row's length only, never on the thread count, so the sums are the same bits with
+    any number of threads."""
     count = max(1, min(MAX_PARTS, voxels // MIN_PART))
     step = -(-voxels // count)
     return [(start, min(start + step, voxels)) for start in range(0, voxels, step)]
+
+
+def _each_part(rows: list[Any], voxels: int, call: Callable[[Any, int, int, int], None]) -> None:
+    """``call(row, k, start, stop)`` for every part ``k`` (:func:`_parts`) of every row, spread over the threads."""
+    parts = _parts(voxels)
+    _run([functools.partial(call, row, k, start, stop) for row in rows for k, (start, stop) in enumerate(parts)])
 
 
 def usable(probs: Tensor) -> bool:
@@ -159,13 +165,11 @@ def label_codes(target: Tensor, ignore_index: int, classes: int) -> Tensor:
     batch, voxels = target.shape
     codes = torch.empty(batch, voxels, dtype=torch.uint8 if classes < 255 else torch.int32)
     source, out, kernel = target.contiguous().numpy(), codes.numpy(), _codes_kernel()
-    parts = _parts(voxels)
 
-    def job(b: int, k: int) -> Callable[[], None]:
-        start, stop = parts[k]
-        return lambda: kernel(source[b], start, stop, ignore_index, classes, out[b])
+    def part(b: int, k: int, start: int, stop: int) -> None:
+        kernel(source[b], start, stop, ignore_index, classes, out[b])
 
-    _run([job(b, k) for b in range(batch) for k in range(len(parts))])
+    _each_part(list(range(batch)), voxels, part)
     return codes
 
 
@@ -174,21 +178,19 @@ def cell_moments(
 ) -> Tensor:
     """The moments ``(k, B, C, block)`` float64 (k = 2 hard, 3 soft) and ``slots`` filled in place.
 
-    ``probs`` ``(B, C, N)`` float32/64 and ``codes`` ``(B, N)`` (:func:`label_codes`) on the CPU; ``code_term`` the float64
-    per-code term of the slot position, ``scale`` its factor of ``p``; ``block`` slots per row."""
+    ``probs`` ``(B, C, N)`` float32/64 and ``codes`` ``(B, N)`` (:func:`label_codes`) on the CPU;
+    ``code_term`` the float64 per-code term of the slot position, ``scale`` its factor of ``p``;
+    ``block`` slots per row."""
     batch, classes, voxels = probs.shape
-    p = probs.detach().contiguous().numpy()
-    label_codes = codes.numpy()
-    term, out_slots = code_term.numpy(), slots.numpy()
-    parts = _parts(voxels)
+    p, c_codes, term, out_slots = probs.detach().contiguous().numpy(), codes.numpy(), code_term.numpy(), slots.numpy()
     kernel = _kernels(soft)[0]
-    partial = np.zeros((batch, classes, len(parts), 3 if soft else 2, block), dtype=np.float64)
+    partial = np.zeros((batch, classes, len(_parts(voxels)), 3 if soft else 2, block), dtype=np.float64)
 
-    def job(b: int, c: int, k: int) -> Callable[[], None]:
-        start, stop = parts[k]
-        return lambda: kernel(p[b, c], label_codes[b], start, stop, term, scale, out_slots[b, c], partial[b, c, k])
+    def part(row: tuple[int, int], k: int, start: int, stop: int) -> None:
+        b, c = row
+        kernel(p[b, c], c_codes[b], start, stop, term, scale, out_slots[b, c], partial[b, c, k])
 
-    _run([job(b, c, k) for b in range(batch) for c in range(classes) for k in range(len(parts))])
+    _each_part([(b, c) for b in range(batch) for c in range(classes)], voxels, part)
     return torch.from_numpy(partial.sum(2)).permute(2, 0, 1, 3)
 
 
@@ -199,10 +201,9 @@ def gather(probs: Tensor, slots: Tensor, g_sum: Tensor, g_square: Tensor | None,
     first = g_sum.contiguous().numpy()
     second = first if g_square is None else g_square.contiguous().numpy()
     kernel = _kernels(g_square is not None)[1]
-    parts = _parts(voxels)
 
-    def job(b: int, c: int, k: int) -> Callable[[], None]:
-        start, stop = parts[k]
-        return lambda: kernel(p[b, c], s[b, c], start, stop, first[b, c], second[b, c], out[b, c])
+    def part(row: tuple[int, int], k: int, start: int, stop: int) -> None:
+        b, c = row
+        kernel(p[b, c], s[b, c], start, stop, first[b, c], second[b, c], out[b, c])
 
-    _run([job(b, c, k) for b in range(batch) for c in range(classes) for k in range(len(parts))])
+    _each_part([(b, c) for b in range(batch) for c in range(classes)], voxels, part)
