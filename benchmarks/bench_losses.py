@@ -196,6 +196,10 @@ def memory_child(name: str, size: int, classes: int) -> dict:
     logits = (torch.randn((1, classes) + (size,) * 3, generator=gen) * 3).requires_grad_(True)
     target = torch.randint(0, classes, (1,) + (size,) * 3, generator=gen)
     loss_fn = F.cross_entropy if name == "F.cross_entropy" else make_loss(name, classes)
+    # one-time costs are not the loss's memory: imports and compiled kernels (numba's import and JIT
+    # for L1-ACE: about 190 MiB, once per process) happen in a first call on an 8^3 input
+    small = torch.randn((1, classes) + (8,) * 3, generator=gen).requires_grad_(True)
+    loss_fn(small, torch.randint(0, classes, (1,) + (8,) * 3, generator=gen)).backward()
     baseline = _status("VmRSS")
     _reset_peak()
     peak_reset = _status("VmHWM") - baseline < 64
