@@ -106,8 +106,21 @@ def test_a_run_written_before_a_schema_key_was_added_resumes_and_exports(smoke_r
 
 
 
-def test_kill_then_resume_runs_every_epoch_once_and_matches(tmp_path: Path) -> None:
-    args = ["--config", SMOKE_CONFIG, "--set", "train.epochs=3", "--set", "train.iterations_per_epoch=6", "--no-progress"]
+def _native_bf16() -> bool:
+    from segcalib.utils.devices import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize(
+    "amp_on_cpu",
+    [False, pytest.param(True, marks=pytest.mark.skipif(not _native_bf16(), reason="needs a CPU with native bf16"))],
+)
+def test_kill_then_resume_runs_every_epoch_once_and_matches(amp_on_cpu: bool, tmp_path: Path) -> None:
+    """kill -9 during training, then --resume: every epoch runs once and the weights and losses
+    match an uninterrupted run, in float32 and under CPU bf16 autocast (``train.amp_on_cpu``)."""
+    args = ["--config", SMOKE_CONFIG, "--set", "train.epochs=3", "--set", "train.iterations_per_epoch=6", "--no-progress",
+            "--set", f"train.amp_on_cpu={str(amp_on_cpu).lower()}"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "segcalib", "train", "--run-dir", str(killed), *args],
@@ -132,6 +145,7 @@ def test_kill_then_resume_runs_every_epoch_once_and_matches(tmp_path: Path) -> N
     assert [int(r["epoch"]) for r in _rows(killed)] == [1, 2, 3]
     a, b = load_checkpoint(killed / "checkpoints" / "last.pt"), load_checkpoint(straight / "checkpoints" / "last.pt")
     assert a["epoch"] == b["epoch"] == 3
+    assert a["config"]["train"]["amp_on_cpu"] is b["config"]["train"]["amp_on_cpu"] is amp_on_cpu
     for key, value in a["model"].items():
         assert torch.allclose(value, b["model"][key], atol=1e-5, rtol=1e-4), key
     losses_a = [float(r["train_loss"]) for r in _rows(killed)]
