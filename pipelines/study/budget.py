@@ -7,7 +7,7 @@ import logging
 import math
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from pipelines.study.grid import BASELINE, LONG_TOP, GridSettings, Job, must_have_short, priority_order
 from pipelines.study.run import CVSettings, UnitPool
@@ -17,18 +17,24 @@ from pipelines.study.unit import load_records, run_unit, unit_seconds
 log = logging.getLogger("segcalib.study")
 
 
-def pending_units(args: argparse.Namespace, records: dict[Job, dict[str, Any]]) -> list[Job]:
-    """Units without a record, in priority order. The long regime comes last and is queued once the
-    short regime has every record (the must-have units, and the other losses when this grid runs
-    the short regime): its losses are CE+Dice and the short regime's top three, unless
-    ``--long-losses`` names them, and a top three read while a short unit is still running (with
-    ``--jobs``) could change when that unit's record lands."""
+def pending_units(
+    args: argparse.Namespace, records: dict[Job, dict[str, Any]], running: Collection[Job] = ()
+) -> list[Job]:
+    """Units without a record, in priority order. The long regime comes last. Its CE+Dice units
+    (CE+Dice is in the long regime whatever the short one shows) are queued as soon as every short
+    unit has a record or is ``running``, so that no worker idles while the last short units finish.
+    The rest of the long regime is queued once the short regime has every record (the must-have
+    units, and the other losses when this grid runs the short regime): the short regime's top three,
+    unless ``--long-losses`` names them, since a top three read while a short unit is still running
+    could change when that unit's record lands."""
     queue = priority_order(args.seeds, args.losses) if "short" in args.regimes else []
     if "long" in args.regimes:
         needed = [j for j in must_have_short(args.seeds) if j.loss in args.losses] + queue
         if all(j in records for j in needed):
             losses = args.long_losses or [BASELINE, *top_losses(records, LONG_TOP, args.dice_tolerance)]
             queue += [Job("long", loss, seed) for seed in args.seeds for loss in losses]
+        elif all(j in records or j in running for j in needed):
+            queue += [Job("long", BASELINE, seed) for seed in args.seeds]
     return [job for job in queue if job not in records]
 
 
@@ -58,7 +64,7 @@ def run_budget(args: argparse.Namespace, grid: GridSettings, cv: CVSettings) -> 
     with UnitPool(run_unit, args.jobs) as pool:
         while True:
             records = load_records(args.records)
-            queue = [job for job in pending_units(args, records) if job not in pool.running]
+            queue = [job for job in pending_units(args, records, pool.running) if job not in pool.running]
             expected = expected_seconds(records, args.device)
             while queue and pool.free > 0:
                 used = time.time() - started

@@ -148,6 +148,8 @@ def test_tables_are_means_over_seeds_of_the_records(smoke) -> None:
 
 
 def test_priority_order_and_the_long_regime_waits_for_the_whole_short_regime() -> None:
+    """The short regime in the issue's order, then the long regime: CE+Dice's units once every short
+    unit is recorded or running, the top three's once every short unit is recorded."""
     import argparse
 
     from pipelines.study.budget import pending_units
@@ -164,8 +166,13 @@ def test_priority_order_and_the_long_regime_waits_for_the_whole_short_regime() -
     assert all(j.regime == "short" for j in pending_units(args, {}))
     done = {j: {} for j in order[:27]}  # every must-have short unit has a record
     assert all(j.regime == "short" for j in pending_units(args, done))  # the other losses come first
-    done = {j: {} for j in order[:-1]}  # the last short unit is still running (--jobs)
+    done = {j: {} for j in order[:-1]}  # the last short unit is still to run
     assert pending_units(args, done) == [order[-1]]
+    # ... or running (--jobs): CE+Dice's long units may start (CE+Dice is in the long regime whatever
+    # the short one shows); the top three wait for the last record
+    baseline_long = [Job("long", "ce_dice", s) for s in (0, 1, 2)]
+    assert pending_units(args, done, running={order[-1]}) == [order[-1], *baseline_long]
+    assert all(j.regime == "short" for j in pending_units(args, {j: {} for j in order[:-2]}, running={order[-1]}))
     pending = pending_units(args, {j: {} for j in order})
     assert pending == [Job("long", l, s) for s in (0, 1, 2) for l in ("ce_dice", "mbls")]
     must_have_only = argparse.Namespace(**{**vars(args), "losses": ["ce_dice", "mbls"]})
