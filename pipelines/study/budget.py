@@ -61,6 +61,7 @@ def run_budget(args: argparse.Namespace, grid: GridSettings, cv: CVSettings) -> 
     started = time.time()
     budget = math.inf if args.budget_min is None else 60 * args.budget_min
     finished: list[Job] = []
+    budget_said = False
     with UnitPool(run_unit, args.jobs) as pool:
         while True:
             records = load_records(args.records)
@@ -69,8 +70,10 @@ def run_budget(args: argparse.Namespace, grid: GridSettings, cv: CVSettings) -> 
             while queue and pool.free > 0:
                 used = time.time() - started
                 if used + expected > budget:
-                    log.info("budget: %.1f of %.1f min used, a unit takes about %.1f min: not starting %s",
-                             used / 60, budget / 60, expected / 60, queue[0].folder)
+                    if not budget_said:  # once: later units ending would repeat it
+                        log.info("budget: %.1f of %.1f min used, a unit takes about %.1f min: not starting %s",
+                                 used / 60, budget / 60, expected / 60, queue[0].folder)
+                        budget_said = True
                     queue = []
                     break
                 job = queue.pop(0)

@@ -359,3 +359,50 @@ def test_a_resumed_unit_counts_every_epoch_of_its_training() -> None:
                "training": {"epochs": 60, "seconds": 776.8}}
     assert unit_seconds(resumed) == pytest.approx(776.8 + 5.2 + 42.8 + 14.5)
     assert unit_seconds({"seconds": {"train": 10.0, "total": 12.0}}) == pytest.approx(12.0)  # no metrics.csv
+
+
+def test_the_budget_says_once_that_it_starts_no_more_units(monkeypatch, caplog) -> None:
+    """Two units run, the budget is used while they do: the grid says once that it starts no more
+    (not again each time a running unit ends) and returns both finished units."""
+    import argparse
+
+    from pipelines.study import budget
+
+    class Pool:
+        """Runs nothing: each wait ends the oldest running unit."""
+
+        def __init__(self, fn, jobs: int) -> None:
+            self.jobs, self.running, self.started = jobs, [], []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        @property
+        def free(self) -> int:
+            return self.jobs - len(self.running)
+
+        def start(self, job, task) -> None:
+            self.running.append(job)
+            self.started.append(job)
+
+        def wait_any(self) -> list:
+            clock[0] += 600.0  # ten minutes per unit
+            ended = [self.running.pop(0)] if self.running else []
+            records.update({job: {} for job in ended})
+            return ended
+
+    clock, records = [0.0], {}
+    monkeypatch.setattr(budget, "UnitPool", Pool)
+    monkeypatch.setattr(budget.time, "time", lambda: clock[0])
+    monkeypatch.setattr(budget, "load_records", lambda path: dict(records))
+    monkeypatch.setattr(budget, "expected_seconds", lambda records, device: 600.0)
+    args = argparse.Namespace(seeds=[0, 1, 2], losses=["ce_dice", "ce"], regimes=["short"], long_losses=None,
+                              dice_tolerance=0.003, budget_min=15, jobs=2, records=None, device="cpu", hardware="x")
+    with caplog.at_level("INFO", logger="segcalib.study"):
+        finished = budget.run_budget(args, None, None)
+    assert [j.folder for j in finished] == ["short/ce_dice/seed0", "short/ce_dice/seed1"]
+    said = [r.getMessage() for r in caplog.records if "not starting" in r.getMessage()]
+    assert said == ["budget: 10.0 of 15.0 min used, a unit takes about 10.0 min: not starting short/ce_dice/seed2"]
