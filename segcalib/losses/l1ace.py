@@ -57,9 +57,9 @@ def l1_average_calibration_error(
     batch, classes = logits.shape[:2]
     if not include_background and classes < 2:
         raise ValueError("L1-ACE without background needs at least 2 classes")
-    probs = (logits.softmax(1) if probs is None else probs).reshape(batch, classes, -1)
+    source = (logits if probs is None else probs).reshape(batch, classes, -1)
     labels = inputs.target.reshape(batch, -1)
-    sum_p, sum_y, counts = binned_sums(probs, labels, inputs.ignore_index, num_bins, soft)
+    sum_p, sum_y, counts = binned_sums(source, labels, inputs.ignore_index, num_bins, soft, from_logits=probs is None)
     occupied = counts > 0
     if soft:
         occupied &= counts >= empty_weight
@@ -107,9 +107,11 @@ class HardL1ACELoss(CalibrationLoss):
         self.weights = {key: check_float(self.name, f"{key}_weight", value, low=0.0) for key, value in weights.items()}
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        # one softmax for every term: with CE, exp(log_softmax) (CE is nll_loss(log_softmax), as F.cross_entropy)
+        # one softmax for every term: with CE, exp(log_softmax) (CE is nll_loss(log_softmax), as F.cross_entropy);
+        # ACE alone takes the softmax itself (its backward then writes one tensor the logits' size, not two)
         log_p = inputs.logits.log_softmax(1) if "ce" in self.weights else None
-        probs = inputs.logits.softmax(1) if log_p is None else log_p.exp()
+        shared = len(self.weights) > 1
+        probs = None if not shared else inputs.logits.softmax(1) if log_p is None else log_p.exp()
         ace = l1_average_calibration_error(
             inputs, self.num_bins, self.soft, self.empty_weight, self.include_background, self.ignore_empty_classes,
             probs=probs,
