@@ -21,11 +21,11 @@ def pending_units(
     args: argparse.Namespace, records: dict[Job, dict[str, Any]], running: Collection[Job] = ()
 ) -> list[Job]:
     """Units without a record, in priority order. The long regime comes last. Its CE+Dice units
-    (CE+Dice is in the long regime whatever the short one shows) are queued as soon as every short
-    unit has a record or is ``running``, so that no worker idles while the last short units finish.
-    The rest of the long regime is queued once the short regime has every record (the must-have
-    units, and the other losses when this grid runs the short regime): the short regime's top three,
-    unless ``--long-losses`` names them, since a top three read while a short unit is still running
+    (CE+Dice is in the long regime whatever the short one shows), or every unit of the losses that
+    ``--long-losses`` names, are queued as soon as every short unit has a record or is ``running``,
+    so that no worker idles while the last short units finish. The short regime's top three are
+    queued once the short regime has every record (the must-have units, and the other losses when
+    this grid runs the short regime), since a top three read while a short unit is still running
     could change when that unit's record lands."""
     queue = priority_order(args.seeds, args.losses) if "short" in args.regimes else []
     if "long" in args.regimes:
@@ -33,8 +33,8 @@ def pending_units(
         if all(j in records for j in needed):
             losses = args.long_losses or [BASELINE, *top_losses(records, LONG_TOP, args.dice_tolerance)]
             queue += [Job("long", loss, seed) for seed in args.seeds for loss in losses]
-        elif all(j in records or j in running for j in needed):
-            queue += [Job("long", BASELINE, seed) for seed in args.seeds]
+        elif all(j in records or j in running for j in needed):  # what does not wait for the top three
+            queue += [Job("long", loss, seed) for seed in args.seeds for loss in args.long_losses or [BASELINE]]
     return [job for job in queue if job not in records]
 
 
@@ -65,9 +65,13 @@ def run_budget(args: argparse.Namespace, grid: GridSettings, cv: CVSettings) -> 
     with UnitPool(run_unit, args.jobs) as pool:
         while True:
             records = load_records(args.records)
-            queue = [job for job in pending_units(args, records, pool.running) if job not in pool.running]
             expected = expected_seconds(records, args.device)
-            while queue and pool.free > 0:
+            queue: list[Job] = []
+            while pool.free > 0:
+                # read again after each start: a unit that starts may let others queue (the long regime)
+                queue = [job for job in pending_units(args, records, pool.running) if job not in pool.running]
+                if not queue:
+                    break
                 used = time.time() - started
                 if used + expected > budget:
                     if not budget_said:  # once: later units ending would repeat it
@@ -76,7 +80,7 @@ def run_budget(args: argparse.Namespace, grid: GridSettings, cv: CVSettings) -> 
                         budget_said = True
                     queue = []
                     break
-                job = queue.pop(0)
+                job = queue[0]
                 pool.start(job, (job, grid, cv, args.records, args.hardware))
             ended = pool.wait_any()
             finished += ended

@@ -19,7 +19,7 @@ import importlib.util
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable
 
 import numpy as np
@@ -55,8 +55,10 @@ def _numba() -> Any:
 
 
 def available() -> bool:
-    """Whether the numba kernels can run (numba importable, not switched off by ``SEGCALIB_NUMBA=0``)."""
-    return os.environ.get("SEGCALIB_NUMBA", "1") != "0" and _numba() is not None
+    """Whether the numba kernels can run: numba importable, and not switched off by ``SEGCALIB_NUMBA``
+    set to ``0``, ``false``, ``no`` or ``off``."""
+    switched_off = os.environ.get("SEGCALIB_NUMBA", "1").strip().lower() in ("0", "false", "no", "off")
+    return not switched_off and _numba() is not None
 
 
 @functools.cache
@@ -66,30 +68,36 @@ def _kernels(soft: bool) -> tuple[Callable[..., None], Callable[..., None]]:
     numba = _numba()
     moments = 3 if soft else 2
 
+    @numba.njit(nogil=True, boundscheck=False, cache=False, inline="always")
+    def add(lanes, lane, value, code, code_term, scale, cells):  # pragma: no cover - compiled
+        """Add one probability ``value`` of label code ``code`` to ``lanes[lane]``; its slot.
+
+        A position outside the code's own block of cells (a NaN probability) is put in the block's
+        first cell, so that nothing is written out of bounds and the NaN still reaches the sums
+        (and the loss), as on the torch path."""
+        position = code_term[code] + scale * value
+        low = code * cells
+        if not (position >= low and position < low + cells):
+            position = low
+        slot = np.int64(position)
+        lanes[lane, 0, slot] += 1.0
+        lanes[lane, 1, slot] += value
+        if soft:
+            lanes[lane, 2, slot] += value * value
+        return slot
+
     @numba.njit(nogil=True, boundscheck=False, cache=False)
-    def moments_kernel(p, codes, start, stop, code_term, scale, slots, out):  # pragma: no cover - compiled
+    def moments_kernel(p, codes, start, stop, code_term, scale, cells, slots, out):  # pragma: no cover - compiled
         """One part ``[start, stop)`` of one row: ``slots[i] = trunc(code_term[codes[i]] + scale p[i])``;
         ``out[k, slot] += p^k`` (k = 0, 1 and, soft, 2), float64."""
         lanes = np.zeros((_LANES, moments, out.shape[1]))
         i = start
         while i + _LANES <= stop:
             for lane in range(_LANES):
-                value = np.float64(p[i + lane])
-                slot = np.int64(code_term[codes[i + lane]] + scale * value)
-                slots[i + lane] = slot
-                lanes[lane, 0, slot] += 1.0
-                lanes[lane, 1, slot] += value
-                if soft:
-                    lanes[lane, 2, slot] += value * value
+                slots[i + lane] = add(lanes, lane, np.float64(p[i + lane]), codes[i + lane], code_term, scale, cells)
             i += _LANES
         for j in range(i, stop):
-            value = np.float64(p[j])
-            slot = np.int64(code_term[codes[j]] + scale * value)
-            slots[j] = slot
-            lanes[0, 0, slot] += 1.0
-            lanes[0, 1, slot] += value
-            if soft:
-                lanes[0, 2, slot] += value * value
+            slots[j] = add(lanes, 0, np.float64(p[j]), codes[j], code_term, scale, cells)
         for lane in range(_LANES):
             out += lanes[lane]
 
@@ -107,15 +115,24 @@ def _kernels(soft: bool) -> tuple[Callable[..., None], Callable[..., None]]:
 
 
 @functools.cache
-def _codes_kernel() -> Callable[..., None]:
+def _codes_kernel() -> Callable[..., int]:
     numba = _numba()
 
     @numba.njit(nogil=True, boundscheck=False, cache=False)
     def codes_kernel(target, start, stop, ignore_index, classes, codes):  # pragma: no cover - compiled
-        """``codes[i] = target[i]``, or ``classes`` where ``target[i] == ignore_index``."""
+        """``codes[i] = target[i]``, or ``classes`` where ``target[i] == ignore_index``; the number
+        of labels outside ``[0, classes)`` that are not ``ignore_index`` (their codes are left 0)."""
+        bad = 0
         for i in range(start, stop):
             label = target[i]
-            codes[i] = classes if label == ignore_index else label
+            if label == ignore_index:
+                codes[i] = classes
+            elif label < 0 or label >= classes:
+                codes[i] = 0
+                bad += 1
+            else:
+                codes[i] = label
+        return bad
 
     return codes_kernel
 
@@ -134,11 +151,28 @@ def _run(jobs: list[Callable[[], Any]]) -> None:
         return
     with _pool_lock:
         if _pool is None or _pool[1] < threads:
+            if _pool is not None:
+                _pool[0].shutdown(wait=False)
             _pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="segcalib-bins"), threads)
         pool = _pool[0]
     groups = [jobs[k::threads] for k in range(threads)]
-    for future in [pool.submit(lambda group=group: [job() for job in group]) for group in groups]:
+    futures = [pool.submit(lambda group=group: [job() for job in group]) for group in groups]
+    wait(futures)  # every group done (or failed) before the caller's buffers are given up
+    for future in futures:
         future.result()
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool has no threads there; start afresh rather than rely on
+    how the executor copes with that. (torch's own OpenMP ops hang in a child forked after the
+    parent used several threads, so the loss itself needs ``torch.set_num_threads(1)`` there, as
+    DataLoader workers do, and then runs the kernels inline.)"""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _parts(voxels: int) -> list[tuple[int, int]]:
@@ -163,15 +197,24 @@ def usable(probs: Tensor) -> bool:
 
 def label_codes(target: Tensor, ignore_index: int, classes: int) -> Tensor:
     """``(B, N)`` label codes, one byte each up to 254 classes: the label, ``classes`` on ignored
-    voxels. One pass, instead of a ``!=`` mask, an ``all`` and a masked copy."""
+    voxels. One pass, instead of a ``!=`` mask, an ``all`` and a masked copy.
+
+    Raises:
+        ValueError: a label outside ``[0, classes)`` that is not ``ignore_index``.
+    """
     batch, voxels = target.shape
     codes = torch.empty(batch, voxels, dtype=torch.uint8 if classes < 255 else torch.int32)
     source, out, kernel = target.contiguous().numpy(), codes.numpy(), _codes_kernel()
+    bad = np.zeros((batch, len(_parts(voxels))), dtype=np.int64)
 
     def part(b: int, k: int, start: int, stop: int) -> None:
-        kernel(source[b], start, stop, ignore_index, classes, out[b])
+        bad[b, k] = kernel(source[b], start, stop, ignore_index, classes, out[b])
 
     _each_part(list(range(batch)), voxels, part)
+    if bad.any():
+        raise ValueError(
+            f"L1-ACE: {int(bad.sum())} label(s) outside [0, {classes}) that are not ignore_index ({ignore_index})"
+        )
     return codes
 
 
@@ -185,12 +228,12 @@ def cell_moments(
     ``block`` slots per row."""
     batch, classes, voxels = probs.shape
     p, c_codes, term, out_slots = probs.detach().contiguous().numpy(), codes.numpy(), code_term.numpy(), slots.numpy()
-    kernel = _kernels(soft)[0]
+    kernel, cells = _kernels(soft)[0], block // (classes + 1)
     partial = np.zeros((batch, classes, len(_parts(voxels)), 3 if soft else 2, block), dtype=np.float64)
 
     def part(row: tuple[int, int], k: int, start: int, stop: int) -> None:
         b, c = row
-        kernel(p[b, c], c_codes[b], start, stop, term, scale, out_slots[b, c], partial[b, c, k])
+        kernel(p[b, c], c_codes[b], start, stop, term, scale, cells, out_slots[b, c], partial[b, c, k])
 
     _each_part([(b, c) for b in range(batch) for c in range(classes)], voxels, part)
     return torch.from_numpy(partial.sum(2)).permute(2, 0, 1, 3)

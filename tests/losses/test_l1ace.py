@@ -411,7 +411,8 @@ def test_a_numba_that_does_not_import_falls_back_to_the_torch_path(monkeypatch, 
 
     import segcalib.losses._calibration_bins_numba as kernels
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "numba" else None)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: object() if name == "numba" else real_find_spec(name, *a, **k))
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
     kernels._numba.cache_clear()
     try:
@@ -423,3 +424,32 @@ def test_a_numba_that_does_not_import_falls_back_to_the_torch_path(monkeypatch, 
         assert build_loss("hardl1ace")(logits, target).item() == pytest.approx(expected.item(), rel=1e-10)
     finally:
         kernels._numba.cache_clear()
+
+
+@pytest.mark.parametrize("path", ["torch", "numba"])
+@pytest.mark.parametrize("name", ["hardl1ace", "softl1ace"])
+def test_nan_logits_give_a_nan_loss_on_either_path(name: str, path: str, monkeypatch) -> None:
+    """A NaN probability must reach the loss (so that training stops on it), not vanish into a bin
+    or be written out of bounds."""
+    if path == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("SEGCALIB_NUMBA", "1" if path == "numba" else "0")
+    logits, target = random_batch((1, 3, 40, 40, 40), dtype=torch.float32, seed=51)
+    logits[0, :, :5] = float("nan")
+    assert math.isnan(build_loss(name)(logits, target).item())
+
+
+def test_labels_outside_the_classes_are_refused(monkeypatch) -> None:
+    """A label outside [0, C) that is not ignore_index is an error on both paths (numba: named, with
+    the count; torch: index_select's), never a silent bin of another class."""
+    pytest.importorskip("numba")
+    logits, target = random_batch(SHAPES["3d"], dtype=torch.float64, seed=52)
+    for bad in (7, -1):
+        wrong = target.clone()
+        wrong.view(-1)[0] = bad
+        monkeypatch.setenv("SEGCALIB_NUMBA", "1")
+        with pytest.raises(ValueError, match=r"L1-ACE: 1 label\(s\) outside \[0, 3\) that are not ignore_index \(-100\)"):
+            build_loss("hardl1ace")(logits, wrong)
+        monkeypatch.setenv("SEGCALIB_NUMBA", "0")
+        with pytest.raises(IndexError):
+            build_loss("hardl1ace")(logits, wrong)

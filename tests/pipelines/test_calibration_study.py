@@ -171,7 +171,13 @@ def test_priority_order_and_the_long_regime_waits_for_the_whole_short_regime() -
     # ... or running (--jobs): CE+Dice's long units may start (CE+Dice is in the long regime whatever
     # the short one shows); the top three wait for the last record
     baseline_long = [Job("long", "ce_dice", s) for s in (0, 1, 2)]
-    assert pending_units(args, done, running={order[-1]}) == [order[-1], *baseline_long]
+    unnamed = argparse.Namespace(**{**vars(args), "long_losses": None})  # the top three: read from the records
+    assert pending_units(unnamed, done, running={order[-1]}) == [order[-1], *baseline_long]
+    # losses named by --long-losses do not wait for the top three: all of them, and only they
+    named = [Job("long", l, s) for s in (0, 1, 2) for l in ("ce_dice", "mbls")]
+    assert pending_units(args, done, running={order[-1]}) == [order[-1], *named]
+    only_mbls = argparse.Namespace(**{**vars(args), "long_losses": ["mbls"]})
+    assert pending_units(only_mbls, done, running={order[-1]}) == [order[-1], *[Job("long", "mbls", s) for s in (0, 1, 2)]]
     assert all(j.regime == "short" for j in pending_units(args, {j: {} for j in order[:-2]}, running={order[-1]}))
     pending = pending_units(args, {j: {} for j in order})
     assert pending == [Job("long", l, s) for s in (0, 1, 2) for l in ("ce_dice", "mbls")]
@@ -361,48 +367,72 @@ def test_a_resumed_unit_counts_every_epoch_of_its_training() -> None:
     assert unit_seconds({"seconds": {"train": 10.0, "total": 12.0}}) == pytest.approx(12.0)  # no metrics.csv
 
 
-def test_the_budget_says_once_that_it_starts_no_more_units(monkeypatch, caplog) -> None:
-    """Two units run, the budget is used while they do: the grid says once that it starts no more
-    (not again each time a running unit ends) and returns both finished units."""
+class _InstantPool:
+    """A stand-in for ``UnitPool`` that runs nothing: each wait ends the oldest running unit, ten
+    minutes later on ``clock``, and gives it a record in ``records``."""
+
+    def __init__(self, clock: list[float], records: dict) -> None:
+        self.clock, self.records, self.jobs, self.running, self.started = clock, records, 0, [], []
+
+    def __call__(self, fn, jobs: int) -> "_InstantPool":
+        self.jobs = jobs
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    @property
+    def free(self) -> int:
+        return self.jobs - len(self.running)
+
+    def start(self, job, task) -> None:
+        self.running.append(job)
+        self.started.append((self.clock[0], job))
+
+    def wait_any(self) -> list:
+        self.clock[0] += 600.0
+        ended = [self.running.pop(0)] if self.running else []
+        self.records.update({job: {} for job in ended})
+        return ended
+
+
+def _budget_with_instant_pool(monkeypatch, **settings):
+    """``run_budget`` on an :class:`_InstantPool` (units of ten minutes); the pool and the finished units."""
     import argparse
 
     from pipelines.study import budget
 
-    class Pool:
-        """Runs nothing: each wait ends the oldest running unit."""
-
-        def __init__(self, fn, jobs: int) -> None:
-            self.jobs, self.running, self.started = jobs, [], []
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc) -> None:
-            pass
-
-        @property
-        def free(self) -> int:
-            return self.jobs - len(self.running)
-
-        def start(self, job, task) -> None:
-            self.running.append(job)
-            self.started.append(job)
-
-        def wait_any(self) -> list:
-            clock[0] += 600.0  # ten minutes per unit
-            ended = [self.running.pop(0)] if self.running else []
-            records.update({job: {} for job in ended})
-            return ended
-
-    clock, records = [0.0], {}
-    monkeypatch.setattr(budget, "UnitPool", Pool)
+    clock, records = [0.0], dict(settings.pop("records", {}))
+    pool = _InstantPool(clock, records)
+    monkeypatch.setattr(budget, "UnitPool", pool)
     monkeypatch.setattr(budget.time, "time", lambda: clock[0])
     monkeypatch.setattr(budget, "load_records", lambda path: dict(records))
     monkeypatch.setattr(budget, "expected_seconds", lambda records, device: 600.0)
-    args = argparse.Namespace(seeds=[0, 1, 2], losses=["ce_dice", "ce"], regimes=["short"], long_losses=None,
-                              dice_tolerance=0.003, budget_min=15, jobs=2, records=None, device="cpu", hardware="x")
+    args = argparse.Namespace(**{"seeds": [0, 1, 2], "losses": ["ce_dice", "ce"], "regimes": ["short"], "long_losses": None,
+                                 "dice_tolerance": 0.003, "budget_min": None, "jobs": 2, "records": None, "device": "cpu",
+                                 "hardware": "x", **settings})
+    return pool, budget.run_budget(args, None, None)
+
+
+def test_the_budget_says_once_that_it_starts_no_more_units(monkeypatch, caplog) -> None:
+    """Two units run, the budget is used while they do: the grid says once that it starts no more
+    (not again each time a running unit ends) and returns both finished units."""
     with caplog.at_level("INFO", logger="segcalib.study"):
-        finished = budget.run_budget(args, None, None)
+        _, finished = _budget_with_instant_pool(monkeypatch, budget_min=15)
     assert [j.folder for j in finished] == ["short/ce_dice/seed0", "short/ce_dice/seed1"]
     said = [r.getMessage() for r in caplog.records if "not starting" in r.getMessage()]
     assert said == ["budget: 10.0 of 15.0 min used, a unit takes about 10.0 min: not starting short/ce_dice/seed2"]
+
+
+def test_a_free_worker_starts_the_long_baseline_beside_the_last_short_unit(monkeypatch) -> None:
+    """One short unit left and two workers: the second worker starts CE+Dice's long unit at once
+    (the queue is read again after each start), not after the short unit ends."""
+    from pipelines.study import budget
+
+    monkeypatch.setattr(budget, "top_losses", lambda records, n, tol: [])  # the records here are empty
+    pool, finished = _budget_with_instant_pool(monkeypatch, seeds=[0], losses=["ce_dice"], regimes=["short", "long"])
+    assert [(t, j.folder) for t, j in pool.started][:2] == [(0.0, "short/ce_dice/seed0"), (0.0, "long/ce_dice/seed0")]
+    assert {j.folder for j in finished} == {"short/ce_dice/seed0", "long/ce_dice/seed0"}
