@@ -69,17 +69,11 @@ def _kernels(soft: bool) -> tuple[Callable[..., None], Callable[..., None]]:
     moments = 3 if soft else 2
 
     @numba.njit(nogil=True, boundscheck=False, cache=False, inline="always")
-    def add(lanes, lane, value, code, code_term, scale, cells):  # pragma: no cover - compiled
-        """Add one probability ``value`` of label code ``code`` to ``lanes[lane]``; its slot.
-
-        A position outside the code's own block of cells (a NaN probability) is put in the block's
-        first cell, so that nothing is written out of bounds and the NaN still reaches the sums
-        (and the loss), as on the torch path."""
-        position = code_term[code] + scale * value
-        low = code * cells
-        if not (position >= low and position < low + cells):
-            position = low
-        slot = np.int64(position)
+    def add(lanes, lane, value, code, code_term, scale):  # pragma: no cover - compiled
+        """Add one probability ``value`` (in [0, 1], or NaN) of label code ``code`` to ``lanes[lane]``;
+        its slot. A NaN is binned as 0 (a select, not a branch), so that nothing is written out of
+        bounds, and summed as it is, so that it reaches the loss, as on the torch path."""
+        slot = np.int64(code_term[code] + scale * (value if value == value else 0.0))
         lanes[lane, 0, slot] += 1.0
         lanes[lane, 1, slot] += value
         if soft:
@@ -87,17 +81,17 @@ def _kernels(soft: bool) -> tuple[Callable[..., None], Callable[..., None]]:
         return slot
 
     @numba.njit(nogil=True, boundscheck=False, cache=False)
-    def moments_kernel(p, codes, start, stop, code_term, scale, cells, slots, out):  # pragma: no cover - compiled
+    def moments_kernel(p, codes, start, stop, code_term, scale, slots, out):  # pragma: no cover - compiled
         """One part ``[start, stop)`` of one row: ``slots[i] = trunc(code_term[codes[i]] + scale p[i])``;
         ``out[k, slot] += p^k`` (k = 0, 1 and, soft, 2), float64."""
         lanes = np.zeros((_LANES, moments, out.shape[1]))
         i = start
         while i + _LANES <= stop:
             for lane in range(_LANES):
-                slots[i + lane] = add(lanes, lane, np.float64(p[i + lane]), codes[i + lane], code_term, scale, cells)
+                slots[i + lane] = add(lanes, lane, np.float64(p[i + lane]), codes[i + lane], code_term, scale)
             i += _LANES
         for j in range(i, stop):
-            slots[j] = add(lanes, 0, np.float64(p[j]), codes[j], code_term, scale, cells)
+            slots[j] = add(lanes, 0, np.float64(p[j]), codes[j], code_term, scale)
         for lane in range(_LANES):
             out += lanes[lane]
 
@@ -228,12 +222,12 @@ def cell_moments(
     ``block`` slots per row."""
     batch, classes, voxels = probs.shape
     p, c_codes, term, out_slots = probs.detach().contiguous().numpy(), codes.numpy(), code_term.numpy(), slots.numpy()
-    kernel, cells = _kernels(soft)[0], block // (classes + 1)
+    kernel = _kernels(soft)[0]
     partial = np.zeros((batch, classes, len(_parts(voxels)), 3 if soft else 2, block), dtype=np.float64)
 
     def part(row: tuple[int, int], k: int, start: int, stop: int) -> None:
         b, c = row
-        kernel(p[b, c], c_codes[b], start, stop, term, scale, cells, out_slots[b, c], partial[b, c, k])
+        kernel(p[b, c], c_codes[b], start, stop, term, scale, out_slots[b, c], partial[b, c, k])
 
     _each_part([(b, c) for b in range(batch) for c in range(classes)], voxels, part)
     return torch.from_numpy(partial.sum(2)).permute(2, 0, 1, 3)
