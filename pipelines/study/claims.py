@@ -1,4 +1,4 @@
-"""The seed papers' claims, each checked on the test cases by the paired seed-noise rule.
+"""The papers' claims (the seed papers and their successors), each checked on the test cases by the paired seed-noise rule.
 
 A claim says loss A calibrates better than loss B. Per seed, each run's test calibration is the
 mean of its NLL, ECE all, ECE foreground and ECE boundary, each divided by the same seed's
@@ -41,6 +41,14 @@ CLAIMS = (
     Claim("NACL calibrates better than MbLS", "Murugesan et al., MICCAI 2023", "nacl", "mbls"),
     Claim("NACL calibrates better than SVLS", "Murugesan et al., MICCAI 2023", "nacl", "svls"),
     Claim("CALS calibrates better than MbLS", "Liu et al., CALS, 2023", "cals", "mbls"),
+    Claim("Hard L1-ACE added to Dice calibrates better than Dice alone", "Barfoot et al., TMI 2026 (ablation)",
+          "hardl1ace_dice", "dice"),
+    Claim("Hard L1-ACE + Dice calibrates better than the Dice + CE baseline", "Barfoot et al., TMI 2026",
+          "hardl1ace_dice", "ce_dice"),
+    Claim("Soft L1-ACE calibrates better than hard L1-ACE", "Barfoot et al., TMI 2026", "softl1ace_dice",
+          "hardl1ace_dice"),
+    Claim("CRaC calibrates better than CALS", "Murugesan et al., MICCAI 2024", "crac", "cals"),
+    Claim("CRaC calibrates better than NACL", "Murugesan et al., MICCAI 2024", "crac", "nacl"),
 )
 
 

@@ -31,6 +31,7 @@ COLUMNS = (
     ("ece_foreground", "ECE fg", 4), ("ece_boundary", "ECE boundary", 4),
     ("media_foreground_ece", "per-volume ECE fg", 4), ("nll", "NLL", 4), ("brier", "Brier", 4),
 )
+SCHEDULES = {"none": "constant", "cosine": "cosine", "None": "unrecorded"}  # train.scheduler as shown
 TOP = 15  # candidates shown before the full selection log
 TARGETS = (  # (metric, bound as a multiple of CE+Dice's value or an absolute bound, text)
     ("ece_foreground", "ratio", 0.2, "pooled foreground ECE ≤ ⅕ of CE+Dice's"),
@@ -122,6 +123,30 @@ def targets(a: Mapping[int, dict[str, Any]], b: Mapping[int, dict[str, Any]]) ->
     return lines
 
 
+def schedules(study: StudyResults) -> str:
+    """Each regime's epochs and learning-rate schedule, as its records ran them."""
+    shown = []
+    for regime in study.args.regimes:
+        ran = [r["settings"]["recipe"] for j, r in sorted(study.records.items()) if j.regime == regime]
+        if ran:
+            epochs = sorted({int(r["epochs"]) for r in ran})
+            schedule = sorted({SCHEDULES.get(str(r.get("scheduler")), str(r.get("scheduler"))) for r in ran})
+            shown.append(f"{regime} {'/'.join(map(str, epochs))} ({'/'.join(schedule)} learning rate)")
+    return ", ".join(shown)
+
+
+def rerun_lines(args: argparse.Namespace) -> list[str]:
+    """How the grid is run and this file rebuilt (resumable: a unit with a record is never redone)."""
+    return ["## Running it", "",
+            "A unit with a committed record is never redone; a unit killed half-way is redone from its last "
+            "training checkpoint. The priority order: CE+Dice seeds 0–2, the seed papers' losses, the others, then "
+            "the long regime.", "", "```bash",
+            "nice -n 19 python pipelines/calibration_study.py --budget-min 120 --threads 1   # in the background, on CPU",
+            "python pipelines/calibration_study.py --budget-min 8 --device cuda --jobs 8 --hardware '1x H200'  # a lent GPU",
+            "python pipelines/calibration_study.py --tables-only   # this file, what_to_use.md and recipe.yaml, from the records",
+            "```", ""]
+
+
 def training_minutes(records: Mapping[Job, dict[str, Any]]) -> float:
     return sum(float(r.get("training", {}).get("seconds", 0.0)) for r in records.values()) / 60
 
@@ -163,7 +188,7 @@ def protocol_lines(args: argparse.Namespace) -> list[str]:
 
 def write_results(study: StudyResults, path: Path) -> None:
     args = study.args
-    first = min(study.records)
+    first = min((j for j in study.records if j.regime == "short"), default=min(study.records))
     recipe = study.records[first]["settings"]["recipe"]  # as run (smoke sizes included)
     ran = sorted({f"{r['ran']['hardware']} ({r['ran']['device']})" for r in study.records.values()})
     counts = {regime: sum(1 for j in study.records if j.regime == regime) for regime in args.regimes}
@@ -183,13 +208,13 @@ def write_results(study: StudyResults, path: Path) -> None:
               "a foreground edge, both sides). HD95 in mm.", ""]
     lines += ["## Where the numbers come from", "",
               f"- Machines: {'; '.join(ran)}. Seeds: {', '.join(map(str, sorted({j.seed for j in study.records})))}. "
-              f"Epochs: short {recipe['epochs'] if first.regime == 'short' else '–'} (cosine), long "
-              f"{args.long_factor}× (constant learning rate).",
+              f"Epochs: {schedules(study)}.",
               f"- Heavy outputs under `{_shown(args.out)}` (not committed); config overrides for every run: "
               f"{', '.join(f'`{o}`' for o in args.set) or 'none'}.",
               f"- Test numbers: the {study.test_cases} test cases of the manifest (pooled ECE over all voxels of all "
               "cases, 15 bins; per-volume ECE fg: the mean over volumes), mean ± std over seeds; every candidate's "
               "test numbers are in its unit's record, computed in one pass over the test maps.", ""]
+    lines += rerun_lines(args)
     lines += recipe_lines(study)
     for regime in args.regimes:
         raw = {loss: study.raw(regime, loss) for loss in args.losses}
@@ -263,7 +288,7 @@ def recipe_commands(c: Candidate, args: argparse.Namespace) -> list[str]:
 
 
 def claims_lines(study: StudyResults) -> list[str]:
-    lines = ["## The seed papers' claims", "",
+    lines = ["## The papers' claims", "",
              "Per seed: the mean of test NLL, ECE all, ECE fg and ECE boundary, each divided by uncalibrated CE+Dice's "
              "(same seed); the difference better − worse paired by seed (negative: the claim's direction).", ""]
     body = []
@@ -282,32 +307,59 @@ def claims_lines(study: StudyResults) -> list[str]:
                                    "verdict"], body) + [""]
 
 
+def _mean_std(rows: Mapping[int, dict[str, Any]], key: str, digits: int) -> str:
+    values = [float(v[key]) for v in rows.values()]
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def what_to_use_text(study: StudyResults, link: str) -> str:
+    """The recipe in one paragraph: what to run, its test numbers (mean ± std over seeds) against
+    CE+Dice raw and calibrated the same way, its Dice cost, and the targets it misses."""
+    if study.recipe is None:
+        return f"No recipe could be chosen; see [{link}]({link})."
+    c = study.recipe.candidate
+    mine = study.with_calibrator(c.regime, c.loss) if c.calibrator != NONE else study.raw(c.regime, c.loss)
+    ref = study.raw(c.regime, BASELINE)
+    ref_cal = study.with_calibrator(c.regime, BASELINE)
+    post = "no post-hoc calibrator" if c.calibrator == NONE else (
+        f"`segcalib calibrate fit --method {c.calibrator} --region {c.region}` on held-out validation maps "
+        "(`segcalib export --logits`), then `segcalib calibrate apply` on new maps")
+    shown = [("ece_foreground", "foreground ECE", 4), ("ece_boundary", "boundary ECE", 4),
+             ("ece_all", "all-voxel ECE", 4), ("media_foreground_ece", "per-volume foreground ECE", 4),
+             ("nll", "NLL", 4)]
+    numbers = ", ".join(f"{text} {_mean_std(mine, key, d)} (CE+Dice {_mean_std(ref, key, d)})" for key, text, d in shown)
+    dice = paired({s: float(v["dice_fg"]) for s, v in mine.items()}, {s: float(v["dice_fg"]) for s, v in ref.items()})
+    dice_text = (f"Its Dice cost: foreground Dice {_mean_std(mine, 'dice_fg', 4)} against {_mean_std(ref, 'dice_fg', 4)}, "
+                 f"{100 * dice.mean:+.2f} ± {100 * dice.std:.2f} point paired by seed "
+                 f"({'beyond' if dice.beyond_noise else 'within'} seed noise).")
+    missed = [line.split(": ", 1)[1] for line in targets(mine, ref) if line.startswith("- **not met**")]
+    target_text = ("It meets every target of the study." if not missed else
+                   f"It meets {len(TARGETS) - len(missed)} of the study's {len(TARGETS)} targets; not met: "
+                   + "; ".join(missed) + ".")
+    text = (f"**What to use.** Train with `configs/hippocampus/{c.loss}.yaml` ({c.regime} schedule), then {post}. "
+            f"On the {study.test_cases} test cases (mean ± std over {len(mine)} seeds, against plain CE+Dice at T = 1): "
+            f"{numbers}. {dice_text} {target_text}")
+    if ref_cal and c.loss != BASELINE and c.calibrator != NONE:
+        base = study.chosen[(c.regime, BASELINE)].candidate
+        fg = paired({s: float(v["ece_foreground"]) for s, v in mine.items()},
+                    {s: float(v["ece_foreground"]) for s, v in ref_cal.items()})
+        text += (f" If you keep CE+Dice, calibrate it with `{base.calibrator}` ({base.region}): foreground ECE "
+                 f"{_mean_std(ref_cal, 'ece_foreground', 4)}, NLL {_mean_std(ref_cal, 'nll', 4)}; the recipe's foreground "
+                 f"ECE is {fg.mean:+.4f} ± {fg.std:.4f} from it, paired by seed "
+                 f"({'beyond' if fg.beyond_noise else 'within'} seed noise).")
+    if not study.recipe.admissible:
+        text += " No candidate met the selection constraints; this is the closest."
+    return (text + f" It was chosen by cross-validation on non-test cases; the protocol, every loss and "
+            f"calibrator, and the checks of the papers' claims are in [{link}]({link}).")
+
+
 def write_what_to_use(study: StudyResults, path: Path, results: Path) -> None:
     """The short paragraph the README links to."""
     link = results.name if results.parent == path.parent else _shown(results)
-    if study.recipe is None:
-        text = f"No recipe could be chosen; see [{link}]({link})."
-    else:
-        c = study.recipe.candidate
-        mine = study.with_calibrator(c.regime, c.loss) if c.calibrator != NONE else study.raw(c.regime, c.loss)
-        ref = study.raw(c.regime, BASELINE)
-
-        def mean(rows, key):
-            return statistics.fmean(float(v[key]) for v in rows.values())
-
-        post = "no post-hoc calibrator" if c.calibrator == NONE else (
-            f"`segcalib calibrate fit --method {c.calibrator} --region {c.region}` on held-out validation maps")
-        text = (f"**What to use.** Train with `configs/hippocampus/{c.loss}.yaml` ({c.regime} schedule), then {post}. "
-                f"On the {study.test_cases} test cases (mean of {len(mine)} seeds) this gives foreground ECE "
-                f"{mean(mine, 'ece_foreground'):.4f} vs {mean(ref, 'ece_foreground'):.4f} for plain CE+Dice, boundary ECE "
-                f"{mean(mine, 'ece_boundary'):.4f} vs {mean(ref, 'ece_boundary'):.4f}, all-voxel ECE "
-                f"{mean(mine, 'ece_all'):.4f} vs {mean(ref, 'ece_all'):.4f}, NLL {mean(mine, 'nll'):.4f} vs "
-                f"{mean(ref, 'nll'):.4f}, and foreground Dice {mean(mine, 'dice_fg'):.4f} vs {mean(ref, 'dice_fg'):.4f}. "
-                + ("" if study.recipe.admissible else "No candidate met the selection constraints; this is the closest. ")
-                + f"It was chosen by cross-validation on non-test cases; the protocol, the tables and the "
-                f"checks of the papers' claims are in [{link}]({link}).")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, "# What to use\n\n" + text + "\n")
+    write_text_atomic(path, "# What to use\n\n" + what_to_use_text(study, link) + "\n")
 
 
 def write_recipe(study: StudyResults, path: Path, complete: bool) -> None:

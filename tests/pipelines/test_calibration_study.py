@@ -135,7 +135,7 @@ def test_tables_are_means_over_seeds_of_the_records(smoke) -> None:
     row = next(line for line in text.split("### Test, raw networks")[1].splitlines() if line.startswith("| ce |"))
     assert row.split("|")[8].strip() == f"{statistics.fmean(nll):.4f} ± {statistics.stdev(nll):.4f}"
     order = ["## Protocol", "## Recommended recipe", "## Short regime", "### Cross-validated selection log",
-             "## The seed papers' claims"]
+             "## The papers' claims"]
     assert [text.index(h) for h in order] == sorted(text.index(h) for h in order)
     assert "(results.md)" in (root / "docs" / "what_to_use.md").read_text()
     from segcalib.experiment import read_recipe
@@ -145,6 +145,16 @@ def test_tables_are_means_over_seeds_of_the_records(smoke) -> None:
     fitted = "" if recipe.calibrator == "none" else f" fitted on {recipe.region} voxels"
     assert headline == f"{recipe.loss}, {recipe.regime} regime, {recipe.calibrator}{fitted}"
     assert f"criterion {recipe.score:.3f}" in text and recipe.records == 4 and recipe.complete is False
+    # what_to_use.md: the recipe's numbers as mean ± std over the seeds' records, and its Dice cost
+    key = "none" if recipe.calibrator == "none" else f"{recipe.calibrator}@{recipe.region}"
+    seeds = [json.loads((root / "runs" / "records" / recipe.regime / loss / f"seed{s}.json").read_text())
+             for loss in (recipe.loss, "ce_dice") for s in (0, 1)]
+    fg = [float(r["test"][key]["summary"]["ece_foreground"]) for r in seeds[:2]]
+    dice = [float(r["test"][key if i < 2 else "none"]["summary"]["dice_fg"]) for i, r in enumerate(seeds)]
+    advice = (root / "docs" / "what_to_use.md").read_text()
+    assert f"foreground ECE {statistics.fmean(fg):.4f} ± {statistics.stdev(fg):.4f}" in advice
+    cost = [100 * (dice[i] - dice[i + 2]) for i in (0, 1)]
+    assert f"{statistics.fmean(cost):+.2f} ± {statistics.stdev(cost):.2f} point paired by seed" in advice
 
 
 def test_priority_order_and_the_long_regime_waits_for_the_whole_short_regime() -> None:
