@@ -34,7 +34,8 @@ add nothing and get a zero gradient).
 
 On the CPU, with numba installed (the ``fast-cpu`` extra), the per-chunk ATen calls of
 :class:`_Chunks` are replaced by the compiled loops of :mod:`._calibration_bins_numba` (same slots,
-same moments up to the order of addition; 1.2-1.5x faster for the loss, see docs/benchmarks.md).
+same moments up to the order of addition), run on torch's own OpenMP threads, and the backward from
+logits is one fused pass (see docs/benchmarks.md for the speed).
 """
 
 from __future__ import annotations
@@ -165,6 +166,9 @@ class _CellMoments(torch.autograd.Function):
         g_sum = grads[1].reshape(batch, classes, -1).to(probs.dtype)
         g_square = 2 * grads[2].reshape(batch, classes, -1).to(probs.dtype) if ctx.soft else None
         grad = torch.empty_like(probs)
+        if ctx.from_logits and numba_kernels.usable(probs):  # gather and the softmax's backward in one pass
+            numba_kernels.gather_logits(probs, slots, g_sum, g_square, grad)
+            return grad, None, None, None, None
         chunks.gather(slots, g_sum, g_square, grad)
         if ctx.from_logits:  # the softmax's backward, in place
             grad.sub_(torch.linalg.vecdot(probs, grad, dim=1).unsqueeze(1)).mul_(probs)

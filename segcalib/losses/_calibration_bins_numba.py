@@ -2,10 +2,14 @@
 
 The torch path of the cell moments needs about ten ATen calls per chunk of voxels and class (a
 float64 position, its truncation, two or three ``bincount``), all on one core. These kernels do
-the same arithmetic in one loop per (image, class) row, and spread the rows, cut into parts, over
-``torch.get_num_threads()`` Python threads (numba releases the GIL; no OpenMP team is made, so
-torch's own threads are not oversubscribed). Same float64 position, same truncation, so the same
-slot for every voxel; the sums differ from the torch path's only in the order of addition.
+the same arithmetic in one loop per (image, class) row, cut into parts of a fixed size, and run the
+(row, part) jobs of a call in one compiled launch with ``numba.prange`` on ``torch.get_num_threads()``
+threads. numba's ``omp`` threading layer is asked for first: it is the OpenMP runtime torch has
+loaded, so the jobs run on torch's own intra-op threads instead of competing with them (see
+:data:`_PARALLEL_LAYERS`); on any other layer the jobs run on the calling thread. Same float64
+position, same truncation, so the same slot for every voxel; the sums differ from the torch path's
+only in the order of addition, and are the same bits with any thread count. The backward from
+logits gathers the bin gradients and applies the softmax's backward in the same pass.
 
 numba is the optional ``fast-cpu`` extra; without it (or with ``SEGCALIB_NUMBA=0``) the torch path
 runs. The kernels are compiled on first use in each process (a second or two), never cached to
@@ -18,8 +22,6 @@ import functools
 import importlib.util
 import logging
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable
 
 import numpy as np
@@ -35,6 +37,9 @@ MAX_PARTS = 64
 _LANES = 4
 """Interleaved accumulators: consecutive voxels often share a slot, and one accumulator would make
 each addition wait for the previous one."""
+_TILE = 512
+"""Voxels per tile of the logits' gather: its ``(C, tile)`` gradient stays in the L1 cache between
+the two passes over the classes."""
 
 
 @functools.cache
@@ -62,8 +67,8 @@ def available() -> bool:
 
 
 @functools.cache
-def _kernels(soft: bool) -> tuple[Callable[..., None], Callable[..., None]]:
-    """The moments and gather kernels, ``soft`` frozen in (numba treats a closure's variables as
+def _kernels(soft: bool) -> tuple[Callable[..., None], Callable[..., None], Callable[..., None]]:
+    """The moments, gather and logits' gather kernels, ``soft`` frozen in (numba treats a closure's variables as
     constants, so the hard kernels carry no branch and no third moment)."""
     numba = _numba()
     moments = 3 if soft else 2
@@ -105,7 +110,32 @@ def _kernels(soft: bool) -> tuple[Callable[..., None], Callable[..., None]]:
             else:
                 grad[i] = g_sum[slot]
 
-    return moments_kernel, gather_kernel
+    @numba.njit(nogil=True, boundscheck=False, cache=False)
+    def logits_gather_kernel(p, slots, start, stop, g_sum, g_square, grad):  # pragma: no cover - compiled
+        """The logits' gradient on voxels ``[start, stop)`` of one image (``p``, ``slots``, ``grad``
+        ``(C, N)``): ``g_c = g_sum[c, slot] (+ g_square[c, slot] p_c, soft)``, then
+        ``grad_c = (g_c - sum_k p_k g_k) p_c`` (the softmax's backward), a tile of voxels at a time
+        so that ``g`` never leaves the cache."""
+        classes = p.shape[0]
+        tile = _TILE
+        dot = np.empty(tile, dtype=grad.dtype)
+        for first in range(start, stop, tile):
+            n = min(tile, stop - first)
+            dot[:n] = 0.0
+            for c in range(classes):
+                pc, sc, gc, table = p[c, first:first + n], slots[c, first:first + n], grad[c, first:first + n], g_sum[c]
+                for i in range(n):
+                    value = table[sc[i]]
+                    if soft:
+                        value += g_square[c, sc[i]] * pc[i]
+                    gc[i] = value
+                    dot[i] += value * pc[i]
+            for c in range(classes):
+                pc, gc = p[c, first:first + n], grad[c, first:first + n]
+                for i in range(n):
+                    gc[i] = (gc[i] - dot[i]) * pc[i]
+
+    return moments_kernel, gather_kernel, logits_gather_kernel
 
 
 @functools.cache
@@ -131,57 +161,108 @@ def _codes_kernel() -> Callable[..., int]:
     return codes_kernel
 
 
-_pool: tuple[ThreadPoolExecutor, int] | None = None
-_pool_lock = threading.Lock()
+@functools.cache
+def _drivers(soft: bool, parallel: bool) -> dict[str, Callable[..., None]]:
+    """Every (row, part) job of one call in one compiled launch: ``parallel`` with ``numba.prange``
+    (on numba's threading layer, which is torch's own OpenMP runtime when numba picks ``omp``: see
+    :func:`_parallel`), else one loop on the calling thread."""
+    numba = _numba()
+    moments_kernel, gather_kernel, logits_gather_kernel = _kernels(soft)
+    codes_kernel = _codes_kernel()
+    loop = numba.prange if parallel else range
+    jit = numba.njit(nogil=True, boundscheck=False, cache=False, parallel=parallel)
+
+    @numba.njit(inline="always")
+    def _split(index, size):  # pragma: no cover - compiled
+        """``divmod`` in int64 (a prange index is unsigned, and numba's mixed-sign divmod is float)."""
+        i, n = np.int64(index), np.int64(size)
+        return i // n, i - (i // n) * n
+
+    @jit
+    def moments_all(p, codes, starts, stops, term, scale, slots, partial):  # pragma: no cover - compiled
+        classes, parts = p.shape[1], starts.shape[0]
+        for job in loop(p.shape[0] * classes * parts):
+            row, k = _split(job, parts)
+            b, c = _split(row, classes)
+            moments_kernel(p[b, c], codes[b], starts[k], stops[k], term, scale, slots[b, c], partial[b, c, k])
+
+    @jit
+    def gather_all(p, slots, starts, stops, first, second, grad):  # pragma: no cover - compiled
+        classes, parts = p.shape[1], starts.shape[0]
+        for job in loop(p.shape[0] * classes * parts):
+            row, k = _split(job, parts)
+            b, c = _split(row, classes)
+            gather_kernel(p[b, c], slots[b, c], starts[k], stops[k], first[b, c], second[b, c], grad[b, c])
+
+    @jit
+    def logits_gather_all(p, slots, starts, stops, first, second, grad):  # pragma: no cover - compiled
+        parts = starts.shape[0]
+        for job in loop(p.shape[0] * parts):
+            b, k = _split(job, parts)
+            logits_gather_kernel(p[b], slots[b], starts[k], stops[k], first[b], second[b], grad[b])
+
+    @jit
+    def codes_all(target, starts, stops, ignore_index, classes, codes, bad):  # pragma: no cover - compiled
+        parts = starts.shape[0]
+        for job in loop(target.shape[0] * parts):
+            b, k = _split(job, parts)
+            bad[b, k] = codes_kernel(target[b], starts[k], stops[k], ignore_index, classes, codes[b])
+
+    return {"moments": moments_all, "gather": gather_all, "logits_gather": logits_gather_all, "codes": codes_all}
 
 
-def _run(jobs: list[Callable[[], Any]]) -> None:
-    """Run ``jobs`` on ``torch.get_num_threads()`` threads (inline with one)."""
-    global _pool
-    threads = min(torch.get_num_threads(), len(jobs))
-    if threads <= 1:
-        for job in jobs:
-            job()
-        return
-    with _pool_lock:
-        if _pool is None or _pool[1] < threads:
-            if _pool is not None:
-                _pool[0].shutdown(wait=False)
-            _pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="segcalib-bins"), threads)
-        pool = _pool[0]
-    groups = [jobs[k::threads] for k in range(threads)]
-    futures = [pool.submit(lambda group=group: [job() for job in group]) for group in groups]
-    wait(futures)  # every group done (or failed) before the caller's buffers are given up
-    for future in futures:
-        future.result()
+_PARALLEL_LAYERS = ("omp", "tbb")
+"""numba threading layers the kernels run in parallel on: ``omp`` is the OpenMP runtime torch has
+loaded (the same ``libgomp.so.1``), so the kernels run on torch's own intra-op threads, which are
+still spinning from the op before (a pool of other threads would wait for a core while they spin:
+the moments took twice as long right after a torch op). ``workqueue`` is neither safe for
+launches from several threads at once nor shared with torch: the kernels run on one thread then."""
 
 
-def _forget_pool() -> None:
-    """In a forked child: the parent's pool has no threads there; start afresh rather than rely on
-    how the executor copes with that. (torch's own OpenMP ops hang in a child forked after the
-    parent used several threads, so the loss itself needs ``torch.set_num_threads(1)`` there, as
-    DataLoader workers do, and then runs the kernels inline.)"""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
+@functools.cache
+def _parallel() -> bool:
+    """Whether numba runs parallel launches on a layer of :data:`_PARALLEL_LAYERS`. Unless the user
+    chose a layer (``NUMBA_THREADING_LAYER`` or its priority), ``omp`` is tried first; the layer is
+    fixed by numba's first parallel launch in the process, made here on a tiny input."""
+    numba = _numba()
+    user_choice = {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ)
+    if not user_choice and numba.config.THREADING_LAYER == "default":
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+    try:
+        codes = torch.empty(1, 1, dtype=torch.uint8).numpy()
+        bounds = np.zeros(1, dtype=np.int64)
+        _drivers(False, True)["codes"](np.zeros((1, 1), dtype=np.int64), bounds, bounds + 1, -100, 1, codes,
+                                       np.zeros((1, 1), dtype=np.int64))
+        layer = numba.threading_layer()
+    except Exception as exc:  # no layer loads: numba raises ValueError, a broken library anything
+        log.warning("numba has no threading layer (%s); the L1-ACE kernels run on one thread", exc)
+        return False
+    if layer not in _PARALLEL_LAYERS:
+        log.info("numba's threading layer is %s; the L1-ACE kernels run on one thread", layer)
+        return False
+    return True
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+def _launch(name: str, soft: bool, *args: Any) -> None:
+    """Run driver ``name`` on ``torch.get_num_threads()`` threads (one: on the calling thread, with no
+    threading layer involved, as in a forked child, where the parent's OpenMP threads do not exist)."""
+    threads = torch.get_num_threads()
+    if threads > 1 and _parallel():
+        numba = _numba()
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        _drivers(soft, True)[name](*args)
+    else:
+        _drivers(soft, False)[name](*args)
 
 
-def _parts(voxels: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` parts of a row of ``voxels``, ``MIN_PART`` voxels or more each. The split
-    depends on the row's length only, never on the thread count, so the sums are the same bits with
-    any number of threads."""
+def _parts(voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and stops of the ``[start, stop)`` parts of a row of ``voxels``, ``MIN_PART`` voxels or
+    more each. The split depends on the row's length only, never on the thread count, so the sums
+    are the same bits with any number of threads."""
     count = max(1, min(MAX_PARTS, voxels // MIN_PART))
     step = -(-voxels // count)
-    return [(start, min(start + step, voxels)) for start in range(0, voxels, step)]
-
-
-def _each_part(rows: list[Any], voxels: int, call: Callable[[Any, int, int, int], None]) -> None:
-    """``call(row, k, start, stop)`` for every part ``k`` (:func:`_parts`) of every row, spread over the threads."""
-    parts = _parts(voxels)
-    _run([functools.partial(call, row, k, start, stop) for row in rows for k, (start, stop) in enumerate(parts)])
+    starts = np.arange(0, voxels, step, dtype=np.int64)
+    return starts, np.minimum(starts + step, voxels)
 
 
 def usable(probs: Tensor) -> bool:
@@ -198,13 +279,9 @@ def label_codes(target: Tensor, ignore_index: int, classes: int) -> Tensor:
     """
     batch, voxels = target.shape
     codes = torch.empty(batch, voxels, dtype=torch.uint8 if classes < 255 else torch.int32)
-    source, out, kernel = target.contiguous().numpy(), codes.numpy(), _codes_kernel()
-    bad = np.zeros((batch, len(_parts(voxels))), dtype=np.int64)
-
-    def part(b: int, k: int, start: int, stop: int) -> None:
-        bad[b, k] = kernel(source[b], start, stop, ignore_index, classes, out[b])
-
-    _each_part(list(range(batch)), voxels, part)
+    starts, stops = _parts(voxels)
+    bad = np.zeros((batch, len(starts)), dtype=np.int64)
+    _launch("codes", False, target.contiguous().numpy(), starts, stops, ignore_index, classes, codes.numpy(), bad)
     if bad.any():
         raise ValueError(
             f"L1-ACE: {int(bad.sum())} label(s) outside [0, {classes}) that are not ignore_index ({ignore_index})"
@@ -221,28 +298,28 @@ def cell_moments(
     ``code_term`` the float64 per-code term of the slot position, ``scale`` its factor of ``p``;
     ``block`` slots per row."""
     batch, classes, voxels = probs.shape
-    p, c_codes, term, out_slots = probs.detach().contiguous().numpy(), codes.numpy(), code_term.numpy(), slots.numpy()
-    kernel = _kernels(soft)[0]
-    partial = np.zeros((batch, classes, len(_parts(voxels)), 3 if soft else 2, block), dtype=np.float64)
-
-    def part(row: tuple[int, int], k: int, start: int, stop: int) -> None:
-        b, c = row
-        kernel(p[b, c], c_codes[b], start, stop, term, scale, out_slots[b, c], partial[b, c, k])
-
-    _each_part([(b, c) for b in range(batch) for c in range(classes)], voxels, part)
+    starts, stops = _parts(voxels)
+    partial = np.zeros((batch, classes, len(starts), 3 if soft else 2, block), dtype=np.float64)
+    _launch("moments", soft, probs.detach().contiguous().numpy(), codes.numpy(), starts, stops, code_term.numpy(),
+            scale, slots.numpy(), partial)
     return torch.from_numpy(partial.sum(2)).permute(2, 0, 1, 3)
 
 
 def gather(probs: Tensor, slots: Tensor, g_sum: Tensor, g_square: Tensor | None, grad: Tensor) -> None:
     """``grad = g_sum[slot] + g_square[slot] * p`` (tables ``(B, C, block)`` in ``probs``' dtype)."""
-    batch, classes, voxels = probs.shape
-    p, s, out = probs.detach().contiguous().numpy(), slots.numpy(), grad.numpy()
     first = g_sum.contiguous().numpy()
     second = first if g_square is None else g_square.contiguous().numpy()
-    kernel = _kernels(g_square is not None)[1]
+    starts, stops = _parts(probs.shape[-1])
+    _launch("gather", g_square is not None, probs.detach().contiguous().numpy(), slots.numpy(), starts, stops,
+            first, second, grad.numpy())
 
-    def part(row: tuple[int, int], k: int, start: int, stop: int) -> None:
-        b, c = row
-        kernel(p[b, c], s[b, c], start, stop, first[b, c], second[b, c], out[b, c])
 
-    _each_part([(b, c) for b in range(batch) for c in range(classes)], voxels, part)
+def gather_logits(probs: Tensor, slots: Tensor, g_sum: Tensor, g_square: Tensor | None, grad: Tensor) -> None:
+    """The logits' gradient when ``probs`` is their softmax: :func:`gather`, then the softmax's
+    backward ``(g - sum_c p g) p``, in one pass (no ``(B, C, N)`` intermediate; each voxel's
+    classes summed in class order, so the same bits with any thread count)."""
+    first = g_sum.contiguous().numpy()
+    second = first if g_square is None else g_square.contiguous().numpy()
+    starts, stops = _parts(probs.shape[-1])
+    _launch("logits_gather", g_square is not None, probs.detach().contiguous().numpy(), slots.numpy(), starts, stops,
+            first, second, grad.numpy())

@@ -8,6 +8,7 @@ nothing with ``segcalib.losses.l1ace`` (no scatter, no bucketize, no vectorised 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -336,13 +337,16 @@ def _bin_inputs(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     return logits.softmax(1).reshape(2, 3, -1), target.reshape(2, -1), weights
 
 
-def _binned_sums_and_gradient(inputs: tuple[torch.Tensor, ...], soft: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The three bin sums and the gradient of their weighting with respect to the probabilities."""
+def _binned_sums_and_gradient(
+    inputs: tuple[torch.Tensor, ...], soft: bool, from_logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three bin sums and the gradient of their weighting with respect to the probabilities
+    (``from_logits``: to the logits ``log p``, whose softmax the binning takes itself)."""
     from segcalib.losses._calibration_bins import binned_sums
 
     probs, labels, weights = inputs
-    p = probs.clone().requires_grad_(True)
-    sums = torch.stack(binned_sums(p, labels, -100, 20, soft))
+    p = (probs.log() if from_logits else probs).clone().requires_grad_(True)
+    sums = torch.stack(binned_sums(p, labels, -100, 20, soft, from_logits=from_logits))
     (sums * weights).sum().backward()
     return sums.detach(), p.grad
 
@@ -352,8 +356,8 @@ def _binned_sums_and_gradient(inputs: tuple[torch.Tensor, ...], soft: bool) -> t
 def test_bin_sums_are_the_same_bits_with_any_thread_count(soft: bool, path: str, monkeypatch) -> None:
     """The bin sums and their gradient are the same, bit for bit, with 1 and 3 threads: the torch
     path's chunks and the numba kernels' parts are split by size alone and summed in a fixed order.
-    (Checked on the binning itself: torch's own softmax backward differs by ~1e-9 between thread
-    counts.)"""
+    (Checked on the binning itself: torch's own softmax, forward and backward, differs by ~1e-8
+    between thread counts.)"""
     import segcalib.losses._calibration_bins as bins
 
     if path == "numba":
@@ -378,27 +382,68 @@ def test_bin_sums_are_the_same_bits_with_any_thread_count(soft: bool, path: str,
     assert results[0][1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_numba_logits_gradient_is_the_same_bits_with_any_thread_count(soft: bool, monkeypatch) -> None:
+    """The fused gather + softmax backward of the kernels, on the same probabilities and slots, gives
+    the same bits with 1 and 3 threads (each voxel's classes summed in class order)."""
+    pytest.importorskip("numba")
+    import segcalib.losses._calibration_bins_numba as kernels
+
+    monkeypatch.setattr(kernels, "MIN_PART", 4)
+    monkeypatch.setenv("SEGCALIB_NUMBA", "1")
+    probs, labels, _ = _bin_inputs()
+    from segcalib.losses._calibration_bins import _Chunks, slot_dtype
+
+    chunks = _Chunks(probs, kernels.label_codes(labels, -100, 3), 20, soft)
+    slots = torch.empty(probs.shape, dtype=slot_dtype(chunks.block))
+    chunks.moments(slots)
+    tables = torch.randn(2, 2, 3, 84, generator=torch.Generator().manual_seed(53))
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            grads.append(torch.empty_like(probs))
+            kernels.gather_logits(probs, slots, tables[0], tables[1] if soft else None, grads[-1])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+    expected = tables[0].gather(-1, slots.long()) + (tables[1].gather(-1, slots.long()) * probs if soft else 0)
+    expected = (expected - (expected * probs).sum(1, keepdim=True)) * probs
+    torch.testing.assert_close(grads[0], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("soft", [False, True])
-def test_numba_kernels_equal_the_torch_path(soft: bool, dtype: torch.dtype, monkeypatch) -> None:
+def test_numba_kernels_equal_the_torch_path(soft: bool, dtype: torch.dtype, from_logits: bool, monkeypatch) -> None:
     """With numba (the ``fast-cpu`` extra) the CPU bin sums come from compiled loops: the same slot
     for every voxel (so the same counts, exactly), sums and gradients equal to the torch path's up
-    to the order of addition; ``SEGCALIB_NUMBA=0`` switches them off."""
+    to the order of addition; ``from_logits``, the kernel's fused softmax backward equals torch's
+    ``(g - sum_c p g) p``; ``SEGCALIB_NUMBA=0`` switches them off."""
     pytest.importorskip("numba")
     import segcalib.losses._calibration_bins_numba as kernels
 
     monkeypatch.setattr(kernels, "MIN_PART", 16)  # several parts per row, as on a real volume
+    monkeypatch.setattr(kernels, "_TILE", 7)  # tiles that do not divide the parts
+    kernels._kernels.cache_clear(), kernels._drivers.cache_clear()
     monkeypatch.setenv("SEGCALIB_NUMBA", "1")
     inputs = _bin_inputs(dtype)
     assert kernels.usable(inputs[0])
-    fast = _binned_sums_and_gradient(inputs, soft)
+    try:
+        fast = _binned_sums_and_gradient(inputs, soft, from_logits)
+    finally:
+        kernels._kernels.cache_clear(), kernels._drivers.cache_clear()
     monkeypatch.setenv("SEGCALIB_NUMBA", "0")
     assert not kernels.usable(inputs[0])
-    plain = _binned_sums_and_gradient(inputs, soft)
+    plain = _binned_sums_and_gradient(inputs, soft, from_logits)
     if not soft:
         assert torch.equal(fast[0][2], plain[0][2])  # hard bin counts: every voxel in the same bin
-    # float32 gradients: a few ulps apart (torch's addcmul fuses the multiply-add, the kernel does not)
+    # float32 gradients: a few ulps apart (torch's addcmul fuses the multiply-add, the kernel does not;
+    # from logits, g - sum_c p g cancels, so those ulps are of g, not of the difference: 2e-7 absolute)
     tol = {"rtol": 1e-12, "atol": 1e-15} if dtype == torch.float64 else {"rtol": 5e-6, "atol": 1e-9}
+    if dtype == torch.float32 and from_logits:
+        tol = {"rtol": 5e-6, "atol": 1e-6}
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-12, atol=1e-12)  # float64 sums either way
     torch.testing.assert_close(fast[1], plain[1], **tol)
 
@@ -453,3 +498,36 @@ def test_labels_outside_the_classes_are_refused(monkeypatch) -> None:
         monkeypatch.setenv("SEGCALIB_NUMBA", "0")
         with pytest.raises(IndexError):
             build_loss("hardl1ace")(logits, wrong)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_numba_kernels_run_on_one_thread_without_a_shared_threading_layer(soft: bool, monkeypatch, caplog) -> None:
+    """numba's ``workqueue`` layer is neither shared with torch's OpenMP threads nor safe from several
+    threads at once: then the kernels run serially on the calling thread, said once, with the same
+    bits as on the parallel layer (the parts depend on the row's length alone)."""
+    numba = pytest.importorskip("numba")
+    import segcalib.losses._calibration_bins_numba as kernels
+
+    monkeypatch.setattr(kernels, "MIN_PART", 16)
+    monkeypatch.setenv("SEGCALIB_NUMBA", "1")
+    inputs = _bin_inputs()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kernels._parallel.cache_clear()
+        assert kernels._parallel() == (numba.threading_layer() in kernels._PARALLEL_LAYERS)
+        if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
+            assert numba.threading_layer() == "omp"  # the OpenMP runtime torch loaded, tried first
+        parallel = _binned_sums_and_gradient(inputs, soft, from_logits=True)
+        monkeypatch.setattr(numba, "threading_layer", lambda: "workqueue")
+        kernels._parallel.cache_clear()
+        with caplog.at_level("INFO", logger=kernels.__name__):
+            serial = _binned_sums_and_gradient(inputs, soft, from_logits=True)
+            _binned_sums_and_gradient(inputs, soft, from_logits=True)
+        assert [r.getMessage() for r in caplog.records] == [
+            "numba's threading layer is workqueue; the L1-ACE kernels run on one thread"
+        ]
+    finally:
+        torch.set_num_threads(threads)
+        kernels._parallel.cache_clear()
+    assert torch.equal(parallel[0], serial[0]) and torch.equal(parallel[1], serial[1])
