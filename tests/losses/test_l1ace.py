@@ -426,14 +426,16 @@ def test_numba_kernels_equal_the_torch_path(soft: bool, dtype: torch.dtype, from
 
     monkeypatch.setattr(kernels, "MIN_PART", 16)  # several parts per row, as on a real volume
     monkeypatch.setattr(kernels, "_TILE", 7)  # tiles that do not divide the parts
-    kernels._kernels.cache_clear(), kernels._drivers.cache_clear()
+    kernels._kernels.cache_clear()  # recompiled with the small tile
+    kernels._drivers.cache_clear()
     monkeypatch.setenv("SEGCALIB_NUMBA", "1")
     inputs = _bin_inputs(dtype)
     assert kernels.usable(inputs[0])
     try:
         fast = _binned_sums_and_gradient(inputs, soft, from_logits)
     finally:
-        kernels._kernels.cache_clear(), kernels._drivers.cache_clear()
+        kernels._kernels.cache_clear()  # recompiled with the small tile
+    kernels._drivers.cache_clear()
     monkeypatch.setenv("SEGCALIB_NUMBA", "0")
     assert not kernels.usable(inputs[0])
     plain = _binned_sums_and_gradient(inputs, soft, from_logits)
