@@ -172,4 +172,6 @@ def test_cuda_training_and_transform_match_cpu() -> None:
            for d in fitted}
     assert nll["cuda"] == pytest.approx(nll["cpu"], rel=1e-2)
     assert torch.allclose(fitted["cuda"].temperature_map(z).cpu(), fitted["cpu"].temperature_map(z), rtol=0.1)
-    assert torch.allclose(fitted["cpu"].transform(z.cuda()).cpu(), fitted["cpu"].transform(z), atol=1e-5)
+    # one network on two devices: its convolutions sum in another order there too (measured on an
+    # H200, 2026-12-04: probabilities up to 1.6e-5 apart)
+    assert torch.allclose(fitted["cpu"].transform(z.cuda()).cpu(), fitted["cpu"].transform(z), atol=1e-4)

@@ -111,7 +111,7 @@ def test_cuda_kernel_equals_cpu_torch_path(name, params, dtype) -> None:
     target[0, :3] = -100
     results = []
     for device in ("cpu", "cuda"):
-        z = logits.to(device).requires_grad_(True)
+        z = logits.to(device).detach().requires_grad_(True)  # a fresh leaf per device (.to("cpu") is logits itself)
         loss_fn = make_loss(name, 4, **params).to(device)
         loss = loss_fn(z, target.to(device))
         loss.backward()
