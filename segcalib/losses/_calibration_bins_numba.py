@@ -307,19 +307,20 @@ def cell_moments(
 
 def gather(probs: Tensor, slots: Tensor, g_sum: Tensor, g_square: Tensor | None, grad: Tensor) -> None:
     """``grad = g_sum[slot] + g_square[slot] * p`` (tables ``(B, C, block)`` in ``probs``' dtype)."""
-    first = g_sum.contiguous().numpy()
-    second = first if g_square is None else g_square.contiguous().numpy()
-    starts, stops = _parts(probs.shape[-1])
-    _launch("gather", g_square is not None, probs.detach().contiguous().numpy(), slots.numpy(), starts, stops,
-            first, second, grad.numpy())
+    _gather("gather", probs, slots, g_sum, g_square, grad)
 
 
 def gather_logits(probs: Tensor, slots: Tensor, g_sum: Tensor, g_square: Tensor | None, grad: Tensor) -> None:
     """The logits' gradient when ``probs`` is their softmax: :func:`gather`, then the softmax's
     backward ``(g - sum_c p g) p``, in one pass (no ``(B, C, N)`` intermediate; each voxel's
     classes summed in class order, so the same bits with any thread count)."""
+    _gather("logits_gather", probs, slots, g_sum, g_square, grad)
+
+
+def _gather(driver: str, probs: Tensor, slots: Tensor, g_sum: Tensor, g_square: Tensor | None, grad: Tensor) -> None:
+    """Launch a gather ``driver`` (soft when ``g_square`` is given; hard kernels never read it)."""
     first = g_sum.contiguous().numpy()
     second = first if g_square is None else g_square.contiguous().numpy()
     starts, stops = _parts(probs.shape[-1])
-    _launch("logits_gather", g_square is not None, probs.detach().contiguous().numpy(), slots.numpy(), starts, stops,
+    _launch(driver, g_square is not None, probs.detach().contiguous().numpy(), slots.numpy(), starts, stops,
             first, second, grad.numpy())
